@@ -1,0 +1,64 @@
+// Command ferretdb-embedded runs FerretDB 1.24 with its SQLite handler as a local,
+// file-backed MongoDB-compatible server for development and tests.
+//
+// It embeds github.com/FerretDB/FerretDB/ferretdb instead of building upstream's
+// cmd/ferretdb, whose binary panics at start-up when built with `go install`: its version
+// file is produced by upstream's own build tooling.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+
+	"github.com/FerretDB/FerretDB/ferretdb"
+)
+
+func main() {
+	addr := flag.String("listen-addr", "127.0.0.1:27017", "TCP address to listen on")
+	dataDir := flag.String("data-dir", "data", "directory for the SQLite databases")
+	logLevel := flag.String("log-level", "warn", "log level: debug, info, warn or error")
+	flag.Parse()
+
+	abs, err := filepath.Abs(*dataDir)
+	if err != nil {
+		fail(err)
+	}
+	if err := os.MkdirAll(abs, 0o755); err != nil {
+		fail(err)
+	}
+
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
+		fail(err)
+	}
+	logger := slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+
+	db, err := ferretdb.New(&ferretdb.Config{
+		Listener:  ferretdb.ListenerConfig{TCP: *addr},
+		Logger:    logger,
+		Handler:   "sqlite",
+		SQLiteURL: "file:" + abs + "/",
+	})
+	if err != nil {
+		fail(err)
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+
+	logger.Warn("ferretdb listening", "addr", *addr, "data_dir", abs)
+	if err := db.Run(ctx); err != nil {
+		fail(err)
+	}
+}
+
+func fail(err error) {
+	fmt.Fprintln(os.Stderr, "ferretdb-embedded:", err)
+	os.Exit(1)
+}

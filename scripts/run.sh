@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# `make run`: the whole system on this machine. Installs the locked environment, starts the
+# local Kafka + FerretDB stack (or uses KAFKA_BOOTSTRAP_SERVERS / MONGODB_URL if set), starts
+# the five services, waits until each is ready, prints where to look, and on Ctrl-C stops
+# exactly what it started.
+set -euo pipefail
+REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO_ROOT"
+
+STATE_DIR=${HOMETEAM_STATE_DIR:-$REPO_ROOT/.stack}
+LOG_DIR=$STATE_DIR/logs
+mkdir -p "$LOG_DIR"
+
+bash scripts/bootstrap.sh
+
+started_stack=0
+if [[ -z "${KAFKA_BOOTSTRAP_SERVERS:-}" || -z "${MONGODB_URL:-}" ]]; then
+    bash scripts/stack.sh status >/dev/null 2>&1 || started_stack=1
+    stack_env=$(bash scripts/stack.sh up)
+    eval "$(printf '%s\n' "$stack_env" | sed 's/^/export /')"
+fi
+
+# Local-only credentials for the webhooks, so the README's examples work against `make run`.
+# Never use these anywhere else: set real secrets in the environment.
+export TWILIO_AUTH_TOKEN=${TWILIO_AUTH_TOKEN:-local-twilio-auth-token}
+export BUSINESS_CHAT_JWT_SECRET=${BUSINESS_CHAT_JWT_SECRET:-local-business-chat-secret-0123456789}
+export APP_JWT_SECRET=${APP_JWT_SECRET:-local-app-secret-0123456789abcdef}
+export PUBLIC_BASE_URL=${PUBLIC_BASE_URL:-http://127.0.0.1:8081}
+
+declare -A PORTS=([ingest]=8081 [team_routing]=8082 [conversation_state]=8083 [timeout_sweeper]=8084 [metrics]=8085)
+ORDER=(ingest team_routing conversation_state timeout_sweeper metrics)
+PIDS=()
+
+stop_all() {
+    trap - INT TERM EXIT
+    echo
+    echo "run: stopping services" >&2
+    for pid in "${PIDS[@]}"; do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        for _ in $(seq 1 100); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.2
+        done
+        kill -KILL "$pid" 2>/dev/null || true
+    done
+    if ((started_stack)); then
+        bash scripts/stack.sh down >&2 || true
+    fi
+    echo "run: stopped" >&2
+}
+trap stop_all INT TERM EXIT
+
+for svc in "${ORDER[@]}"; do
+    HTTP_PORT=${PORTS[$svc]} .venv/bin/python -m "services.$svc" >"$LOG_DIR/$svc.log" 2>&1 &
+    PIDS+=("$!")
+done
+
+for svc in "${ORDER[@]}"; do
+    port=${PORTS[$svc]}
+    if ! .venv/bin/python scripts/wait_ready.py "http://127.0.0.1:$port/readyz" --timeout 90; then
+        echo "run: $svc did not become ready; last lines of $LOG_DIR/$svc.log:" >&2
+        tail -n 30 "$LOG_DIR/$svc.log" >&2
+        exit 1
+    fi
+done
+
+cat <<INFO
+
+hometeam is running.
+  ingest              http://127.0.0.1:8081  webhooks: /webhooks/sms /webhooks/business-chat /webhooks/app
+  team-routing        http://127.0.0.1:8082
+  conversation-state  http://127.0.0.1:8083  read API: /customers/{id}/conversation /conversations/{id} /teams/{team}/queue
+  timeout-sweeper     http://127.0.0.1:8084
+  metrics             http://127.0.0.1:8085  KPIs
+  every service:      /healthz /readyz /metrics
+  Kafka               $KAFKA_BOOTSTRAP_SERVERS   (topics: python -m shared.contracts.registry)
+  store               $MONGODB_URL
+  logs                $LOG_DIR/
+Press Ctrl-C to stop everything.
+INFO
+
+wait -n "${PIDS[@]}" || true
+echo "run: a service exited; see $LOG_DIR/" >&2

@@ -1,0 +1,5 @@
+from shared.runtime.service import run_main
+
+from services.conversation_state.app import create_service
+
+run_main(create_service)

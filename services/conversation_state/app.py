@@ -1,0 +1,90 @@
+"""conversation-state: one continuous conversation per customer, agent actions, lifecycle
+events, and the read API for agent desktops."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+
+from faststream.kafka import KafkaMessage
+from opentelemetry.sdk.trace import SpanProcessor
+from pydantic import Field, SecretStr
+
+from shared.contracts.registry import (
+    AGENT_ACTIONS,
+    CONVERSATION_EVENTS,
+    CUSTOMER_COMMANDS,
+    MESSAGES_OUTBOUND,
+    MESSAGES_RECEIVED,
+    ROUTING_COMMANDS,
+    ROUTING_DECISIONS,
+)
+from shared.runtime.decoding import BatchReader, documented_payloads
+from shared.runtime.kafka import batch_subscriber_options, records_of
+from shared.runtime.outbox import Outbox
+from shared.runtime.service import Service, assemble, build_runtime
+from shared.settings import ServiceSettings
+from shared.teams import load_directory
+
+from services.conversation_state.handlers import ConversationConsumer
+from services.conversation_state.lifecycle import Rules
+from services.conversation_state.read_api import read_routes
+from services.conversation_state.store import ConversationStore
+
+INPUTS = (MESSAGES_RECEIVED, AGENT_ACTIONS, ROUTING_DECISIONS, CUSTOMER_COMMANDS)
+
+
+class ConversationStateSettings(ServiceSettings):
+    service_name: str = "conversation-state"
+    http_port: int = 8083
+    teams_config: Path = Path("deploy/teams.yaml")
+    reopen_window_minutes: int = Field(default=60, ge=0, description="A resolved conversation reopens within this")
+    read_api_token: SecretStr | None = Field(default=None, description="Bearer token the read API requires, if set")
+
+
+def create_service(
+    settings: ConversationStateSettings | None = None, *, span_processors: Sequence[SpanProcessor] = ()
+) -> Service:
+    settings = settings or ConversationStateSettings()
+    runtime = build_runtime(settings, span_processors=span_processors, description="Conversation state and read API")
+    directory = load_directory(settings.teams_config)
+    store = ConversationStore(runtime.db)
+    consumer = ConversationConsumer(
+        reader=BatchReader(INPUTS, runtime.dead_letters, settings.kafka_topic_prefix),
+        store=store,
+        outbox=Outbox(runtime.broker, "/hometeam/conversation-state", settings.kafka_topic_prefix),
+        rules=Rules(directory=directory, reopen_window=timedelta(minutes=settings.reopen_window_minutes)),
+    )
+    runtime.on_startup.append(store.ensure_indexes)
+    broker = runtime.broker
+
+    for topic in (CONVERSATION_EVENTS, ROUTING_COMMANDS, MESSAGES_OUTBOUND):
+        broker.publisher(
+            settings.topic(topic.name),
+            title=f"{topic.name}:publish",
+            description=topic.description,
+            schema=documented_payloads(topic),
+        )
+
+    @broker.subscriber(
+        *(settings.topic(t.name) for t in INPUTS),
+        **batch_subscriber_options(settings),
+        title="conversation-state:consume",
+        description="Customer messages, agent actions, routing decisions and customer commands, keyed by customer.",
+    )
+    async def on_customer_records(batch: documented_payloads(*INPUTS), message: KafkaMessage) -> None:  # type: ignore[valid-type]
+        await consumer.handle(records_of(message))
+
+    token = settings.read_api_token.get_secret_value() if settings.read_api_token else None
+    return assemble(
+        runtime,
+        title="hometeam conversation-state",
+        description="One continuous conversation per customer; agent actions; lifecycle events.",
+        routes=read_routes(store, directory, token),
+    )
+
+
+def asyncapi_app():  # type: ignore[no-untyped-def]
+    """Factory for ``faststream docs gen --factory``."""
+    return create_service().app

@@ -1,0 +1,495 @@
+"""The conversation lifecycle, as pure transitions over one customer's records.
+
+Rules (product brief 1, 5, 6, 7): a customer has one open conversation across channels; a new
+message joins it, reopens a recently resolved one (within the reopen window) or opens a new
+one; replies go out on the channel the customer last used; the home team is set on first
+contact and changes only by explicit reassignment; opting out is honoured until opt-in.
+Each transition takes ``now`` from its input, so a replay after a crash does the same thing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from pydantic import BaseModel
+
+from shared.contracts import conversations as ev
+from shared.contracts.agents import ReplyToCustomer, ResolveConversation, TransferConversation
+from shared.contracts.common import ConversationStatus, Direction, WaitingOn
+from shared.contracts.customers import OptInToHomeTeam, OptOutOfHomeTeam, ReassignHomeTeam
+from shared.contracts.envelope import derived_id
+from shared.contracts.messages import CustomerMessageReceived, DeliverMessage
+from shared.contracts.routing import (
+    ChangeConversationWeight,
+    ConversationRouted,
+    MoveToTeammate,
+    ReleaseConversation,
+    RouteConversation,
+    TransferRefused,
+)
+from shared.teams import TeamDirectory, home_team_for
+
+from services.conversation_state.model import Conversation, Customer, Line
+
+MAX_REPLY_GAPS = 50
+# Provider message ids remembered per customer to drop retries; providers retry within
+# minutes, and this survives restarts because it is stored with the customer.
+MAX_RECENT_MESSAGE_IDS = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    directory: TeamDirectory
+    reopen_window: timedelta = timedelta(hours=1)
+
+
+@dataclass(slots=True)
+class Effects:
+    """What one transition produced; ids are derived from the input's id, so replays match."""
+
+    input_id: str
+    events: list[BaseModel] = field(default_factory=list)
+    routing: list[tuple[str, BaseModel]] = field(default_factory=list)
+    deliveries: list[DeliverMessage] = field(default_factory=list)
+    lines: list[Line] = field(default_factory=list)
+
+    def next_id(self, kind: str) -> str:
+        n = len(self.events) + len(self.routing) + len(self.deliveries)
+        return derived_id(self.input_id, kind, str(n))
+
+
+@dataclass(slots=True)
+class CustomerRecords:
+    """A customer and the conversations of theirs that a batch touches."""
+
+    customer: Customer | None
+    conversations: dict[str, Conversation] = field(default_factory=dict)
+
+    @property
+    def open_conversation(self) -> Conversation | None:
+        c = self.customer
+        if c is None or c.open_conversation_id is None:
+            return None
+        return self.conversations.get(c.open_conversation_id)
+
+
+def _status(conv: Conversation, status: ConversationStatus, now: datetime, fx: Effects) -> None:
+    if conv.status is status:
+        return
+    conv.status = status
+    conv.updated_at = now
+    fx.events.append(ev.ConversationStatusChanged(conversation_id=conv.id, customer_id=conv.customer_id, status=status, at=now))
+
+
+def _route_request(customer: Customer, conv: Conversation, now: datetime, fx: Effects, current_agent: str | None = None) -> None:
+    fx.routing.append(
+        (
+            customer.home_team_id,
+            RouteConversation(
+                request_id=fx.next_id("route"),
+                conversation_id=conv.id,
+                customer_id=customer.id,
+                home_team_id=customer.home_team_id,
+                opted_out=customer.opted_out,
+                channel=conv.last_channel,
+                current_agent_id=current_agent,
+                known_agent_id=customer.known_agent_id,
+                known_agent_served_at=customer.known_agent_served_at,
+                waiting_on=WaitingOn.AGENT,
+                requested_at=now,
+            ),
+        )
+    )
+
+
+def already_received(records: CustomerRecords, msg: CustomerMessageReceived) -> bool:
+    """Has this customer's message (same channel and provider id) been applied already?"""
+    return records.customer is not None and msg.message_id in records.customer.recent_message_ids
+
+
+def customer_message(records: CustomerRecords, msg: CustomerMessageReceived, rules: Rules, fx: Effects) -> None:
+    """A customer wrote: join the open conversation, reopen a recent one, or open a new one."""
+    now = msg.received_at
+    customer = records.customer
+    if customer is None:
+        team_id, source = home_team_for(
+            rules.directory, channel=msg.channel, address=msg.address, zip_code=msg.region.zip, market=msg.region.market
+        )
+        customer = Customer(id=msg.customer_id, home_team_id=team_id, home_team_source=source, created_at=now)
+        records.customer = customer
+    customer.recent_message_ids = [*customer.recent_message_ids, msg.message_id][-MAX_RECENT_MESSAGE_IDS:]
+    customer.addresses[msg.channel.value] = msg.address
+    if msg.business_id:
+        customer.business_ids[msg.channel.value] = msg.business_id
+    customer.last_channel = msg.channel
+    if msg.authenticated and not customer.authenticated:
+        customer.authenticated = True
+        fx.events.append(_preferences(customer, now))
+
+    conv = records.open_conversation
+    if conv is None:
+        last = records.conversations.get(customer.last_conversation_id or "")
+        if (
+            last is not None
+            and last.status is ConversationStatus.RESOLVED
+            and last.resolved_at is not None
+            and now - last.resolved_at <= rules.reopen_window
+        ):
+            conv = last
+            conv.resolved_at = None
+            conv.agent_id = conv.team_id = conv.pool = None
+            _status(conv, ConversationStatus.WAITING_ON_AGENT, now, fx)
+        else:
+            conv = Conversation(
+                id=derived_id("conversation", msg.message_id),
+                customer_id=customer.id,
+                home_team_id=customer.home_team_id,
+                status=ConversationStatus.WAITING_ON_AGENT,
+                opened_at=now,
+                updated_at=now,
+                last_channel=msg.channel,
+                previous_conversation_id=customer.last_conversation_id,
+            )
+            records.conversations[conv.id] = conv
+            fx.events.append(
+                ev.ConversationOpened(
+                    conversation_id=conv.id,
+                    customer_id=customer.id,
+                    home_team_id=customer.home_team_id,
+                    channel=msg.channel,
+                    opened_at=now,
+                    previous_conversation_id=conv.previous_conversation_id,
+                )
+            )
+        conv.waiting_since = now
+        customer.open_conversation_id = conv.id
+        customer.last_conversation_id = conv.id
+        _route_request(customer, conv, now, fx)
+    elif conv.status is ConversationStatus.WAITING_ON_CUSTOMER:
+        if conv.last_agent_message_at is not None:
+            gap = (now - conv.last_agent_message_at).total_seconds()
+            customer.reply_gaps_s = [*customer.reply_gaps_s, max(gap, 0.0)][-MAX_REPLY_GAPS:]
+        conv.waiting_since = now
+        _status(conv, ConversationStatus.WAITING_ON_AGENT, now, fx)
+        if conv.team_id is not None:
+            fx.routing.append(
+                (
+                    conv.team_id,
+                    ChangeConversationWeight(
+                        request_id=fx.next_id("weight"),
+                        conversation_id=conv.id,
+                        customer_id=customer.id,
+                        waiting_on=WaitingOn.AGENT,
+                        changed_at=now,
+                    ),
+                )
+            )
+
+    conv.last_channel = msg.channel
+    conv.last_customer_message_at = now
+    conv.updated_at = now
+    conv.inbound_count += 1
+    fx.lines.append(
+        Line(
+            message_id=msg.message_id,
+            conversation_id=conv.id,
+            customer_id=customer.id,
+            direction=Direction.INBOUND,
+            channel=msg.channel,
+            text=msg.text,
+            at=now,
+            attachments=tuple(a.model_dump(mode="json") for a in msg.attachments),
+        )
+    )
+    fx.events.append(
+        ev.MessageAdded(
+            conversation_id=conv.id,
+            customer_id=customer.id,
+            message_id=msg.message_id,
+            direction=Direction.INBOUND,
+            channel=msg.channel,
+            team_id=conv.team_id,
+            agent_id=conv.agent_id,
+            at=now,
+        )
+    )
+
+
+def routed(records: CustomerRecords, decision: ConversationRouted, fx: Effects) -> None:
+    """Record where routing placed a conversation; a placement of an ended one is undone."""
+    now = decision.decided_at
+    conv = records.conversations.get(decision.conversation_id)
+    if conv is None or not conv.is_open:
+        fx.routing.append(
+            (
+                decision.team_id,
+                ReleaseConversation(
+                    request_id=fx.next_id("release"),
+                    conversation_id=decision.conversation_id,
+                    customer_id=decision.customer_id,
+                    released_at=now,
+                ),
+            )
+        )
+        return
+    conv.pool = decision.pool
+    conv.team_id = decision.team_id
+    conv.agent_id = decision.agent_id
+    conv.pool_reason = decision.pool_reason
+    conv.routing_reason = decision.reason
+    conv.updated_at = now
+    if decision.agent_id is None:
+        conv.queued_at = now
+        fx.events.append(
+            ev.ConversationQueued(
+                conversation_id=conv.id,
+                customer_id=conv.customer_id,
+                pool=decision.pool,
+                team_id=decision.team_id,
+                pool_reason=decision.pool_reason,
+                queue_position=decision.queue_position,
+                at=now,
+            )
+        )
+    else:
+        conv.assigned_at = now
+        fx.events.append(
+            ev.ConversationAssigned(
+                conversation_id=conv.id,
+                customer_id=conv.customer_id,
+                pool=decision.pool,
+                team_id=decision.team_id,
+                agent_id=decision.agent_id,
+                reason=decision.reason,
+                pool_reason=decision.pool_reason,
+                at=now,
+            )
+        )
+
+
+def transfer_refused(records: CustomerRecords, refusal: TransferRefused, fx: Effects) -> None:
+    fx.events.append(
+        ev.ConversationTransferRefused(
+            conversation_id=refusal.conversation_id,
+            customer_id=refusal.customer_id,
+            from_agent_id=refusal.from_agent_id,
+            to_agent_id=refusal.to_agent_id,
+            reason=refusal.reason,
+            at=refusal.decided_at,
+        )
+    )
+
+
+def _agent_conversation(
+    records: CustomerRecords,
+    action: ReplyToCustomer | ResolveConversation | TransferConversation,
+    now: datetime,
+    fx: Effects,
+) -> Conversation | None:
+    """The conversation an agent acts on, if the action is allowed; else a rejection event."""
+    conv = records.conversations.get(action.conversation_id)
+    reason = None
+    if records.customer is None or conv is None or conv.customer_id != action.customer_id:
+        reason = "unknown_conversation"
+    elif not conv.is_open:
+        reason = "conversation_not_open"
+    elif conv.agent_id != action.agent_id:
+        reason = "not_assignee"
+    if reason is None:
+        return conv
+    fx.events.append(
+        ev.CommandRejected(
+            command_id=action.action_id,
+            command_type=type(action).__name__,
+            customer_id=action.customer_id,
+            conversation_id=action.conversation_id,
+            agent_id=action.agent_id,
+            reason=reason,
+            at=now,
+        )
+    )
+    return None
+
+
+def agent_reply(records: CustomerRecords, action: ReplyToCustomer, fx: Effects) -> None:
+    """An agent answers: the reply goes out on the customer's last channel; the conversation
+    now waits on the customer; this agent becomes the customer's known agent."""
+    now = action.sent_at
+    conv = _agent_conversation(records, action, now, fx)
+    if conv is None:
+        return
+    customer = records.customer
+    assert customer is not None
+    channel = customer.last_channel or conv.last_channel
+    line_id = derived_id("reply", action.action_id)
+    fx.deliveries.append(
+        DeliverMessage(
+            delivery_id=line_id,
+            customer_id=customer.id,
+            conversation_id=conv.id,
+            channel=channel,
+            address=customer.addresses[channel.value],
+            business_id=customer.business_ids.get(channel.value),
+            text=action.text,
+            agent_id=action.agent_id,
+            requested_at=now,
+        )
+    )
+    fx.lines.append(
+        Line(
+            message_id=line_id,
+            conversation_id=conv.id,
+            customer_id=customer.id,
+            direction=Direction.OUTBOUND,
+            channel=channel,
+            text=action.text,
+            at=now,
+            agent_id=action.agent_id,
+        )
+    )
+    conv.outbound_count += 1
+    conv.last_agent_message_at = now
+    if conv.first_response_at is None:
+        conv.first_response_at = now
+    customer.known_agent_id = action.agent_id
+    customer.known_agent_served_at = now
+    fx.events.append(
+        ev.MessageAdded(
+            conversation_id=conv.id,
+            customer_id=customer.id,
+            message_id=line_id,
+            direction=Direction.OUTBOUND,
+            channel=channel,
+            agent_id=action.agent_id,
+            team_id=conv.team_id,
+            at=now,
+        )
+    )
+    if conv.status is ConversationStatus.WAITING_ON_AGENT:
+        conv.waiting_since = now
+        _status(conv, ConversationStatus.WAITING_ON_CUSTOMER, now, fx)
+        if conv.team_id is not None:
+            fx.routing.append(
+                (
+                    conv.team_id,
+                    ChangeConversationWeight(
+                        request_id=fx.next_id("weight"),
+                        conversation_id=conv.id,
+                        customer_id=customer.id,
+                        waiting_on=WaitingOn.CUSTOMER,
+                        changed_at=now,
+                    ),
+                )
+            )
+    conv.updated_at = now
+
+
+def _end(records: CustomerRecords, conv: Conversation, status: ConversationStatus, now: datetime, fx: Effects) -> None:
+    customer = records.customer
+    assert customer is not None
+    team_id, agent_id = conv.team_id, conv.agent_id
+    _status(conv, status, now, fx)
+    if status is ConversationStatus.RESOLVED:
+        conv.resolved_at = now
+        fx.events.append(
+            ev.ConversationResolved(
+                conversation_id=conv.id, customer_id=conv.customer_id, team_id=team_id, agent_id=agent_id, resolved_at=now
+            )
+        )
+    else:
+        conv.closed_at = now
+        fx.events.append(
+            ev.ConversationClosed(
+                conversation_id=conv.id, customer_id=conv.customer_id, team_id=team_id, agent_id=agent_id, status=status, closed_at=now
+            )
+        )
+    if team_id is not None:
+        fx.routing.append(
+            (
+                team_id,
+                ReleaseConversation(
+                    request_id=fx.next_id("release"), conversation_id=conv.id, customer_id=conv.customer_id, released_at=now
+                ),
+            )
+        )
+    if customer.open_conversation_id == conv.id:
+        customer.open_conversation_id = None
+
+
+def resolve(records: CustomerRecords, action: ResolveConversation, fx: Effects) -> None:
+    now = action.resolved_at
+    conv = _agent_conversation(records, action, now, fx)
+    if conv is not None:
+        _end(records, conv, ConversationStatus.RESOLVED, now, fx)
+
+
+def close_inactive(records: CustomerRecords, conversation_id: str, now: datetime, fx: Effects) -> None:
+    """Close an open conversation whose customer went quiet (issued by the timeout sweeper)."""
+    conv = records.conversations.get(conversation_id)
+    if records.customer is not None and conv is not None and conv.is_open:
+        _end(records, conv, ConversationStatus.CLOSED_INACTIVE, now, fx)
+
+
+def transfer(records: CustomerRecords, action: TransferConversation, fx: Effects) -> None:
+    """Forward a transfer to the pool that holds the conversation; the pool refuses anything
+    outside the team."""
+    now = action.requested_at
+    conv = _agent_conversation(records, action, now, fx)
+    if conv is None or conv.team_id is None:
+        return
+    fx.routing.append(
+        (
+            conv.team_id,
+            MoveToTeammate(
+                request_id=fx.next_id("transfer"),
+                conversation_id=conv.id,
+                customer_id=conv.customer_id,
+                from_agent_id=action.agent_id,
+                to_agent_id=action.to_agent_id,
+                requested_at=now,
+            ),
+        )
+    )
+
+
+def _preferences(customer: Customer, now: datetime) -> ev.CustomerPreferencesChanged:
+    return ev.CustomerPreferencesChanged(
+        customer_id=customer.id,
+        home_team_id=customer.home_team_id,
+        opted_out=customer.opted_out,
+        authenticated=customer.authenticated,
+        at=now,
+    )
+
+
+def _reject(cmd: OptOutOfHomeTeam | OptInToHomeTeam | ReassignHomeTeam, reason: str, fx: Effects) -> None:
+    fx.events.append(
+        ev.CommandRejected(
+            command_id=cmd.command_id,
+            command_type=type(cmd).__name__,
+            customer_id=cmd.customer_id,
+            reason=reason,
+            at=cmd.requested_at,
+        )
+    )
+
+
+def customer_command(
+    records: CustomerRecords, cmd: OptOutOfHomeTeam | OptInToHomeTeam | ReassignHomeTeam, rules: Rules, fx: Effects
+) -> None:
+    """Opt out of / back into the home team, or reassign it explicitly (the customer moved)."""
+    customer = records.customer
+    if customer is None:
+        _reject(cmd, "unknown_customer", fx)
+        return
+    if isinstance(cmd, ReassignHomeTeam):
+        if rules.directory.team(cmd.team_id) is None:
+            _reject(cmd, "unknown_team", fx)
+            return
+        customer.home_team_id = cmd.team_id
+        customer.home_team_source = "reassigned"
+    else:
+        customer.opted_out = isinstance(cmd, OptOutOfHomeTeam)
+    fx.events.append(_preferences(customer, cmd.requested_at))
+

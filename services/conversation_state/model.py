@@ -1,0 +1,131 @@
+"""Conversation-state's records: a customer, their conversations, transcript lines.
+
+Plain dataclasses with explicit (de)serialisation to store documents, so the lifecycle rules
+stay free of any store or broker types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime
+from typing import Any
+
+from shared.contracts.common import Channel, ConversationStatus, Direction, PoolKind, RoutingReason
+
+OPEN_STATUSES = frozenset({ConversationStatus.WAITING_ON_AGENT, ConversationStatus.WAITING_ON_CUSTOMER})
+
+
+@dataclass(slots=True)
+class Customer:
+    id: str
+    home_team_id: str
+    home_team_source: str
+    created_at: datetime
+    opted_out: bool = False
+    authenticated: bool = False
+    addresses: dict[str, str] = field(default_factory=dict)
+    business_ids: dict[str, str] = field(default_factory=dict)
+    last_channel: Channel | None = None
+    known_agent_id: str | None = None
+    known_agent_served_at: datetime | None = None
+    open_conversation_id: str | None = None
+    last_conversation_id: str | None = None
+    reply_gaps_s: list[float] = field(default_factory=list)
+    recent_message_ids: list[str] = field(default_factory=list)
+    seq: int = 0
+    applied: dict[str, int] = field(default_factory=dict)
+
+    def to_doc(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["_id"] = doc.pop("id")
+        doc["last_channel"] = self.last_channel.value if self.last_channel else None
+        # Topic names contain dots, which MongoDB field names must not: store a list.
+        doc["applied"] = [{"key": k, "offset": v} for k, v in self.applied.items()]
+        return doc
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> Customer:
+        data = {f.name: doc.get(f.name) for f in fields(cls) if f.name in doc}
+        data["id"] = doc["_id"]
+        if data.get("last_channel"):
+            data["last_channel"] = Channel(data["last_channel"])
+        data["applied"] = {a["key"]: a["offset"] for a in doc.get("applied", [])}
+        return cls(**data)
+
+
+@dataclass(slots=True)
+class Conversation:
+    id: str
+    customer_id: str
+    home_team_id: str
+    status: ConversationStatus
+    opened_at: datetime
+    updated_at: datetime
+    last_channel: Channel
+    pool: PoolKind | None = None
+    team_id: str | None = None
+    agent_id: str | None = None
+    pool_reason: RoutingReason | None = None
+    routing_reason: RoutingReason | None = None
+    queued_at: datetime | None = None
+    assigned_at: datetime | None = None
+    first_response_at: datetime | None = None
+    last_customer_message_at: datetime | None = None
+    last_agent_message_at: datetime | None = None
+    waiting_since: datetime | None = None
+    resolved_at: datetime | None = None
+    closed_at: datetime | None = None
+    previous_conversation_id: str | None = None
+    inbound_count: int = 0
+    outbound_count: int = 0
+
+    @property
+    def is_open(self) -> bool:
+        return self.status in OPEN_STATUSES
+
+    def to_doc(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["_id"] = doc.pop("id")
+        for key in ("status", "last_channel", "pool", "pool_reason", "routing_reason"):
+            value = getattr(self, key)
+            doc[key] = value.value if value is not None else None
+        return doc
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> Conversation:
+        data = {f.name: doc.get(f.name) for f in fields(cls) if f.name in doc}
+        data["id"] = doc["_id"]
+        data["status"] = ConversationStatus(data["status"])
+        data["last_channel"] = Channel(data["last_channel"])
+        for key, enum in (("pool", PoolKind), ("pool_reason", RoutingReason), ("routing_reason", RoutingReason)):
+            if data.get(key) is not None:
+                data[key] = enum(data[key])
+        return cls(**data)
+
+
+@dataclass(slots=True, frozen=True)
+class Line:
+    """One message in a transcript."""
+
+    message_id: str
+    conversation_id: str
+    customer_id: str
+    direction: Direction
+    channel: Channel
+    text: str
+    at: datetime
+    agent_id: str | None = None
+    attachments: tuple[dict[str, Any], ...] = ()
+
+    def to_doc(self) -> dict[str, Any]:
+        return {
+            "_id": self.message_id,
+            "conversation_id": self.conversation_id,
+            "customer_id": self.customer_id,
+            "direction": self.direction.value,
+            "channel": self.channel.value,
+            "text": self.text,
+            "at": self.at,
+            "agent_id": self.agent_id,
+            "attachments": list(self.attachments),
+        }

@@ -1,0 +1,162 @@
+"""Read API for agent desktops: a customer's current conversation with earlier transcripts,
+one conversation by id, and a team's queue. JSON, paginated, with clear 404s."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from pymongo import ASCENDING, DESCENDING
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from shared.contracts.common import ConversationStatus
+from shared.contracts.routing import STANDARD_POOL_ID
+from shared.runtime.http import problem
+from shared.teams import TeamDirectory
+
+from services.conversation_state.store import ConversationStore
+
+MAX_PAGE_SIZE = 200
+OPEN = [ConversationStatus.WAITING_ON_AGENT.value, ConversationStatus.WAITING_ON_CUSTOMER.value]
+
+
+def _page(request: Request, default_size: int = 50) -> tuple[int, int] | Response:
+    try:
+        page = int(request.query_params.get("page", "1"))
+        size = int(request.query_params.get("page_size", str(default_size)))
+    except ValueError:
+        return problem(400, "page and page_size must be integers")
+    if page < 1 or not 1 <= size <= MAX_PAGE_SIZE:
+        return problem(400, f"page must be >= 1 and page_size between 1 and {MAX_PAGE_SIZE}")
+    return page, size
+
+
+def _conversation_json(doc: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in doc.items() if k not in ("_id",)}
+    out["conversation_id"] = doc["_id"]
+    return _jsonable(out)
+
+
+def _line_json(doc: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in doc.items() if k not in ("_id", "customer_id")}
+    out["message_id"] = doc["_id"]
+    return _jsonable(out)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return value
+
+
+def read_routes(store: ConversationStore, directory: TeamDirectory, token: str | None) -> list[Route]:
+    def authorized(request: Request) -> bool:
+        if not token:
+            return True
+        given = request.headers.get("authorization", "")
+        return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+
+    async def transcript(conversation_id: str, skip: int = 0, limit: int = MAX_PAGE_SIZE) -> list[dict[str, Any]]:
+        cursor = store.messages.find({"conversation_id": conversation_id}).sort([("at", ASCENDING), ("_id", ASCENDING)])
+        return [_line_json(d) async for d in cursor.skip(skip).limit(limit)]
+
+    async def customer_conversation(request: Request) -> Response:
+        if not authorized(request):
+            return problem(401, "missing or wrong bearer token")
+        paging = _page(request, default_size=5)
+        if isinstance(paging, Response):
+            return paging
+        page, size = paging
+        customer_id = request.path_params["customer_id"]
+        customer = await store.customers.find_one({"_id": customer_id})
+        if customer is None:
+            return problem(404, "unknown customer", customer_id=customer_id)
+        current_id = customer.get("open_conversation_id") or customer.get("last_conversation_id")
+        current = await store.conversations.find_one({"_id": current_id}) if current_id else None
+        earlier_cursor = (
+            store.conversations.find({"customer_id": customer_id, "_id": {"$ne": current_id}})
+            .sort([("opened_at", DESCENDING), ("_id", ASCENDING)])
+            .skip((page - 1) * size)
+            .limit(size)
+        )
+        earlier = []
+        async for doc in earlier_cursor:
+            earlier.append({**_conversation_json(doc), "transcript": await transcript(doc["_id"])})
+        total_earlier = await store.conversations.count_documents({"customer_id": customer_id, "_id": {"$ne": current_id}})
+        return JSONResponse(
+            {
+                "customer": {
+                    "customer_id": customer_id,
+                    "home_team_id": customer["home_team_id"],
+                    "authenticated": customer.get("authenticated", False),
+                    "opted_out": customer.get("opted_out", False),
+                    "last_channel": customer.get("last_channel"),
+                    "known_agent_id": customer.get("known_agent_id"),
+                },
+                "current": None if current is None else {**_conversation_json(current), "transcript": await transcript(current["_id"])},
+                "earlier": earlier,
+                "earlier_page": page,
+                "earlier_page_size": size,
+                "earlier_total": total_earlier,
+            }
+        )
+
+    async def conversation(request: Request) -> Response:
+        if not authorized(request):
+            return problem(401, "missing or wrong bearer token")
+        paging = _page(request, default_size=100)
+        if isinstance(paging, Response):
+            return paging
+        page, size = paging
+        conversation_id = request.path_params["conversation_id"]
+        doc = await store.conversations.find_one({"_id": conversation_id})
+        if doc is None:
+            return problem(404, "unknown conversation", conversation_id=conversation_id)
+        lines = await transcript(conversation_id, (page - 1) * size, size)
+        total = await store.messages.count_documents({"conversation_id": conversation_id})
+        return JSONResponse({**_conversation_json(doc), "transcript": lines, "page": page, "page_size": size, "transcript_total": total})
+
+    async def team_queue(request: Request) -> Response:
+        if not authorized(request):
+            return problem(401, "missing or wrong bearer token")
+        paging = _page(request, default_size=50)
+        if isinstance(paging, Response):
+            return paging
+        page, size = paging
+        team_id = request.path_params["team_id"]
+        if team_id != STANDARD_POOL_ID and directory.team(team_id) is None:
+            return problem(404, "unknown team", team_id=team_id)
+        base = {"team_id": team_id, "status": {"$in": OPEN}}
+        waiting_filter = {**base, "agent_id": None}
+        waiting = [
+            _conversation_json(d)
+            async for d in store.conversations.find(waiting_filter)
+            .sort([("queued_at", ASCENDING), ("_id", ASCENDING)])
+            .skip((page - 1) * size)
+            .limit(size)
+        ]
+        assigned: dict[str, list[dict[str, Any]]] = {}
+        async for d in store.conversations.find({**base, "agent_id": {"$ne": None}}).sort([("assigned_at", ASCENDING)]):
+            assigned.setdefault(d["agent_id"], []).append(_conversation_json(d))
+        return JSONResponse(
+            {
+                "team_id": team_id,
+                "waiting": waiting,
+                "waiting_total": await store.conversations.count_documents(waiting_filter),
+                "page": page,
+                "page_size": size,
+                "assigned": assigned,
+            }
+        )
+
+    return [
+        Route("/customers/{customer_id}/conversation", customer_conversation, methods=["GET"]),
+        Route("/conversations/{conversation_id}", conversation, methods=["GET"]),
+        Route("/teams/{team_id}/queue", team_queue, methods=["GET"]),
+    ]

@@ -1,0 +1,84 @@
+"""team-routing: decides, for every conversation that needs a place, the pool (home team or
+standard pool) and the agent, and keeps each pool's agents, loads and queue."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from faststream.kafka import KafkaMessage
+from opentelemetry.sdk.trace import SpanProcessor
+from pydantic import Field
+
+from shared.contracts.registry import AGENT_PRESENCE, ROUTING_COMMANDS, ROUTING_DECISIONS
+from shared.runtime.decoding import BatchReader, documented_payloads
+from shared.runtime.kafka import batch_subscriber_options, records_of
+from shared.runtime.outbox import Outbox
+from shared.runtime.service import Service, assemble, build_runtime
+from shared.settings import ServiceSettings
+from shared.teams import DirectoryWatcher
+
+from services.team_routing.handlers import PoolConsumer, PresenceForwarder
+from services.team_routing.store import PoolStore
+
+
+class TeamRoutingSettings(ServiceSettings):
+    service_name: str = "team-routing"
+    http_port: int = 8082
+    teams_config: Path = Path("deploy/teams.yaml")
+    teams_reload_interval_s: float = Field(default=5.0, gt=0)
+
+
+def create_service(settings: TeamRoutingSettings | None = None, *, span_processors: Sequence[SpanProcessor] = ()) -> Service:
+    settings = settings or TeamRoutingSettings()
+    runtime = build_runtime(settings, span_processors=span_processors, description="Routing to home teams")
+    directory = DirectoryWatcher(settings.teams_config)
+    outbox = Outbox(runtime.broker, "/hometeam/team-routing", settings.kafka_topic_prefix)
+    pools = PoolConsumer(
+        BatchReader((ROUTING_COMMANDS,), runtime.dead_letters, settings.kafka_topic_prefix),
+        PoolStore(runtime.db),
+        outbox,
+        directory,
+    )
+    presence = PresenceForwarder(
+        BatchReader((AGENT_PRESENCE,), runtime.dead_letters, settings.kafka_topic_prefix), outbox, directory
+    )
+    runtime.background.append(lambda: directory.watch(settings.teams_reload_interval_s))
+    broker = runtime.broker
+
+    for topic in (ROUTING_DECISIONS, ROUTING_COMMANDS):
+        broker.publisher(
+            settings.topic(topic.name),
+            title=f"{topic.name}:publish",
+            description=topic.description,
+            schema=documented_payloads(topic),
+        )
+
+    @broker.subscriber(
+        settings.topic(ROUTING_COMMANDS.name),
+        **batch_subscriber_options(settings),
+        title="team-routing:consume:routing.commands",
+        description=ROUTING_COMMANDS.description,
+    )
+    async def on_routing_commands(batch: documented_payloads(ROUTING_COMMANDS), message: KafkaMessage) -> None:  # type: ignore[valid-type]
+        await pools.handle(records_of(message))
+
+    @broker.subscriber(
+        settings.topic(AGENT_PRESENCE.name),
+        **batch_subscriber_options(settings, group_suffix=".presence"),
+        title="team-routing:consume:agent.presence",
+        description=AGENT_PRESENCE.description,
+    )
+    async def on_agent_presence(batch: documented_payloads(AGENT_PRESENCE), message: KafkaMessage) -> None:  # type: ignore[valid-type]
+        await presence.handle(records_of(message))
+
+    return assemble(
+        runtime,
+        title="hometeam team-routing",
+        description="Routes conversations to the customer's home team, or the standard pool by rule.",
+    )
+
+
+def asyncapi_app():  # type: ignore[no-untyped-def]
+    """Factory for ``faststream docs gen --factory``."""
+    return create_service().app

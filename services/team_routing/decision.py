@@ -1,0 +1,123 @@
+"""The routing decision, as pure functions with reasons.
+
+Order of the rules (product brief, rules 2-5 and 10):
+1. which pool: opt-out → standard pool; home team closed → standard pool (after hours);
+   home team surging → standard pool, unless the customer's agent can take them; else home;
+2. which agent in that pool: the current assignee while online; else the known agent (the
+   last agent who served this customer, within the relationship window) if online with room;
+   else the least-loaded online agent with room (ties: longest idle, then agent id);
+   else nobody: the conversation waits in the pool's queue.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from shared.contracts.common import PoolKind, RoutingReason
+
+
+@dataclass(frozen=True, slots=True)
+class AgentView:
+    """What routing needs to know about one agent of a pool at decision time."""
+
+    agent_id: str
+    online: bool
+    load: float
+    max_concurrency: int
+    idle_since: datetime
+
+    def has_room(self, weight: float) -> bool:
+        return self.online and self.load + weight <= self.max_concurrency + 1e-9
+
+
+@dataclass(frozen=True, slots=True)
+class PoolChoice:
+    pool: PoolKind
+    reason: RoutingReason
+
+
+@dataclass(frozen=True, slots=True)
+class AgentChoice:
+    agent_id: str | None
+    reason: RoutingReason
+
+
+def is_surging(queue_depth: int, oldest_wait: timedelta | None, max_depth: int, max_wait: timedelta) -> bool:
+    """A team surges when its queue is at least ``max_depth`` deep or its oldest wait has
+    reached ``max_wait``."""
+    return queue_depth >= max_depth or (oldest_wait is not None and oldest_wait >= max_wait)
+
+
+def choose_pool(
+    *,
+    opted_out: bool,
+    team_open: bool,
+    surging: bool,
+    agent_can_take_home: bool,
+) -> PoolChoice:
+    """Which pool serves a conversation that needs a place.
+
+    ``agent_can_take_home``: the customer's current or known agent is online in the home team
+    with room, so a surge does not send them away from someone who knows them."""
+    if opted_out:
+        return PoolChoice(PoolKind.STANDARD, RoutingReason.OPT_OUT)
+    if not team_open:
+        return PoolChoice(PoolKind.STANDARD, RoutingReason.AFTER_HOURS)
+    if surging and not agent_can_take_home:
+        return PoolChoice(PoolKind.STANDARD, RoutingReason.SURGE)
+    return PoolChoice(PoolKind.HOME_TEAM, RoutingReason.HOME_TEAM)
+
+
+def known_agent_in_window(
+    known_agent_id: str | None,
+    served_at: datetime | None,
+    now: datetime,
+    window: timedelta,
+) -> str | None:
+    """The known agent, if they served this customer within the relationship window."""
+    if known_agent_id is None or served_at is None:
+        return None
+    return known_agent_id if now - served_at <= window else None
+
+
+def choose_agent(
+    agents: Mapping[str, AgentView],
+    *,
+    weight: float,
+    current_agent_id: str | None = None,
+    known_agent_id: str | None = None,
+    exclude: Iterable[str] = (),
+) -> AgentChoice:
+    """Pick the agent for a conversation of ``weight`` among a pool's ``agents``.
+
+    ``known_agent_id`` must already be filtered by the relationship window."""
+    excluded = set(exclude)
+    if current_agent_id and current_agent_id not in excluded:
+        current = agents.get(current_agent_id)
+        if current is not None and current.online:
+            return AgentChoice(current_agent_id, RoutingReason.CURRENT_AGENT)
+    if known_agent_id and known_agent_id not in excluded:
+        known = agents.get(known_agent_id)
+        if known is not None and known.has_room(weight):
+            return AgentChoice(known_agent_id, RoutingReason.KNOWN_AGENT)
+    best: AgentView | None = None
+    for agent in agents.values():
+        if agent.agent_id in excluded or not agent.has_room(weight):
+            continue
+        if best is None or _less_loaded(agent, best):
+            best = agent
+    if best is None:
+        return AgentChoice(None, RoutingReason.QUEUED)
+    return AgentChoice(best.agent_id, RoutingReason.LEAST_LOADED)
+
+
+def _less_loaded(a: AgentView, b: AgentView) -> bool:
+    # Load as a share of capacity, so a 4-slot agent with 2 is as busy as an 8-slot with 4.
+    ra, rb = a.load / a.max_concurrency, b.load / b.max_concurrency
+    if abs(ra - rb) > 1e-9:
+        return ra < rb
+    if a.idle_since != b.idle_since:
+        return a.idle_since < b.idle_since
+    return a.agent_id < b.agent_id

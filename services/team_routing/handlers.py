@@ -1,0 +1,90 @@
+"""Team-routing's consumers.
+
+``PoolConsumer`` applies ``routing.commands.v1`` (keyed by pool) to pool state, one batch at a
+time: decode → load the batch's pools → apply each command not yet applied → publish the
+decisions and hand-offs → save the pools with their applied offsets → commit.
+``PresenceForwarder`` re-keys agent presence from agent id to the agent's pool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from aiokafka import ConsumerRecord
+
+from shared.contracts.agents import AgentPresenceChanged
+from shared.contracts.envelope import derived_id
+from shared.contracts.registry import ROUTING_COMMANDS, ROUTING_DECISIONS
+from shared.contracts.routing import SetAgentPresence
+from shared.runtime.dead_letter import PoisonMessage
+from shared.runtime.decoding import BatchReader
+from shared.runtime.outbox import Outbox
+from shared.teams import DirectoryWatcher
+
+from services.team_routing.pool import Decision, Handoff, Output, apply_command
+from services.team_routing.store import PoolStore
+
+
+class PoolConsumer:
+    def __init__(self, reader: BatchReader, store: PoolStore, outbox: Outbox, directory: DirectoryWatcher) -> None:
+        self.reader = reader
+        self.store = store
+        self.outbox = outbox
+        self.directory = directory
+
+    async def handle(self, records: Sequence[ConsumerRecord]) -> None:
+        incoming = await self.reader.read(records)
+        states = await self.store.load(i.envelope.subject for i in incoming)
+        directory = self.directory.current
+        published: list[tuple[str, list[Output]]] = []
+        for item in incoming:
+            state = states[item.envelope.subject]
+            applied_key = f"{item.record.topic}/{item.record.partition}"
+            if state.applied.get(applied_key, -1) >= item.offset:
+                continue
+            try:
+                outputs = apply_command(state, item.payload, directory, item.envelope.id)
+            except PoisonMessage as exc:
+                await self.reader.reject(item.record, exc)
+                continue
+            state.applied[applied_key] = item.offset
+            published.append((item.envelope.id, outputs))
+
+        for input_id, outputs in published:
+            for n, output in enumerate(outputs):
+                event_id = derived_id(input_id, "out", str(n))
+                if isinstance(output, Decision):
+                    await self.outbox.send(
+                        ROUTING_DECISIONS.name, output.customer_id, output.payload, id=event_id, time=output.payload.decided_at
+                    )
+                elif isinstance(output, Handoff):
+                    await self.outbox.send(
+                        ROUTING_COMMANDS.name, output.pool_id, output.payload, id=event_id, time=output.payload.requested_at
+                    )
+        await self.outbox.flush()
+        await self.reader.flush()
+        await self.store.save(states.values())
+
+
+class PresenceForwarder:
+    def __init__(self, reader: BatchReader, outbox: Outbox, directory: DirectoryWatcher) -> None:
+        self.reader = reader
+        self.outbox = outbox
+        self.directory = directory
+
+    async def handle(self, records: Sequence[ConsumerRecord]) -> None:
+        for item in await self.reader.read(records):
+            change: AgentPresenceChanged = item.payload
+            pool_id = self.directory.current.pool_of_agent(change.agent_id)
+            if pool_id is None:
+                await self.reader.reject(item.record, PoisonMessage("unknown_agent", "agent is in no pool of the directory"))
+                continue
+            command = SetAgentPresence(
+                request_id=derived_id(item.envelope.id, "presence"),
+                agent_id=change.agent_id,
+                presence=change.presence,
+                changed_at=change.changed_at,
+            )
+            await self.outbox.send(ROUTING_COMMANDS.name, pool_id, command, id=command.request_id, time=change.changed_at)
+        await self.outbox.flush()
+        await self.reader.flush()

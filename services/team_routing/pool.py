@@ -1,0 +1,369 @@
+"""A pool's state (agents' presence and load, placed and waiting conversations) and the pure
+transitions that apply routing commands to it.
+
+Team-routing is the single writer of each pool (records of ``routing.commands.v1`` are keyed
+by pool id), so these transitions run one at a time per pool. Every transition takes its
+``now`` from the command itself, so replaying a command after a crash decides the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from shared.contracts.agents import Presence
+from shared.contracts.common import PoolKind, RoutingReason, WaitingOn
+from shared.contracts.routing import (
+    STANDARD_POOL_ID,
+    ChangeConversationWeight,
+    ConversationRouted,
+    MoveToTeammate,
+    ReleaseConversation,
+    RouteConversation,
+    SetAgentPresence,
+    TransferRefused,
+)
+from shared.teams import TeamDirectory, is_open
+
+from services.team_routing.decision import (
+    AgentView,
+    choose_agent,
+    choose_pool,
+    is_surging,
+    known_agent_in_window,
+)
+
+EPOCH = datetime(1970, 1, 1).astimezone()
+
+
+@dataclass(slots=True)
+class Placement:
+    """A conversation this pool holds: assigned to an agent, or waiting in the queue."""
+
+    conversation_id: str
+    customer_id: str
+    agent_id: str | None
+    waiting_on: WaitingOn
+    priority: int
+    enqueued_at: datetime
+    pool_reason: RoutingReason
+    known_agent_id: str | None = None
+    known_agent_served_at: datetime | None = None
+    assigned_at: datetime | None = None
+
+
+@dataclass(slots=True)
+class AgentPresenceState:
+    presence: Presence = Presence.OFFLINE
+    idle_since: datetime = EPOCH
+
+
+@dataclass(slots=True)
+class PoolState:
+    pool_id: str
+    agents: dict[str, AgentPresenceState] = field(default_factory=dict)
+    placements: dict[str, Placement] = field(default_factory=dict)
+    applied: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def kind(self) -> PoolKind:
+        return PoolKind.STANDARD if self.pool_id == STANDARD_POOL_ID else PoolKind.HOME_TEAM
+
+    def queue(self) -> list[Placement]:
+        """Waiting conversations in service order: priority first, then longest waiting."""
+        waiting = [p for p in self.placements.values() if p.agent_id is None]
+        waiting.sort(key=lambda p: (-p.priority, p.enqueued_at, p.conversation_id))
+        return waiting
+
+    def loads(self, directory: TeamDirectory) -> dict[str, float]:
+        loads = dict.fromkeys(directory.agents_of(self.pool_id), 0.0)
+        for p in self.placements.values():
+            if p.agent_id is not None:
+                loads[p.agent_id] = loads.get(p.agent_id, 0.0) + weight_of(directory, p.waiting_on)
+        return loads
+
+    def agent_views(self, directory: TeamDirectory) -> dict[str, AgentView]:
+        loads = self.loads(directory)
+        views = {}
+        for agent_id, agent in directory.agents_of(self.pool_id).items():
+            presence = self.agents.get(agent_id) or AgentPresenceState()
+            views[agent_id] = AgentView(
+                agent_id=agent_id,
+                online=presence.presence is Presence.ONLINE,
+                load=loads.get(agent_id, 0.0),
+                max_concurrency=agent.max_concurrency,
+                idle_since=presence.idle_since,
+            )
+        return views
+
+
+def weight_of(directory: TeamDirectory, waiting_on: WaitingOn) -> float:
+    cap = directory.capacity
+    return cap.waiting_on_agent_weight if waiting_on is WaitingOn.AGENT else cap.waiting_on_customer_weight
+
+
+# What a transition produces: decisions keyed by customer, and route requests to hand to
+# another pool (an overflow hop to the standard pool, or a return home).
+@dataclass(frozen=True, slots=True)
+class Decision:
+    customer_id: str
+    payload: ConversationRouted | TransferRefused
+
+
+@dataclass(frozen=True, slots=True)
+class Handoff:
+    pool_id: str
+    payload: RouteConversation
+
+
+Output = Decision | Handoff
+
+
+class Outputs:
+    """Collects a transition's outputs and gives each a stable id derived from the input."""
+
+    def __init__(self, input_id: str) -> None:
+        self.input_id = input_id
+        self.items: list[Output] = []
+
+    def next_id(self) -> str:
+        from shared.contracts.envelope import derived_id
+
+        return derived_id(self.input_id, str(len(self.items)))
+
+    def routed(self, state: PoolState, p: Placement, reason: RoutingReason, now: datetime, position: int | None = None) -> None:
+        self.items.append(
+            Decision(
+                p.customer_id,
+                ConversationRouted(
+                    decision_id=self.next_id(),
+                    conversation_id=p.conversation_id,
+                    customer_id=p.customer_id,
+                    pool=state.kind,
+                    team_id=state.pool_id,
+                    agent_id=p.agent_id,
+                    reason=reason,
+                    pool_reason=p.pool_reason,
+                    queue_position=position,
+                    decided_at=now,
+                ),
+            )
+        )
+
+
+def route(state: PoolState, cmd: RouteConversation, directory: TeamDirectory, out: Outputs) -> None:
+    """Place a conversation: decide the pool (on the home team's partition), then the agent."""
+    now = cmd.requested_at
+    if cmd.conversation_id in state.placements:
+        return  # already placed here: a redelivered or repeated request changes nothing
+    window = timedelta(days=directory.relationship_window_days)
+    known = known_agent_in_window(cmd.known_agent_id, cmd.known_agent_served_at, now, window)
+    views = state.agent_views(directory)
+    weight = weight_of(directory, cmd.waiting_on)
+
+    if cmd.forced_pool is None and state.kind is PoolKind.HOME_TEAM:
+        team = directory.team(state.pool_id)
+        if team is None:
+            from shared.runtime.dead_letter import PoisonMessage
+
+            raise PoisonMessage("unknown_pool", f"no team {state.pool_id!r} in the directory")
+        queue = state.queue()
+        oldest = now - queue[0].enqueued_at if queue else None
+        surging = is_surging(
+            len(queue), oldest, team.surge.max_queue_depth, timedelta(seconds=team.surge.max_oldest_wait_seconds)
+        )
+        familiar = [a for a in (cmd.current_agent_id, known) if a and a in views and views[a].has_room(weight)]
+        choice = choose_pool(
+            opted_out=cmd.opted_out,
+            team_open=is_open(team, now),
+            surging=surging,
+            agent_can_take_home=bool(familiar),
+        )
+        if choice.pool is PoolKind.STANDARD:
+            out.items.append(
+                Handoff(
+                    STANDARD_POOL_ID,
+                    cmd.model_copy(update={"forced_pool": PoolKind.STANDARD, "forced_reason": choice.reason}),
+                )
+            )
+            return
+        pool_reason = choice.reason
+    else:
+        pool_reason = cmd.forced_reason or (
+            RoutingReason.HOME_TEAM if state.kind is PoolKind.HOME_TEAM else RoutingReason.OPT_OUT
+        )
+
+    agent = choose_agent(views, weight=weight, current_agent_id=cmd.current_agent_id, known_agent_id=known)
+    placement = Placement(
+        conversation_id=cmd.conversation_id,
+        customer_id=cmd.customer_id,
+        agent_id=agent.agent_id,
+        waiting_on=cmd.waiting_on,
+        priority=cmd.priority,
+        enqueued_at=now,
+        pool_reason=pool_reason,
+        known_agent_id=cmd.known_agent_id,
+        known_agent_served_at=cmd.known_agent_served_at,
+        assigned_at=now if agent.agent_id else None,
+    )
+    state.placements[cmd.conversation_id] = placement
+    position = None
+    if agent.agent_id is None:
+        position = 1 + [q.conversation_id for q in state.queue()].index(cmd.conversation_id)
+    out.routed(state, placement, agent.reason, now, position)
+
+
+def release(state: PoolState, cmd: ReleaseConversation, directory: TeamDirectory, out: Outputs) -> None:
+    """A conversation ended: its agent's room frees up and the queue moves."""
+    placement = state.placements.pop(cmd.conversation_id, None)
+    if placement is None:
+        return
+    if placement.agent_id is not None:
+        _mark_idle(state, placement.agent_id, cmd.released_at)
+        drain_queue(state, directory, cmd.released_at, out)
+
+
+def change_weight(state: PoolState, cmd: ChangeConversationWeight, directory: TeamDirectory, out: Outputs) -> None:
+    placement = state.placements.get(cmd.conversation_id)
+    if placement is None or placement.waiting_on is cmd.waiting_on:
+        return
+    lighter = weight_of(directory, cmd.waiting_on) < weight_of(directory, placement.waiting_on)
+    placement.waiting_on = cmd.waiting_on
+    if lighter and placement.agent_id is not None:
+        drain_queue(state, directory, cmd.changed_at, out)
+
+
+def transfer(state: PoolState, cmd: MoveToTeammate, directory: TeamDirectory, out: Outputs) -> None:
+    """Hand a conversation to a teammate; anything else is refused with a reason."""
+    now = cmd.requested_at
+    placement = state.placements.get(cmd.conversation_id)
+    reason: str | None = None
+    target_pool = directory.pool_of_agent(cmd.to_agent_id)
+    views = state.agent_views(directory)
+    if target_pool is None:
+        reason = "agent_unknown"
+    elif target_pool != state.pool_id:
+        reason = "outside_team"
+    elif placement is None:
+        reason = "not_in_pool"
+    elif placement.agent_id == cmd.to_agent_id:
+        reason = "already_assigned"
+    elif not views[cmd.to_agent_id].online:
+        reason = "agent_unavailable"
+    elif not views[cmd.to_agent_id].has_room(weight_of(directory, placement.waiting_on)):
+        reason = "agent_at_capacity"
+    if reason is not None:
+        out.items.append(
+            Decision(
+                cmd.customer_id,
+                TransferRefused(
+                    decision_id=out.next_id(),
+                    conversation_id=cmd.conversation_id,
+                    customer_id=cmd.customer_id,
+                    from_agent_id=cmd.from_agent_id,
+                    to_agent_id=cmd.to_agent_id,
+                    reason=reason,
+                    decided_at=now,
+                ),
+            )
+        )
+        return
+    assert placement is not None
+    previous = placement.agent_id
+    placement.agent_id = cmd.to_agent_id
+    placement.assigned_at = now
+    out.routed(state, placement, RoutingReason.TRANSFER, now)
+    if previous is not None:
+        _mark_idle(state, previous, now)
+        drain_queue(state, directory, now, out)
+
+
+def set_presence(state: PoolState, cmd: SetAgentPresence, directory: TeamDirectory, out: Outputs) -> None:
+    """Presence changes: an agent coming online takes from the queue; one going offline hands
+    their conversations to teammates (or back to the queue)."""
+    now = cmd.changed_at
+    if cmd.agent_id not in directory.agents_of(state.pool_id):
+        return  # not (or no longer) in this pool
+    agent = state.agents.setdefault(cmd.agent_id, AgentPresenceState())
+    if agent.presence is cmd.presence:
+        return
+    was_online = agent.presence is Presence.ONLINE
+    agent.presence = cmd.presence
+    if cmd.presence is Presence.ONLINE:
+        agent.idle_since = now
+        drain_queue(state, directory, now, out)
+    elif cmd.presence is Presence.OFFLINE and was_online:
+        reassign_from(state, cmd.agent_id, directory, now, out, RoutingReason.AGENT_OFFLINE)
+
+
+def reassign_from(
+    state: PoolState,
+    agent_id: str,
+    directory: TeamDirectory,
+    now: datetime,
+    out: Outputs,
+    reason: RoutingReason,
+    only: set[str] | None = None,
+) -> None:
+    """Move an agent's conversations (or just ``only`` of them) to teammates with room, or back
+    to the queue; never outside the pool."""
+    window = timedelta(days=directory.relationship_window_days)
+    mine = sorted(
+        (p for p in state.placements.values() if p.agent_id == agent_id and (only is None or p.conversation_id in only)),
+        key=lambda p: (p.enqueued_at, p.conversation_id),
+    )
+    for placement in mine:
+        placement.agent_id = None
+        views = state.agent_views(directory)
+        known = known_agent_in_window(placement.known_agent_id, placement.known_agent_served_at, now, window)
+        choice = choose_agent(
+            views, weight=weight_of(directory, placement.waiting_on), known_agent_id=known, exclude=(agent_id,)
+        )
+        if choice.agent_id is None:
+            position = 1 + [q.conversation_id for q in state.queue()].index(placement.conversation_id)
+            out.routed(state, placement, RoutingReason.QUEUED, now, position)
+        else:
+            placement.agent_id = choice.agent_id
+            placement.assigned_at = now
+            out.routed(state, placement, reason, now)
+
+
+def drain_queue(state: PoolState, directory: TeamDirectory, now: datetime, out: Outputs) -> None:
+    """Assign waiting conversations, in queue order, to agents who have room."""
+    window = timedelta(days=directory.relationship_window_days)
+    views = state.agent_views(directory)
+    lightest = min(directory.capacity.waiting_on_agent_weight, directory.capacity.waiting_on_customer_weight)
+    for placement in state.queue():
+        if not any(v.has_room(lightest) for v in views.values()):
+            return
+        known = known_agent_in_window(placement.known_agent_id, placement.known_agent_served_at, now, window)
+        weight = weight_of(directory, placement.waiting_on)
+        choice = choose_agent(views, weight=weight, known_agent_id=known)
+        if choice.agent_id is not None:
+            placement.agent_id = choice.agent_id
+            placement.assigned_at = now
+            chosen = views[choice.agent_id]
+            views[choice.agent_id] = replace(chosen, load=chosen.load + weight)
+            out.routed(state, placement, choice.reason, now)
+
+
+def _mark_idle(state: PoolState, agent_id: str, now: datetime) -> None:
+    agent = state.agents.setdefault(agent_id, AgentPresenceState())
+    agent.idle_since = max(agent.idle_since, now)
+
+
+APPLY: dict[type, Any] = {
+    RouteConversation: route,
+    ReleaseConversation: release,
+    ChangeConversationWeight: change_weight,
+    MoveToTeammate: transfer,
+    SetAgentPresence: set_presence,
+}
+
+
+def apply_command(state: PoolState, command: Any, directory: TeamDirectory, input_id: str) -> list[Output]:
+    """Apply one routing command to a pool; returns what to publish."""
+    out = Outputs(input_id)
+    APPLY[type(command)](state, command, directory, out)
+    return out.items

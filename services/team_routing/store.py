@@ -1,0 +1,83 @@
+"""Pool documents (``pools`` collection): one per pool, written only by the consumer that owns
+the pool's partition, with the offsets of the commands already applied to it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from pymongo import ReplaceOne
+from pymongo.asynchronous.database import AsyncDatabase
+
+from shared.contracts.agents import Presence
+from shared.contracts.common import RoutingReason, WaitingOn
+
+from services.team_routing.pool import AgentPresenceState, Placement, PoolState
+
+
+def pool_to_doc(state: PoolState) -> dict[str, Any]:
+    return {
+        "_id": state.pool_id,
+        "agents": {a: {"presence": s.presence.value, "idle_since": s.idle_since} for a, s in state.agents.items()},
+        "placements": [
+            {
+                "conversation_id": p.conversation_id,
+                "customer_id": p.customer_id,
+                "agent_id": p.agent_id,
+                "waiting_on": p.waiting_on.value,
+                "priority": p.priority,
+                "enqueued_at": p.enqueued_at,
+                "pool_reason": p.pool_reason.value,
+                "known_agent_id": p.known_agent_id,
+                "known_agent_served_at": p.known_agent_served_at,
+                "assigned_at": p.assigned_at,
+            }
+            for p in state.placements.values()
+        ],
+        # Offsets are stored as a list: topic names contain dots, which MongoDB field names
+        # must not.
+        "applied": [{"key": k, "offset": v} for k, v in state.applied.items()],
+    }
+
+
+def pool_from_doc(doc: dict[str, Any]) -> PoolState:
+    return PoolState(
+        pool_id=doc["_id"],
+        agents={
+            a: AgentPresenceState(presence=Presence(s["presence"]), idle_since=s["idle_since"])
+            for a, s in doc.get("agents", {}).items()
+        },
+        placements={
+            p["conversation_id"]: Placement(
+                conversation_id=p["conversation_id"],
+                customer_id=p["customer_id"],
+                agent_id=p.get("agent_id"),
+                waiting_on=WaitingOn(p["waiting_on"]),
+                priority=p.get("priority", 0),
+                enqueued_at=p["enqueued_at"],
+                pool_reason=RoutingReason(p["pool_reason"]),
+                known_agent_id=p.get("known_agent_id"),
+                known_agent_served_at=p.get("known_agent_served_at"),
+                assigned_at=p.get("assigned_at"),
+            )
+            for p in doc.get("placements", [])
+        },
+        applied={a["key"]: a["offset"] for a in doc.get("applied", [])},
+    )
+
+
+class PoolStore:
+    def __init__(self, db: AsyncDatabase) -> None:
+        self.pools = db["pools"]
+
+    async def load(self, pool_ids: Iterable[str]) -> dict[str, PoolState]:
+        ids = list(set(pool_ids))
+        states = {pid: PoolState(pool_id=pid) for pid in ids}
+        async for doc in self.pools.find({"_id": {"$in": ids}}):
+            states[doc["_id"]] = pool_from_doc(doc)
+        return states
+
+    async def save(self, states: Iterable[PoolState]) -> None:
+        ops = [ReplaceOne({"_id": s.pool_id}, pool_to_doc(s), upsert=True) for s in states]
+        if ops:
+            await self.pools.bulk_write(ops, ordered=False)

@@ -1,0 +1,1 @@
+"""hometeam's event contracts: envelope, payload models per topic family, topic registry."""

@@ -1,0 +1,100 @@
+"""The envelope every hometeam event and command travels in.
+
+Attribute names follow CloudEvents 1.0 (structured JSON mode), so CloudEvents tooling can read
+them: ``specversion``, ``id``, ``type``, ``source``, ``time``, ``subject`` (the Kafka key),
+``datacontenttype`` and ``data``, plus the extension ``schemaversion``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+DataT = TypeVar("DataT", bound=BaseModel)
+
+TYPE_PREFIX = "hometeam."
+
+# Namespace for ids derived from other ids (uuid5): a redelivered input yields the same
+# output ids, so every consumer can drop a duplicate by id.
+ID_NAMESPACE = uuid.UUID("6f1c1d2e-6b8a-4a53-9a7e-3c1f0e9b7d21")
+
+
+def derived_id(*parts: str) -> str:
+    """Stable id for an effect of an input: the same parts always give the same id."""
+    return str(uuid.uuid5(ID_NAMESPACE, "\x1f".join(parts)))
+
+
+class InboundModel(BaseModel):
+    """Payloads we read: tolerant of unknown fields (producers may be newer than us)."""
+
+    model_config = ConfigDict(extra="ignore", str_strip_whitespace=True, frozen=True)
+
+
+class OutboundModel(BaseModel):
+    """Payloads we write: strict, so a typo never leaves the service."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Envelope(BaseModel, Generic[DataT]):
+    """A CloudEvents-compatible envelope around one typed payload."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    specversion: Literal["1.0"] = "1.0"
+    id: str = Field(min_length=1, max_length=128)
+    type: str = Field(min_length=1, max_length=128, description="hometeam.<MessageName>")
+    source: str = Field(min_length=1, max_length=256, description="URI-reference of the producer")
+    time: AwareDatetime
+    subject: str = Field(min_length=1, max_length=256, description="The Kafka record key")
+    schemaversion: int = Field(default=1, ge=1)
+    sequence: int | None = Field(
+        default=None, ge=1, description="Per-subject order of events (conversation events)"
+    )
+    datacontenttype: Literal["application/json"] = "application/json"
+    data: DataT
+
+
+class RawEnvelope(BaseModel):
+    """Envelope with the payload still undecoded; the first step of reading any record."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    specversion: Literal["1.0"]
+    id: str = Field(min_length=1, max_length=128)
+    type: str = Field(min_length=1, max_length=128)
+    source: str = Field(min_length=1, max_length=256)
+    time: AwareDatetime
+    subject: str = Field(min_length=1, max_length=256)
+    schemaversion: int = Field(default=1, ge=1)
+    sequence: int | None = None
+    data: dict[str, Any]
+
+
+def type_name(model: type[BaseModel]) -> str:
+    return TYPE_PREFIX + model.__name__
+
+
+def new_envelope(
+    data: BaseModel,
+    *,
+    subject: str,
+    source: str,
+    time: datetime,
+    id: str | None = None,
+    schemaversion: int = 1,
+    sequence: int | None = None,
+) -> Envelope[Any]:
+    return Envelope[type(data)](  # type: ignore[misc]
+        id=id or str(uuid.uuid4()),
+        type=type_name(type(data)),
+        source=source,
+        time=time,
+        subject=subject,
+        schemaversion=schemaversion,
+        sequence=sequence,
+        data=data,
+    )

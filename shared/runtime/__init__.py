@@ -1,0 +1,1 @@
+"""Plumbing every service uses the same way: broker, store, telemetry, logging, HTTP, DLQ."""

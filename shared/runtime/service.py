@@ -1,0 +1,164 @@
+"""The service skeleton all five services share: one factory wires broker, store, telemetry,
+HTTP and lifecycle from settings; nothing connects until the service starts."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from faststream import FastStream
+from faststream.kafka import KafkaBroker
+from faststream.specification import AsyncAPI
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from prometheus_client import CollectorRegistry
+from pymongo import AsyncMongoClient
+from pymongo.asynchronous.database import AsyncDatabase
+from starlette.applications import Starlette
+from starlette.routing import BaseRoute
+
+from shared.runtime.dead_letter import DeadLetters
+from shared.runtime.http import ReadinessCheck, health_routes
+from shared.runtime.kafka import build_broker
+from shared.runtime.logging import configure_logging, get_logger
+from shared.runtime.store import build_mongo_client, database, ping
+from shared.runtime.telemetry import build_tracer_provider
+from shared.settings import ServiceSettings
+
+Hook = Callable[[], Awaitable[None]]
+log = get_logger("hometeam.service")
+
+VERSION = "0.1.0"
+
+
+@dataclass
+class Runtime:
+    """The clients one service process uses, built once by ``build_runtime``."""
+
+    settings: ServiceSettings
+    registry: CollectorRegistry
+    tracer_provider: TracerProvider
+    broker: KafkaBroker
+    mongo: AsyncMongoClient
+    db: AsyncDatabase
+    dead_letters: DeadLetters
+    on_startup: list[Hook] = field(default_factory=list)
+    on_shutdown: list[Hook] = field(default_factory=list)
+    readiness: dict[str, ReadinessCheck] = field(default_factory=dict)
+    background: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    def topic(self, name: str) -> str:
+        return self.settings.topic(name)
+
+
+def build_runtime(
+    settings: ServiceSettings,
+    *,
+    span_processors: Sequence[SpanProcessor] = (),
+    mongo: AsyncMongoClient | None = None,
+    description: str = "",
+) -> Runtime:
+    if not settings.service_instance:
+        settings = settings.model_copy(
+            update={"service_instance": f"{socket.gethostname()}:{os.getpid()}"}
+        )
+    registry = CollectorRegistry(auto_describe=True)
+    tracer_provider = build_tracer_provider(settings, span_processors)
+    broker = build_broker(
+        settings, metrics_registry=registry, tracer_provider=tracer_provider, description=description
+    )
+    client = mongo or build_mongo_client(settings)
+    db = database(client, settings)
+    runtime = Runtime(
+        settings=settings,
+        registry=registry,
+        tracer_provider=tracer_provider,
+        broker=broker,
+        mongo=client,
+        db=db,
+        dead_letters=DeadLetters(broker, settings.service_name, registry),
+    )
+    runtime.readiness["kafka"] = _kafka_check(broker)
+    runtime.readiness["store"] = lambda: ping(db)
+    return runtime
+
+
+def _kafka_check(broker: KafkaBroker) -> ReadinessCheck:
+    async def check() -> None:
+        if not await broker.ping(timeout=2.0):
+            raise ConnectionError("kafka did not answer")
+
+    return check
+
+
+@dataclass
+class Service:
+    """A runnable service: the ASGI app uvicorn serves, and the FastStream app (AsyncAPI)."""
+
+    runtime: Runtime
+    http: Starlette
+    app: FastStream
+
+    @property
+    def broker(self) -> KafkaBroker:
+        return self.runtime.broker
+
+
+def assemble(runtime: Runtime, *, title: str, description: str, routes: Sequence[BaseRoute] = ()) -> Service:
+    """Build the FastStream and HTTP apps around a runtime whose subscribers are registered."""
+
+    @asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        for hook in runtime.on_startup:
+            await hook()
+        await runtime.broker.start()
+        tasks = [asyncio.create_task(job()) for job in runtime.background]
+        log.info("service started", extra={"service_name": runtime.settings.service_name})
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            # broker.stop() waits for in-flight handlers (graceful_timeout), so their offsets
+            # are committed only after their effects are durable.
+            await runtime.broker.stop()
+            for hook in runtime.on_shutdown:
+                await hook()
+            await runtime.mongo.close()
+            runtime.tracer_provider.shutdown()
+            log.info("service stopped", extra={"service_name": runtime.settings.service_name})
+
+    all_routes = [*health_routes(runtime.registry, runtime.readiness), *routes]
+    http = Starlette(routes=all_routes, lifespan=lifespan)
+    app = FastStream(
+        runtime.broker,
+        specification=AsyncAPI(title=title, version=VERSION, description=description),
+    )
+    return Service(runtime=runtime, http=http, app=app)
+
+
+def serve(service: Service) -> None:
+    """Run a service until SIGINT/SIGTERM, then shut down gracefully."""
+    settings = service.runtime.settings
+    configure_logging(settings.service_name, settings.log_level)
+    config = uvicorn.Config(
+        service.http,
+        host=settings.http_host,
+        port=settings.http_port,
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=20,
+    )
+    asyncio.run(uvicorn.Server(config).serve())
+
+
+def run_main(factory: Callable[[], Any]) -> None:
+    """Entry point body shared by ``python -m services.<name>``."""
+    serve(factory())

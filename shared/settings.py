@@ -1,0 +1,67 @@
+"""Settings every service reads from its environment (pydantic-settings, the only way in).
+
+Variable names are the plain upper-case field names, e.g. ``KAFKA_BOOTSTRAP_SERVERS``,
+``MONGODB_URL``, ``HTTP_PORT``. Defaults point at the local stack started by
+``scripts/stack.sh`` (see README).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LOCAL_KAFKA = "127.0.0.1:19092"
+LOCAL_MONGODB = "mongodb://127.0.0.1:27027/?directConnection=true&retryWrites=false"
+
+
+class ServiceSettings(BaseSettings):
+    """What every hometeam service needs: Kafka, the store, HTTP, logs and traces."""
+
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore", frozen=True)
+
+    service_name: str = "hometeam"
+    service_instance: str = Field(default="", description="Replica name; defaults to host:pid")
+
+    # Kafka
+    kafka_bootstrap_servers: str = LOCAL_KAFKA
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: str | None = None
+    kafka_ssl_certfile: str | None = None
+    kafka_ssl_keyfile: str | None = None
+    kafka_group_prefix: str = Field(
+        default="hometeam", description="Consumer groups are '<prefix>.<service>'"
+    )
+    kafka_topic_prefix: str = Field(
+        default="", description="Prepended to every topic name (isolates test runs)"
+    )
+    consumer_batch_max_records: int = Field(default=500, ge=1, le=10_000)
+    consumer_batch_timeout_ms: int = Field(default=20, ge=1, le=5_000)
+    producer_linger_ms: int = Field(default=5, ge=0, le=1_000)
+
+    # Store
+    mongodb_url: SecretStr = SecretStr(LOCAL_MONGODB)
+    mongodb_database: str = "hometeam"
+    mongodb_timeout_ms: int = Field(default=5_000, ge=100)
+
+    # HTTP (health, readiness, metrics and each service's API)
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8080, ge=0, le=65_535)
+
+    # Logs and traces
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    otel_exporter_otlp_endpoint: str | None = Field(
+        default=None, description="OTLP/HTTP endpoint, e.g. http://otel-collector:4318"
+    )
+    otel_traces_sampler_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+
+    def topic(self, name: str) -> str:
+        return f"{self.kafka_topic_prefix}{name}"
+
+    @property
+    def group_id(self) -> str:
+        return f"{self.kafka_group_prefix}.{self.service_name}"

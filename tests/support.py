@@ -1,0 +1,114 @@
+"""Helpers for tests on the real broker and store: run services in-process, publish
+envelopes, and wait for records or documents by polling with a deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import httpx
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+from pydantic import BaseModel
+
+from shared.contracts.envelope import new_envelope
+from shared.runtime.service import Service
+
+T = TypeVar("T")
+S = TypeVar("S")
+
+
+def service_settings(cls: type[S], infra: Any, prefix: str, db: str, **extra: Any) -> S:
+    return cls(  # type: ignore[call-arg]
+        kafka_bootstrap_servers=infra.kafka,
+        mongodb_url=infra.mongodb_url,
+        mongodb_database=db,
+        kafka_topic_prefix=prefix,
+        kafka_group_prefix=f"test-{prefix}",
+        consumer_batch_timeout_ms=10,
+        **extra,
+    )
+
+
+@asynccontextmanager
+async def running(service: Service) -> AsyncIterator[httpx.AsyncClient]:
+    """Start a service's lifespan (broker, consumers, hooks) and give an HTTP client for it."""
+    async with service.http.router.lifespan_context(service.http):
+        transport = httpx.ASGITransport(app=service.http)
+        async with httpx.AsyncClient(transport=transport, base_url="http://hometeam.test") as client:
+            yield client
+
+
+async def eventually(probe: Callable[[], Awaitable[T | None]], timeout_s: float = 30.0, what: str = "condition") -> T:
+    """Poll ``probe`` until it returns something truthy, or fail after the deadline."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.05
+    while True:
+        result = await probe()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        await asyncio.sleep(delay)
+        delay = min(delay * 1.5, 0.5)
+
+
+class KafkaProbe:
+    """A producer and a from-the-beginning reader of a test's prefixed topics."""
+
+    def __init__(self, bootstrap: str, prefix: str) -> None:
+        self.bootstrap = bootstrap
+        self.prefix = prefix
+        self.producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
+        self._consumers: dict[str, AIOKafkaConsumer] = {}
+        self.seen: dict[str, list[ConsumerRecord]] = {}
+
+    async def __aenter__(self) -> KafkaProbe:
+        await self.producer.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.producer.stop()
+        for consumer in self._consumers.values():
+            await consumer.stop()
+
+    async def send_raw(self, topic: str, value: bytes, key: bytes | None = None, headers: list[tuple[str, bytes]] | None = None) -> None:
+        await self.producer.send_and_wait(self.prefix + topic, value, key=key, headers=headers)
+
+    async def send(self, topic: str, key: str, payload: BaseModel, *, time: datetime | None = None, id: str | None = None) -> str:
+        envelope = new_envelope(
+            payload, subject=key, source="/tests", time=time or datetime.now(UTC), id=id or str(uuid.uuid4())
+        )
+        await self.send_raw(topic, envelope.model_dump_json().encode(), key.encode())
+        return envelope.id
+
+    async def records(self, topic: str) -> list[ConsumerRecord]:
+        """Everything on the topic so far (reads incrementally; no consumer group)."""
+        name = self.prefix + topic
+        consumer = self._consumers.get(name)
+        if consumer is None:
+            consumer = AIOKafkaConsumer(name, bootstrap_servers=self.bootstrap, auto_offset_reset="earliest", enable_auto_commit=False)
+            await consumer.start()
+            self._consumers[name] = consumer
+            self.seen[name] = []
+        batches = await consumer.getmany(timeout_ms=200)
+        for batch in batches.values():
+            self.seen[name].extend(batch)
+        return self.seen[name]
+
+    async def envelopes(self, topic: str) -> list[dict[str, Any]]:
+        return [json.loads(r.value) for r in await self.records(topic)]
+
+    async def wait_for(
+        self, topic: str, predicate: Callable[[dict[str, Any]], bool], *, count: int = 1, timeout_s: float = 30.0
+    ) -> list[dict[str, Any]]:
+        async def probe() -> list[dict[str, Any]] | None:
+            found = [e for e in await self.envelopes(topic) if predicate(e)]
+            return found if len(found) >= count else None
+
+        return await eventually(probe, timeout_s, f"{count} matching record(s) on {topic}")
