@@ -8,6 +8,7 @@ that the committed ones (docs/asyncapi/) are up to date.
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import subprocess
 import sys
@@ -22,6 +23,7 @@ SERVICES = ("ingest", "team_routing", "conversation_state", "timeout_sweeper", "
 def generate(service: str, out: Path) -> None:
     # A clean environment: the documents must not depend on who generates them.
     env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "PYTHONPATH")}
+    env["PYTHONHASHSEED"] = "0"
     subprocess.run(
         [
             str(REPO / ".venv" / "bin" / "faststream"),
@@ -37,6 +39,9 @@ def generate(service: str, out: Path) -> None:
         check=True,
         capture_output=True,
     )
+    # FastStream's order of channels and operations is not stable across runs: sort keys so
+    # the committed document only changes when the contract does.
+    out.write_text(json.dumps(json.loads(out.read_text()), indent=2, sort_keys=True) + "\n")
 
 
 def drift() -> list[str]:
