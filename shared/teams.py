@@ -8,7 +8,7 @@ this team open at this instant (``is_open``, in the team's own time zone, DST-co
 from __future__ import annotations
 
 import re
-from datetime import date, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -255,6 +255,7 @@ def next_change(team: Team, at: datetime, horizon: timedelta = timedelta(days=14
     """The first instant after ``at`` when the team opens or closes (minute resolution), or
     None if nothing changes within the horizon."""
     state = is_open(team, at)
+    at = at.astimezone(UTC)  # compare instants, never wall-clock times of one zone
     candidates: set[datetime] = set()
     local = at.astimezone(team.zone)
     day = local.date()
@@ -267,13 +268,37 @@ def next_change(team: Team, at: datetime, horizon: timedelta = timedelta(days=14
         candidates.update(starts)
     for c in team.closures:
         candidates.update((c.start, c.end))
-    for naive in sorted(candidates):
-        instant = naive.replace(tzinfo=team.zone)
+    # A wall-clock time in a repeated (fall-back) hour happens twice; one in a skipped
+    # (spring-forward) hour never happens, and the change then falls on the offset change itself.
+    instants = {naive.replace(tzinfo=team.zone, fold=fold).astimezone(UTC) for naive in candidates for fold in (0, 1)}
+    instants.update(_offset_changes(team.zone, day, day + timedelta(days=horizon.days + 1)))
+    for instant in sorted(instants):
         if instant <= at or instant - at > horizon:
             continue
         if is_open(team, instant) != state:
-            return instant
+            return instant.astimezone(team.zone)
     return None
+
+
+def _offset_changes(zone: ZoneInfo, first: date, last: date) -> list[datetime]:
+    """The instants (UTC, to the second) at which ``zone``'s UTC offset changes, on local days
+    ``first`` to ``last`` inclusive; at most one change per day is assumed."""
+    changes = []
+    d = first
+    while d <= last:
+        lo = int(datetime.combine(d, time(0, 0), tzinfo=zone).timestamp())
+        hi = int(datetime.combine(d + timedelta(days=1), time(0, 0), tzinfo=zone).timestamp())
+        before = datetime.fromtimestamp(lo, zone).utcoffset()
+        if datetime.fromtimestamp(hi, zone).utcoffset() != before:
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if datetime.fromtimestamp(mid, zone).utcoffset() == before:
+                    lo = mid
+                else:
+                    hi = mid
+            changes.append(datetime.fromtimestamp(hi, UTC))
+        d += timedelta(days=1)
+    return changes
 
 
 _NANP = re.compile(r"^\+1([2-9][0-9]{2})[0-9]{7}$")

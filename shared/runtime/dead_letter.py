@@ -23,6 +23,9 @@ ORIGIN_OFFSET = HEADER_PREFIX + "origin-offset"
 ERROR_TYPE = HEADER_PREFIX + "error-type"
 ERROR_DETAIL = HEADER_PREFIX + "error"
 FAILED_BY = HEADER_PREFIX + "service"
+# The tracing middleware writes the consumer's own trace context on publish; the record's
+# original one is kept here.
+ORIGIN_TRACEPARENT = HEADER_PREFIX + "origin-traceparent"
 
 
 class PoisonMessage(Exception):
@@ -73,6 +76,8 @@ class DeadLetters:
 
     async def send(self, record: ConsumerRecord, dead_letter_topic: str, error: BaseException) -> None:
         headers = {k: v.decode("latin-1") for k, v in (record.headers or ())}
+        if "traceparent" in headers:
+            headers[ORIGIN_TRACEPARENT] = headers["traceparent"]
         headers.update(
             {
                 ORIGIN_TOPIC: record.topic,
