@@ -96,9 +96,16 @@ class KafkaProbe:
             await consumer.start()
             self._consumers[name] = consumer
             self.seen[name] = []
-        batches = await consumer.getmany(timeout_ms=200)
-        for batch in batches.values():
-            self.seen[name].extend(batch)
+        # Drain what is there now: read until the consumer has caught up with the end offsets.
+        for _ in range(1000):
+            batches = await consumer.getmany(timeout_ms=100, max_records=5000)
+            for batch in batches.values():
+                self.seen[name].extend(batch)
+            assignment = consumer.assignment()
+            ends = await consumer.end_offsets(list(assignment))
+            positions = {tp: await consumer.position(tp) for tp in ends}
+            if all(positions[tp] >= end for tp, end in ends.items()):
+                break
         return self.seen[name]
 
     async def envelopes(self, topic: str) -> list[dict[str, Any]]:

@@ -50,10 +50,11 @@ class ConversationConsumer:
                 continue  # applied before a crash or rebalance: its effects are already out
             fx = Effects(item.envelope.id)
             payload = item.payload
-            if isinstance(payload, CustomerMessageReceived) and lifecycle.already_received(records, payload):
+            if lifecycle.already_applied(records, payload):
                 self._mark_applied(records, applied_key, item.offset)
-                continue  # the provider sent it again
+                continue  # sent again: a provider retry, a desktop resend, a republished decision
             self._apply(records, payload, fx)
+            lifecycle.remember_applied(records, payload)
             self._mark_applied(records, applied_key, item.offset)
             lines.extend(fx.lines)
             effects.append((records, fx, item))

@@ -33,9 +33,10 @@ from shared.teams import TeamDirectory, home_team_for
 from services.conversation_state.model import Conversation, Customer, Line
 
 MAX_REPLY_GAPS = 50
-# Provider message ids remembered per customer to drop retries; providers retry within
-# minutes, and this survives restarts because it is stored with the customer.
-MAX_RECENT_MESSAGE_IDS = 256
+# Ids of the latest inputs applied to a customer (message, action, command and decision ids),
+# to drop a repeat: a provider's retry, a desktop's resend, a decision republished after a
+# crash. Stored with the customer, so it survives restarts; repeats come within minutes.
+MAX_RECENT_INPUT_IDS = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,9 +104,27 @@ def _route_request(customer: Customer, conv: Conversation, now: datetime, fx: Ef
     )
 
 
-def already_received(records: CustomerRecords, msg: CustomerMessageReceived) -> bool:
-    """Has this customer's message (same channel and provider id) been applied already?"""
-    return records.customer is not None and msg.message_id in records.customer.recent_message_ids
+def input_id(payload: BaseModel) -> str:
+    """The id that makes an input unique: a message, action, command or decision id."""
+    for name in ("message_id", "action_id", "command_id", "decision_id"):
+        value = getattr(payload, name, None)
+        if value is not None:
+            return f"{name}:{value}"
+    raise TypeError(f"{type(payload).__name__} carries no input id")
+
+
+def already_applied(records: CustomerRecords, payload: BaseModel) -> bool:
+    """Was this input (same message / action / command / decision id) applied already?"""
+    return records.customer is not None and input_id(payload) in records.customer.recent_input_ids
+
+
+def remember_applied(records: CustomerRecords, payload: BaseModel) -> None:
+    if records.customer is not None:
+        recent = records.customer.recent_input_ids
+        records.customer.recent_input_ids = [*recent, input_id(payload)][-MAX_RECENT_INPUT_IDS:]
+
+
+already_received = already_applied
 
 
 def customer_message(records: CustomerRecords, msg: CustomerMessageReceived, rules: Rules, fx: Effects) -> None:
@@ -118,7 +137,6 @@ def customer_message(records: CustomerRecords, msg: CustomerMessageReceived, rul
         )
         customer = Customer(id=msg.customer_id, home_team_id=team_id, home_team_source=source, created_at=now)
         records.customer = customer
-    customer.recent_message_ids = [*customer.recent_message_ids, msg.message_id][-MAX_RECENT_MESSAGE_IDS:]
     customer.addresses[msg.channel.value] = msg.address
     if msg.business_id:
         customer.business_ids[msg.channel.value] = msg.business_id

@@ -31,7 +31,7 @@ class Customer:
     open_conversation_id: str | None = None
     last_conversation_id: str | None = None
     reply_gaps_s: list[float] = field(default_factory=list)
-    recent_message_ids: list[str] = field(default_factory=list)
+    recent_input_ids: list[str] = field(default_factory=list)
     seq: int = 0
     applied: dict[str, int] = field(default_factory=dict)
 
