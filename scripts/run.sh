@@ -49,6 +49,7 @@ stop_all() {
         bash scripts/stack.sh down >&2 || true
     fi
     echo "run: stopped" >&2
+    exit 0
 }
 trap stop_all INT TERM EXIT
 

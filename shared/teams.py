@@ -252,8 +252,9 @@ def is_open(team: Team, at: datetime) -> bool:
 
 
 def next_change(team: Team, at: datetime, horizon: timedelta = timedelta(days=14)) -> datetime | None:
-    """The first instant after ``at`` when the team opens or closes (minute resolution), or
-    None if nothing changes within the horizon."""
+    """The first instant after ``at`` when the team opens or closes (minute resolution), in
+    UTC, or None if nothing changes within the horizon. UTC because a local time in a repeated
+    hour never compares equal to an instant of another zone (PEP 495)."""
     state = is_open(team, at)
     at = at.astimezone(UTC)  # compare instants, never wall-clock times of one zone
     candidates: set[datetime] = set()
@@ -276,7 +277,7 @@ def next_change(team: Team, at: datetime, horizon: timedelta = timedelta(days=14
         if instant <= at or instant - at > horizon:
             continue
         if is_open(team, instant) != state:
-            return instant.astimezone(team.zone)
+            return instant
     return None
 
 

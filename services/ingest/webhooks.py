@@ -9,6 +9,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -25,6 +26,7 @@ from shared.contracts.common import Address, Channel, Identifier, MessageText
 from shared.runtime.http import problem
 
 Publish = Callable[[ChannelMessagePosted], Awaitable[None]]
+_US_ZIP = re.compile(r"^[0-9]{5}(-[0-9]{4})?$")
 EMPTY_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response/>'
 MAX_MEDIA = 10
 
@@ -55,7 +57,10 @@ def sms_from_form(params: dict[str, str], now: datetime) -> ChannelMessagePosted
         {"url": params.get(f"MediaUrl{i}"), "content_type": params.get(f"MediaContentType{i}", "application/octet-stream")}
         for i in range(media_count)
     ]
-    region = {"zip": params["FromZip"]} if params.get("FromZip") else {}
+    # FromZip is only a hint (and only a US ZIP is one): anything else is ignored rather than
+    # rejecting the customer's message over it.
+    from_zip = params.get("FromZip", "")
+    region = {"zip": from_zip} if _US_ZIP.match(from_zip) else {}
     return ChannelMessagePosted.model_validate(
         {
             "channel": Channel.SMS,

@@ -169,7 +169,8 @@ def route(state: PoolState, cmd: RouteConversation, directory: TeamDirectory, ou
 
             raise PoisonMessage("unknown_pool", f"no team {state.pool_id!r} in the directory")
         queue = state.queue()
-        oldest = now - queue[0].enqueued_at if queue else None
+        # The head of the queue is the highest priority, not necessarily the longest waiting.
+        oldest = now - min(p.enqueued_at for p in queue) if queue else None
         surging = is_surging(
             len(queue), oldest, team.surge.max_queue_depth, timedelta(seconds=team.surge.max_oldest_wait_seconds)
         )
@@ -288,12 +289,13 @@ def set_presence(state: PoolState, cmd: SetAgentPresence, directory: TeamDirecto
     agent = state.agents.setdefault(cmd.agent_id, AgentPresenceState())
     if agent.presence is cmd.presence:
         return
-    was_online = agent.presence is Presence.ONLINE
     agent.presence = cmd.presence
     if cmd.presence is Presence.ONLINE:
         agent.idle_since = now
         drain_queue(state, directory, now, out)
-    elif cmd.presence is Presence.OFFLINE and was_online:
+    elif cmd.presence is Presence.OFFLINE:
+        # Also when signing out from "away": an away agent keeps their conversations, a
+        # signed-out one must not.
         reassign_from(state, cmd.agent_id, directory, now, out, RoutingReason.AGENT_OFFLINE)
 
 

@@ -13,11 +13,13 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-# E.164 numbers and common national formats (10+ digits with optional separators).
-_PHONE = re.compile(r"(?<![\w-])\+?\d[\d\s().-]{8,}\d(?![\w-])")
+# E.164 numbers (also URL-encoded, "%2B1...", as in raw form posts) and common national
+# formats (10+ digits with optional separators); a run that starts with an ISO date
+# (2026-03-14, "2026-03-14 10:00:00") is an instant, not a phone.
+_PHONE = re.compile(r"(?<![\w-])(?!\d{4}-\d{2}-\d{2}\b)(?:\+|%2[Bb])?\d[\d\s().-]{8,}\d(?![\w-])")
 # "text": "...", "body": "...", Body=... in serialized payloads or form data.
 _TEXT_FIELDS = re.compile(
-    r"""(?P<key>["']?(?:text|body|Body|message_text|linked_phone|address|From|To)["']?\s*[:=]\s*)"""
+    r"""(?i)(?P<key>(?<![\w-])["']?(?:text|body|message_text|linked_phone|address|from|to|caller|called)["']?\s*[:=]\s*)"""
     r"""(?P<val>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|[^\s,&}]+)"""
 )
 _SENSITIVE_EXTRA = frozenset(
