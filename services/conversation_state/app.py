@@ -15,6 +15,7 @@ from shared.contracts.registry import (
     AGENT_ACTIONS,
     CONVERSATION_EVENTS,
     CUSTOMER_COMMANDS,
+    LIFECYCLE_COMMANDS,
     MESSAGES_OUTBOUND,
     MESSAGES_RECEIVED,
     ROUTING_COMMANDS,
@@ -28,11 +29,12 @@ from shared.settings import ServiceSettings
 from shared.teams import load_directory
 
 from services.conversation_state.handlers import ConversationConsumer
+from services.conversation_state.inactivity import InactivityPolicy
 from services.conversation_state.lifecycle import Rules
-from services.conversation_state.read_api import read_routes
+from services.conversation_state.read_api import command_routes, read_routes
 from services.conversation_state.store import ConversationStore
 
-INPUTS = (MESSAGES_RECEIVED, AGENT_ACTIONS, ROUTING_DECISIONS, CUSTOMER_COMMANDS)
+INPUTS = (MESSAGES_RECEIVED, AGENT_ACTIONS, ROUTING_DECISIONS, CUSTOMER_COMMANDS, LIFECYCLE_COMMANDS)
 
 
 class ConversationStateSettings(ServiceSettings):
@@ -41,6 +43,23 @@ class ConversationStateSettings(ServiceSettings):
     teams_config: Path = Path("deploy/teams.yaml")
     reopen_window_minutes: int = Field(default=60, ge=0, description="A resolved conversation reopens within this")
     read_api_token: SecretStr | None = Field(default=None, description="Bearer token the read API requires, if set")
+    inactivity_default_s: int = Field(default=24 * 3600, ge=60, description="Timeout until a customer's replies are known")
+    inactivity_min_s: int = Field(default=30 * 60, ge=60)
+    inactivity_max_s: int = Field(default=72 * 3600, ge=60)
+    inactivity_multiplier: float = Field(default=3.0, gt=0)
+    inactivity_percentile: float = Field(default=0.9, gt=0, le=1)
+    inactivity_min_samples: int = Field(default=3, ge=1)
+    callback_priority: int = Field(default=5, ge=0, le=9)
+
+    def inactivity_policy(self) -> InactivityPolicy:
+        return InactivityPolicy(
+            default=timedelta(seconds=self.inactivity_default_s),
+            minimum=timedelta(seconds=self.inactivity_min_s),
+            maximum=timedelta(seconds=self.inactivity_max_s),
+            multiplier=self.inactivity_multiplier,
+            percentile=self.inactivity_percentile,
+            min_samples=self.inactivity_min_samples,
+        )
 
 
 def create_service(
@@ -54,7 +73,12 @@ def create_service(
         reader=BatchReader(INPUTS, runtime.dead_letters, settings.kafka_topic_prefix),
         store=store,
         outbox=Outbox(runtime.broker, "/hometeam/conversation-state", settings.kafka_topic_prefix),
-        rules=Rules(directory=directory, reopen_window=timedelta(minutes=settings.reopen_window_minutes)),
+        rules=Rules(
+            directory=directory,
+            reopen_window=timedelta(minutes=settings.reopen_window_minutes),
+            inactivity=settings.inactivity_policy(),
+            callback_priority=settings.callback_priority,
+        ),
     )
     runtime.on_startup.append(store.ensure_indexes)
     broker = runtime.broker
@@ -77,11 +101,12 @@ def create_service(
         await consumer.handle(records_of(message))
 
     token = settings.read_api_token.get_secret_value() if settings.read_api_token else None
+    commands = Outbox(runtime.broker, "/hometeam/conversation-state/api", settings.kafka_topic_prefix)
     return assemble(
         runtime,
         title="hometeam conversation-state",
         description="One continuous conversation per customer; agent actions; lifecycle events.",
-        routes=read_routes(store, directory, token),
+        routes=[*read_routes(store, directory, token), *command_routes(commands, token)],
     )
 
 

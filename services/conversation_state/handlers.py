@@ -15,7 +15,8 @@ from typing import Any
 from aiokafka import ConsumerRecord
 
 from shared.contracts.agents import ReplyToCustomer, ResolveConversation, TransferConversation
-from shared.contracts.customers import OptInToHomeTeam, OptOutOfHomeTeam, ReassignHomeTeam
+from shared.contracts.customers import OptInToHomeTeam, OptOutOfHomeTeam, ReassignHomeTeam, ScheduleCallback
+from shared.contracts.lifecycle import CloseInactiveConversation, StartCallback
 from shared.contracts.messages import CustomerMessageReceived
 from shared.contracts.registry import CONVERSATION_EVENTS, MESSAGES_OUTBOUND, ROUTING_COMMANDS
 from shared.contracts.routing import ConversationRouted, TransferRefused
@@ -73,13 +74,19 @@ class ConversationConsumer:
         elif isinstance(payload, TransferRefused):
             lifecycle.transfer_refused(records, payload, fx)
         elif isinstance(payload, ReplyToCustomer):
-            lifecycle.agent_reply(records, payload, fx)
+            lifecycle.agent_reply(records, payload, self.rules, fx)
         elif isinstance(payload, ResolveConversation):
             lifecycle.resolve(records, payload, fx)
         elif isinstance(payload, TransferConversation):
             lifecycle.transfer(records, payload, fx)
         elif isinstance(payload, (OptOutOfHomeTeam, OptInToHomeTeam, ReassignHomeTeam)):
             lifecycle.customer_command(records, payload, self.rules, fx)
+        elif isinstance(payload, ScheduleCallback):
+            lifecycle.schedule_callback(records, payload, fx)
+        elif isinstance(payload, CloseInactiveConversation):
+            lifecycle.close_inactive(records, payload, fx)
+        elif isinstance(payload, StartCallback):
+            lifecycle.start_callback(records, payload, self.rules, fx)
         else:  # pragma: no cover - the registry and this dispatch are checked together in tests
             raise TypeError(f"conversation-state cannot apply {type(payload).__name__}")
 

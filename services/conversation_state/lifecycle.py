@@ -17,7 +17,8 @@ from pydantic import BaseModel
 from shared.contracts import conversations as ev
 from shared.contracts.agents import ReplyToCustomer, ResolveConversation, TransferConversation
 from shared.contracts.common import ConversationStatus, Direction, WaitingOn
-from shared.contracts.customers import OptInToHomeTeam, OptOutOfHomeTeam, ReassignHomeTeam
+from shared.contracts.customers import OptInToHomeTeam, OptOutOfHomeTeam, ReassignHomeTeam, ScheduleCallback
+from shared.contracts.lifecycle import CloseInactiveConversation, StartCallback
 from shared.contracts.envelope import derived_id
 from shared.contracts.messages import CustomerMessageReceived, DeliverMessage
 from shared.contracts.routing import (
@@ -30,6 +31,7 @@ from shared.contracts.routing import (
 )
 from shared.teams import TeamDirectory, home_team_for
 
+from services.conversation_state.inactivity import InactivityPolicy, inactivity_timeout
 from services.conversation_state.model import Conversation, Customer, Line
 
 MAX_REPLY_GAPS = 50
@@ -43,6 +45,8 @@ MAX_RECENT_INPUT_IDS = 512
 class Rules:
     directory: TeamDirectory
     reopen_window: timedelta = timedelta(hours=1)
+    inactivity: InactivityPolicy = InactivityPolicy()
+    callback_priority: int = 5
 
 
 @dataclass(slots=True)
@@ -75,15 +79,24 @@ class CustomerRecords:
         return self.conversations.get(c.open_conversation_id)
 
 
-def _status(conv: Conversation, status: ConversationStatus, now: datetime, fx: Effects) -> None:
-    if conv.status is status:
+def _status(
+    conv: Conversation, status: ConversationStatus, now: datetime, fx: Effects, inactive_after: datetime | None = None
+) -> None:
+    if conv.status is status and conv.inactive_after == inactive_after:
         return
     conv.status = status
     conv.updated_at = now
-    fx.events.append(ev.ConversationStatusChanged(conversation_id=conv.id, customer_id=conv.customer_id, status=status, at=now))
+    conv.inactive_after = inactive_after
+    fx.events.append(
+        ev.ConversationStatusChanged(
+            conversation_id=conv.id, customer_id=conv.customer_id, status=status, at=now, inactive_after=inactive_after
+        )
+    )
 
 
-def _route_request(customer: Customer, conv: Conversation, now: datetime, fx: Effects, current_agent: str | None = None) -> None:
+def _route_request(
+    customer: Customer, conv: Conversation, now: datetime, fx: Effects, current_agent: str | None = None, priority: int = 0
+) -> None:
     fx.routing.append(
         (
             customer.home_team_id,
@@ -98,6 +111,7 @@ def _route_request(customer: Customer, conv: Conversation, now: datetime, fx: Ef
                 known_agent_id=customer.known_agent_id,
                 known_agent_served_at=customer.known_agent_served_at,
                 waiting_on=WaitingOn.AGENT,
+                priority=priority,
                 requested_at=now,
             ),
         )
@@ -330,7 +344,7 @@ def _agent_conversation(
     return None
 
 
-def agent_reply(records: CustomerRecords, action: ReplyToCustomer, fx: Effects) -> None:
+def agent_reply(records: CustomerRecords, action: ReplyToCustomer, rules: Rules, fx: Effects) -> None:
     """An agent answers: the reply goes out on the customer's last channel; the conversation
     now waits on the customer; this agent becomes the customer's known agent."""
     now = action.sent_at
@@ -384,10 +398,12 @@ def agent_reply(records: CustomerRecords, action: ReplyToCustomer, fx: Effects) 
             at=now,
         )
     )
-    if conv.status is ConversationStatus.WAITING_ON_AGENT:
+    if conv.status is ConversationStatus.WAITING_ON_AGENT or conv.inactive_after is not None:
+        was_waiting_on_agent = conv.status is ConversationStatus.WAITING_ON_AGENT
         conv.waiting_since = now
-        _status(conv, ConversationStatus.WAITING_ON_CUSTOMER, now, fx)
-        if conv.team_id is not None:
+        timeout = inactivity_timeout(customer.reply_gaps_s, rules.inactivity)
+        _status(conv, ConversationStatus.WAITING_ON_CUSTOMER, now, fx, inactive_after=now + timeout)
+        if was_waiting_on_agent and conv.team_id is not None:
             fx.routing.append(
                 (
                     conv.team_id,
@@ -442,11 +458,72 @@ def resolve(records: CustomerRecords, action: ResolveConversation, fx: Effects) 
         _end(records, conv, ConversationStatus.RESOLVED, now, fx)
 
 
-def close_inactive(records: CustomerRecords, conversation_id: str, now: datetime, fx: Effects) -> None:
-    """Close an open conversation whose customer went quiet (issued by the timeout sweeper)."""
-    conv = records.conversations.get(conversation_id)
-    if records.customer is not None and conv is not None and conv.is_open:
-        _end(records, conv, ConversationStatus.CLOSED_INACTIVE, now, fx)
+def close_inactive(records: CustomerRecords, cmd: CloseInactiveConversation, fx: Effects) -> None:
+    """Close a conversation whose customer stayed silent past its deadline (the sweeper's
+    command). A stale deadline (the customer wrote since, or a newer one was set) is ignored."""
+    conv = records.conversations.get(cmd.conversation_id)
+    if (
+        records.customer is not None
+        and conv is not None
+        and conv.status is ConversationStatus.WAITING_ON_CUSTOMER
+        and conv.inactive_after == cmd.deadline
+    ):
+        _end(records, conv, ConversationStatus.CLOSED_INACTIVE, cmd.deadline, fx)
+
+
+def schedule_callback(records: CustomerRecords, cmd: ScheduleCallback, fx: Effects) -> None:
+    """Remember a callback the customer asked for; the sweeper fires it at ``callback_at``."""
+    customer = records.customer
+    if customer is None:
+        _reject(cmd, "unknown_customer", fx)
+        return
+    if cmd.callback_at <= cmd.requested_at:
+        _reject(cmd, "callback_in_the_past", fx)
+        return
+    callback_id = derived_id("callback", cmd.command_id)
+    customer.callbacks = {**customer.callbacks, callback_id: cmd.callback_at}
+    fx.events.append(
+        ev.CallbackScheduled(callback_id=callback_id, customer_id=customer.id, due_at=cmd.callback_at, at=cmd.requested_at)
+    )
+
+
+def start_callback(records: CustomerRecords, cmd: StartCallback, rules: Rules, fx: Effects) -> None:
+    """A callback is due: queue a conversation for the customer with priority (routing picks
+    the home team, or the standard pool when the team is closed). Fires once."""
+    customer = records.customer
+    if customer is None or cmd.callback_id not in customer.callbacks:
+        return
+    customer.callbacks = {k: v for k, v in customer.callbacks.items() if k != cmd.callback_id}
+    now = cmd.due_at
+    if records.open_conversation is not None:
+        return  # already being served: the agent sees them now
+    channel = customer.last_channel
+    if channel is None:
+        return
+    conv = Conversation(
+        id=derived_id("conversation", "callback", cmd.callback_id),
+        customer_id=customer.id,
+        home_team_id=customer.home_team_id,
+        status=ConversationStatus.WAITING_ON_AGENT,
+        opened_at=now,
+        updated_at=now,
+        last_channel=channel,
+        previous_conversation_id=customer.last_conversation_id,
+        waiting_since=now,
+    )
+    records.conversations[conv.id] = conv
+    customer.open_conversation_id = customer.last_conversation_id = conv.id
+    fx.events.append(
+        ev.ConversationOpened(
+            conversation_id=conv.id,
+            customer_id=customer.id,
+            home_team_id=customer.home_team_id,
+            channel=channel,
+            opened_at=now,
+            previous_conversation_id=conv.previous_conversation_id,
+        )
+    )
+    _route_request(customer, conv, now, fx, priority=rules.callback_priority)
 
 
 def transfer(records: CustomerRecords, action: TransferConversation, fx: Effects) -> None:
@@ -481,7 +558,7 @@ def _preferences(customer: Customer, now: datetime) -> ev.CustomerPreferencesCha
     )
 
 
-def _reject(cmd: OptOutOfHomeTeam | OptInToHomeTeam | ReassignHomeTeam, reason: str, fx: Effects) -> None:
+def _reject(cmd: OptOutOfHomeTeam | OptInToHomeTeam | ReassignHomeTeam | ScheduleCallback, reason: str, fx: Effects) -> None:
     fx.events.append(
         ev.CommandRejected(
             command_id=cmd.command_id,

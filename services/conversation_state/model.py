@@ -32,6 +32,7 @@ class Customer:
     last_conversation_id: str | None = None
     reply_gaps_s: list[float] = field(default_factory=list)
     recent_input_ids: list[str] = field(default_factory=list)
+    callbacks: dict[str, datetime] = field(default_factory=dict)
     seq: int = 0
     applied: dict[str, int] = field(default_factory=dict)
 
@@ -73,6 +74,7 @@ class Conversation:
     last_customer_message_at: datetime | None = None
     last_agent_message_at: datetime | None = None
     waiting_since: datetime | None = None
+    inactive_after: datetime | None = None
     resolved_at: datetime | None = None
     closed_at: datetime | None = None
     previous_conversation_id: str | None = None

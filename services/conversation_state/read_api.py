@@ -4,6 +4,9 @@ one conversation by id, and a team's queue. JSON, paginated, with clear 404s."""
 from __future__ import annotations
 
 import hmac
+import json
+import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 from pymongo import ASCENDING, DESCENDING
@@ -11,7 +14,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from shared.contracts.common import ConversationStatus
+from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError
+
+from shared.contracts.common import ConversationStatus, Identifier
+from shared.contracts.customers import ScheduleCallback
+from shared.contracts.registry import CUSTOMER_COMMANDS
+from shared.runtime.outbox import Outbox
 from shared.contracts.routing import STANDARD_POOL_ID
 from shared.runtime.http import problem
 from shared.teams import TeamDirectory
@@ -160,3 +168,50 @@ def read_routes(store: ConversationStore, directory: TeamDirectory, token: str |
         Route("/conversations/{conversation_id}", conversation, methods=["GET"]),
         Route("/teams/{team_id}/queue", team_queue, methods=["GET"]),
     ]
+
+
+class _CallbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    callback_at: AwareDatetime
+
+
+def _authorized(request: Request, token: str | None) -> bool:
+    if not token:
+        return True
+    given = request.headers.get("authorization", "")
+    return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+
+
+def command_routes(outbox: Outbox, token: str | None) -> list[Route]:
+    """``POST /customers/{id}/callbacks``: a customer asks to be contacted at a time (the app
+    or an agent calls this on their behalf). Publishes ``ScheduleCallback``; 202 once Kafka
+    has it."""
+
+    async def schedule_callback(request: Request) -> Response:
+        if not _authorized(request, token):
+            return problem(401, "missing or wrong bearer token")
+        customer_id = request.path_params["customer_id"]
+        try:
+            Identifier_check = _IdentifierModel(value=customer_id)
+            body = _CallbackRequest.model_validate(json.loads(await request.body()))
+        except (ValueError, ValidationError) as exc:
+            detail = exc.errors(include_input=False, include_url=False) if isinstance(exc, ValidationError) else None
+            return problem(422, "body must be {\"callback_at\": <ISO 8601 time with offset>}", details=detail)
+        now = datetime.now(UTC)
+        if body.callback_at <= now:
+            return problem(422, "callback_at must be in the future")
+        command = ScheduleCallback(
+            command_id=f"api-{uuid.uuid4().hex}",
+            customer_id=Identifier_check.value,
+            callback_at=body.callback_at,
+            requested_at=now,
+        )
+        await outbox.send(CUSTOMER_COMMANDS.name, customer_id, command, id=command.command_id, time=now)
+        await outbox.flush()
+        return JSONResponse({"status": "accepted", "command_id": command.command_id}, status_code=202)
+
+    return [Route("/customers/{customer_id}/callbacks", schedule_callback, methods=["POST"])]
+
+
+class _IdentifierModel(BaseModel):
+    value: Identifier

@@ -10,7 +10,7 @@ from faststream.kafka import KafkaMessage
 from opentelemetry.sdk.trace import SpanProcessor
 from pydantic import Field
 
-from shared.contracts.registry import AGENT_PRESENCE, ROUTING_COMMANDS, ROUTING_DECISIONS
+from shared.contracts.registry import AGENT_PRESENCE, POOL_STATUS, ROUTING_COMMANDS, ROUTING_DECISIONS
 from shared.runtime.decoding import BatchReader, documented_payloads
 from shared.runtime.kafka import batch_subscriber_options, records_of
 from shared.runtime.outbox import Outbox
@@ -46,7 +46,7 @@ def create_service(settings: TeamRoutingSettings | None = None, *, span_processo
     runtime.background.append(lambda: directory.watch(settings.teams_reload_interval_s))
     broker = runtime.broker
 
-    for topic in (ROUTING_DECISIONS, ROUTING_COMMANDS):
+    for topic in (ROUTING_DECISIONS, ROUTING_COMMANDS, POOL_STATUS):
         broker.publisher(
             settings.topic(topic.name),
             title=f"{topic.name}:publish",

@@ -9,19 +9,20 @@ decisions and hand-offs → save the pools with their applied offsets → commit
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 
 from aiokafka import ConsumerRecord
 
 from shared.contracts.agents import AgentPresenceChanged
 from shared.contracts.envelope import derived_id
-from shared.contracts.registry import ROUTING_COMMANDS, ROUTING_DECISIONS
+from shared.contracts.registry import POOL_STATUS, ROUTING_COMMANDS, ROUTING_DECISIONS
 from shared.contracts.routing import SetAgentPresence
 from shared.runtime.dead_letter import PoisonMessage
 from shared.runtime.decoding import BatchReader
 from shared.runtime.outbox import Outbox
 from shared.teams import DirectoryWatcher
 
-from services.team_routing.pool import Decision, Handoff, Output, apply_command
+from services.team_routing.pool import Decision, Handoff, Output, apply_command, command_time, status_of
 from services.team_routing.store import PoolStore
 
 
@@ -37,6 +38,7 @@ class PoolConsumer:
         states = await self.store.load(i.envelope.subject for i in incoming)
         directory = self.directory.current
         published: list[tuple[str, list[Output]]] = []
+        touched: dict[str, tuple[str, datetime]] = {}
         for item in incoming:
             state = states[item.envelope.subject]
             applied_key = f"{item.record.topic}/{item.record.partition}"
@@ -49,6 +51,7 @@ class PoolConsumer:
                 continue
             state.applied[applied_key] = item.offset
             published.append((item.envelope.id, outputs))
+            touched[state.pool_id] = (item.envelope.id, command_time(item.payload))
 
         for input_id, outputs in published:
             for n, output in enumerate(outputs):
@@ -59,8 +62,11 @@ class PoolConsumer:
                     )
                 elif isinstance(output, Handoff):
                     await self.outbox.send(
-                        ROUTING_COMMANDS.name, output.pool_id, output.payload, id=event_id, time=output.payload.requested_at
+                        ROUTING_COMMANDS.name, output.pool_id, output.payload, id=event_id, time=command_time(output.payload)
                     )
+        for pool_id, (last_input, at) in touched.items():
+            status = status_of(states[pool_id], directory, at)
+            await self.outbox.send(POOL_STATUS.name, pool_id, status, id=derived_id(last_input, "status"), time=at)
         await self.outbox.flush()
         await self.reader.flush()
         await self.store.save(states.values())

@@ -13,13 +13,17 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from shared.contracts.agents import Presence
-from shared.contracts.common import PoolKind, RoutingReason, WaitingOn
+from shared.contracts.common import Channel, PoolKind, RoutingReason, WaitingOn
+from shared.contracts.pools import PoolStatusChanged
 from shared.contracts.routing import (
     STANDARD_POOL_ID,
     ChangeConversationWeight,
     ConversationRouted,
     MoveToTeammate,
+    MoveWaitingToStandard,
+    OfferToTeammate,
     ReleaseConversation,
+    ReturnWaitingHome,
     RouteConversation,
     SetAgentPresence,
     TransferRefused,
@@ -51,6 +55,27 @@ class Placement:
     known_agent_id: str | None = None
     known_agent_served_at: datetime | None = None
     assigned_at: datetime | None = None
+    home_team_id: str | None = None
+    channel: Channel = Channel.APP
+    opted_out: bool = False
+
+    def route_request(self, request_id: str, now: datetime, pool: PoolKind, reason: RoutingReason) -> RouteConversation:
+        """The request that hands this waiting conversation to another pool."""
+        return RouteConversation(
+            request_id=request_id,
+            conversation_id=self.conversation_id,
+            customer_id=self.customer_id,
+            home_team_id=self.home_team_id or "",
+            opted_out=self.opted_out,
+            channel=self.channel,
+            known_agent_id=self.known_agent_id,
+            known_agent_served_at=self.known_agent_served_at,
+            waiting_on=self.waiting_on,
+            priority=self.priority,
+            forced_pool=pool,
+            forced_reason=reason,
+            requested_at=now,
+        )
 
 
 @dataclass(slots=True)
@@ -65,6 +90,7 @@ class PoolState:
     agents: dict[str, AgentPresenceState] = field(default_factory=dict)
     placements: dict[str, Placement] = field(default_factory=dict)
     applied: dict[str, int] = field(default_factory=dict)
+    surging: bool = False
 
     @property
     def kind(self) -> PoolKind:
@@ -207,6 +233,9 @@ def route(state: PoolState, cmd: RouteConversation, directory: TeamDirectory, ou
         known_agent_id=cmd.known_agent_id,
         known_agent_served_at=cmd.known_agent_served_at,
         assigned_at=now if agent.agent_id else None,
+        home_team_id=cmd.home_team_id,
+        channel=cmd.channel,
+        opted_out=cmd.opted_out,
     )
     state.placements[cmd.conversation_id] = placement
     position = None
@@ -355,17 +384,109 @@ def _mark_idle(state: PoolState, agent_id: str, now: datetime) -> None:
     agent.idle_since = max(agent.idle_since, now)
 
 
+def surge_now(state: PoolState, directory: TeamDirectory, now: datetime) -> bool:
+    """Is this home team in a surge: its queue at least as deep, or its longest wait at least
+    as long, as the team's thresholds? The standard pool never surges."""
+    team = directory.team(state.pool_id)
+    if team is None:
+        return False
+    queue = state.queue()
+    oldest = now - min(p.enqueued_at for p in queue) if queue else None
+    return is_surging(len(queue), oldest, team.surge.max_queue_depth, timedelta(seconds=team.surge.max_oldest_wait_seconds))
+
+
+def offer_to_teammate(state: PoolState, cmd: OfferToTeammate, directory: TeamDirectory, out: Outputs) -> None:
+    """The agent missed the response target: a teammate with room takes the conversation;
+    if nobody has room it stays where it is."""
+    placement = state.placements.get(cmd.conversation_id)
+    if placement is None or placement.agent_id != cmd.agent_id or placement.waiting_on is not WaitingOn.AGENT:
+        return  # answered, moved or ended since the deadline was set
+    choice = choose_agent(
+        state.agent_views(directory), weight=weight_of(directory, placement.waiting_on), exclude=(cmd.agent_id,)
+    )
+    if choice.agent_id is None:
+        return
+    placement.agent_id = choice.agent_id
+    placement.assigned_at = cmd.due_at
+    out.routed(state, placement, RoutingReason.RESPONSE_TARGET_MISSED, cmd.due_at)
+
+
+def move_waiting_to_standard(state: PoolState, cmd: MoveWaitingToStandard, directory: TeamDirectory, out: Outputs) -> None:
+    """The team closed: conversations still waiting in its queue go to the standard pool."""
+    if state.kind is not PoolKind.HOME_TEAM:
+        return
+    for placement in state.queue():
+        del state.placements[placement.conversation_id]
+        out.items.append(
+            Handoff(STANDARD_POOL_ID, placement.route_request(out.next_id(), cmd.at, PoolKind.STANDARD, RoutingReason.AFTER_HOURS))
+        )
+
+
+def return_waiting_home(state: PoolState, cmd: ReturnWaitingHome, directory: TeamDirectory, out: Outputs) -> None:
+    """The team opened or its surge cleared: its customers still waiting in the standard pool
+    (sent there after hours or by the surge, not by their own opt-out) return home."""
+    if state.kind is not PoolKind.STANDARD:
+        return
+    for placement in state.queue():
+        if placement.home_team_id != cmd.team_id or placement.pool_reason not in (RoutingReason.AFTER_HOURS, RoutingReason.SURGE):
+            continue
+        del state.placements[placement.conversation_id]
+        out.items.append(
+            Handoff(cmd.team_id, placement.route_request(out.next_id(), cmd.at, PoolKind.HOME_TEAM, RoutingReason.RETURNED_HOME))
+        )
+
+
 APPLY: dict[type, Any] = {
     RouteConversation: route,
     ReleaseConversation: release,
     ChangeConversationWeight: change_weight,
     MoveToTeammate: transfer,
     SetAgentPresence: set_presence,
+    OfferToTeammate: offer_to_teammate,
+    MoveWaitingToStandard: move_waiting_to_standard,
+    ReturnWaitingHome: return_waiting_home,
 }
 
 
+def command_time(command: Any) -> datetime:
+    for name in ("requested_at", "released_at", "changed_at", "due_at", "at"):
+        value = getattr(command, name, None)
+        if value is not None:
+            return value
+    raise TypeError(f"{type(command).__name__} carries no time")
+
+
 def apply_command(state: PoolState, command: Any, directory: TeamDirectory, input_id: str) -> list[Output]:
-    """Apply one routing command to a pool; returns what to publish."""
+    """Apply one routing command to a pool; returns what to publish. When a home team's surge
+    clears, its overflowed conversations are called back from the standard pool."""
     out = Outputs(input_id)
     APPLY[type(command)](state, command, directory, out)
+    if state.kind is PoolKind.HOME_TEAM:
+        surging = surge_now(state, directory, command_time(command))
+        if state.surging and not surging:
+            out.items.append(
+                Handoff(
+                    STANDARD_POOL_ID,
+                    ReturnWaitingHome(request_id=out.next_id(), team_id=state.pool_id, at=command_time(command)),
+                )
+            )
+        state.surging = surging
     return out.items
+
+
+def status_of(state: PoolState, directory: TeamDirectory, now: datetime) -> PoolStatusChanged:
+    """The pool's queue and staffing as dashboards and the metrics service see it."""
+    views = state.agent_views(directory)
+    queue = state.queue()
+    online = [v for v in views.values() if v.online]
+    return PoolStatusChanged(
+        pool_id=state.pool_id,
+        kind=state.kind,
+        queue_depth=len(queue),
+        oldest_waiting_since=min((p.enqueued_at for p in queue), default=None),
+        agents_online=len(online),
+        capacity_online=float(sum(v.max_concurrency for v in online)),
+        load=sum(v.load for v in views.values()),
+        surging=state.surging,
+        at=now,
+    )

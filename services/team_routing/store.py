@@ -10,7 +10,7 @@ from pymongo import ReplaceOne
 from pymongo.asynchronous.database import AsyncDatabase
 
 from shared.contracts.agents import Presence
-from shared.contracts.common import RoutingReason, WaitingOn
+from shared.contracts.common import Channel, RoutingReason, WaitingOn
 
 from services.team_routing.pool import AgentPresenceState, Placement, PoolState
 
@@ -31,12 +31,16 @@ def pool_to_doc(state: PoolState) -> dict[str, Any]:
                 "known_agent_id": p.known_agent_id,
                 "known_agent_served_at": p.known_agent_served_at,
                 "assigned_at": p.assigned_at,
+                "home_team_id": p.home_team_id,
+                "channel": p.channel.value,
+                "opted_out": p.opted_out,
             }
             for p in state.placements.values()
         ],
         # Offsets are stored as a list: topic names contain dots, which MongoDB field names
         # must not.
         "applied": [{"key": k, "offset": v} for k, v in state.applied.items()],
+        "surging": state.surging,
     }
 
 
@@ -59,10 +63,14 @@ def pool_from_doc(doc: dict[str, Any]) -> PoolState:
                 known_agent_id=p.get("known_agent_id"),
                 known_agent_served_at=p.get("known_agent_served_at"),
                 assigned_at=p.get("assigned_at"),
+                home_team_id=p.get("home_team_id"),
+                channel=Channel(p.get("channel", "app")),
+                opted_out=p.get("opted_out", False),
             )
             for p in doc.get("placements", [])
         },
         applied={a["key"]: a["offset"] for a in doc.get("applied", [])},
+        surging=doc.get("surging", False),
     )
 
 

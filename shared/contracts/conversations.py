@@ -66,6 +66,11 @@ class ConversationStatusChanged(InboundModel):
     customer_id: Identifier
     status: ConversationStatus
     at: AwareDatetime
+    inactive_after: AwareDatetime | None = Field(
+        default=None,
+        description="Waiting on the customer: closed as inactive if they stay silent until then "
+        "(adaptive to how this customer replies)",
+    )
 
 
 class ConversationTransferRefused(InboundModel):
@@ -116,4 +121,11 @@ class CommandRejected(InboundModel):
         description="unknown_conversation, conversation_not_open, not_assignee, unknown_team, "
         "unknown_customer"
     )
+    at: AwareDatetime
+
+
+class CallbackScheduled(InboundModel):
+    callback_id: Identifier
+    customer_id: Identifier
+    due_at: AwareDatetime
     at: AwareDatetime

@@ -32,3 +32,13 @@ class ReassignHomeTeam(InboundModel):
     team_id: Identifier
     reason: ReasonText
     requested_at: AwareDatetime
+
+
+class ScheduleCallback(InboundModel):
+    """The customer asks to be contacted at a chosen time; then a conversation is queued to
+    their home team (or the standard pool when it is closed) with priority."""
+
+    command_id: Identifier
+    customer_id: Identifier
+    callback_at: AwareDatetime
+    requested_at: AwareDatetime

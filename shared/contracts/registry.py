@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
-from shared.contracts import agents, channel, conversations, customers, messages, routing
+from shared.contracts import agents, channel, conversations, customers, lifecycle, messages, pools, routing, surveys
 from shared.contracts.envelope import type_name
 
 
@@ -76,9 +76,14 @@ AGENT_PRESENCE = Topic(
 CUSTOMER_COMMANDS = Topic(
     name="customers.commands.v1",
     key="customer id",
-    payloads=(customers.OptOutOfHomeTeam, customers.OptInToHomeTeam, customers.ReassignHomeTeam),
+    payloads=(
+        customers.OptOutOfHomeTeam,
+        customers.OptInToHomeTeam,
+        customers.ReassignHomeTeam,
+        customers.ScheduleCallback,
+    ),
     owner="conversation-state",
-    description="Opt-out, opt-in and explicit home-team reassignment.",
+    description="Opt-out, opt-in, explicit home-team reassignment and callback requests.",
     partitions=6,
     external=True,
     dead_letter=_dlq("customers.commands.v1"),
@@ -92,6 +97,9 @@ ROUTING_COMMANDS = Topic(
         routing.ChangeConversationWeight,
         routing.MoveToTeammate,
         routing.SetAgentPresence,
+        routing.OfferToTeammate,
+        routing.MoveWaitingToStandard,
+        routing.ReturnWaitingHome,
     ),
     owner="team-routing",
     description="Everything that changes a pool's agents, loads or queue.",
@@ -121,6 +129,7 @@ CONVERSATION_EVENTS = Topic(
         conversations.ConversationClosed,
         conversations.CustomerPreferencesChanged,
         conversations.CommandRejected,
+        conversations.CallbackScheduled,
     ),
     owner="conversation-state",
     description="Conversation lifecycle for integrators and the other services.",
@@ -138,6 +147,36 @@ MESSAGES_OUTBOUND = Topic(
     external=True,
 )
 
+LIFECYCLE_COMMANDS = Topic(
+    name="lifecycle.commands.v1",
+    key="customer id",
+    payloads=(lifecycle.CloseInactiveConversation, lifecycle.StartCallback),
+    owner="conversation-state",
+    description="Deadlines fallen due (inactivity, callbacks), from the timeout sweeper.",
+    partitions=6,
+    dead_letter=_dlq("lifecycle.commands.v1"),
+)
+POOL_STATUS = Topic(
+    name="pools.status.v1",
+    key="pool id: a team id, or 'standard'",
+    payloads=(pools.PoolStatusChanged,),
+    owner="team-routing",
+    description="A pool's queue depth, oldest wait, staffing, load and surge state.",
+    partitions=3,
+    external=True,
+    dead_letter=_dlq("pools.status.v1"),
+)
+SURVEY_RESPONSES = Topic(
+    name="surveys.responses.v1",
+    key="customer id",
+    payloads=(surveys.SurveyAnswered,),
+    owner="metrics",
+    description="Customer satisfaction answers (CSAT), from the survey tool.",
+    partitions=6,
+    external=True,
+    dead_letter=_dlq("surveys.responses.v1"),
+)
+
 TOPICS: tuple[Topic, ...] = (
     CHANNEL_INBOUND,
     MESSAGES_RECEIVED,
@@ -148,6 +187,9 @@ TOPICS: tuple[Topic, ...] = (
     ROUTING_DECISIONS,
     CONVERSATION_EVENTS,
     MESSAGES_OUTBOUND,
+    LIFECYCLE_COMMANDS,
+    POOL_STATUS,
+    SURVEY_RESPONSES,
 )
 
 DEAD_LETTER_PARTITIONS = 1

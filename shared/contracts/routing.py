@@ -85,6 +85,35 @@ class SetAgentPresence(InboundModel):
     changed_at: AwareDatetime
 
 
+class OfferToTeammate(InboundModel):
+    """The assigned agent missed the team's response target: offer the conversation to another
+    online teammate with room (never outside the pool); it stays put if nobody has room."""
+
+    request_id: Identifier
+    conversation_id: Identifier
+    customer_id: Identifier
+    agent_id: Identifier = Field(description="The agent who missed the target")
+    due_at: AwareDatetime
+
+
+class MoveWaitingToStandard(InboundModel):
+    """The team closed: its waiting (unassigned) conversations move to the standard pool.
+    Keyed by the team's id."""
+
+    request_id: Identifier
+    team_id: Identifier
+    at: AwareDatetime
+
+
+class ReturnWaitingHome(InboundModel):
+    """The team opened (or its surge cleared): its customers' conversations still waiting in
+    the standard pool go back home. Keyed by 'standard'."""
+
+    request_id: Identifier
+    team_id: Identifier
+    at: AwareDatetime
+
+
 class ConversationRouted(InboundModel):
     """A routing decision: where the conversation goes and why (one per decision)."""
 

@@ -18,6 +18,7 @@ from shared.contracts import conversations as ev
 from shared.contracts.agents import ReplyToCustomer, ResolveConversation, TransferConversation
 from shared.contracts.common import Channel, ConversationStatus, Direction, PoolKind, RoutingReason, WaitingOn
 from shared.contracts.customers import OptInToHomeTeam, OptOutOfHomeTeam, ReassignHomeTeam
+from shared.contracts.lifecycle import CloseInactiveConversation
 from shared.contracts.messages import CustomerMessageReceived
 from shared.contracts.routing import (
     STANDARD_POOL_ID,
@@ -175,7 +176,7 @@ def step(records: CustomerRecords, payload: BaseModel) -> Effects:
     elif isinstance(payload, ConversationRouted):
         lifecycle.routed(records, payload, fx)
     elif isinstance(payload, ReplyToCustomer):
-        lifecycle.agent_reply(records, payload, fx)
+        lifecycle.agent_reply(records, payload, RULES, fx)
     elif isinstance(payload, ResolveConversation):
         lifecycle.resolve(records, payload, fx)
     elif isinstance(payload, TransferConversation):
@@ -406,10 +407,17 @@ def test_routing_decision_records_the_placement(agent, team, pool, event_type):
     assert conv.status is ConversationStatus.WAITING_ON_AGENT
 
 
+def close_command(records: CustomerRecords, conv_id: str, deadline: datetime | None = None) -> CloseInactiveConversation:
+    """The sweeper's command for the conversation's current deadline (or the one given)."""
+    deadline = deadline or records.conversations[conv_id].inactive_after or T0
+    return CloseInactiveConversation(command_id="sweep", customer_id=CUSTOMER, conversation_id=conv_id, deadline=deadline)
+
+
 def _closed_records() -> tuple[CustomerRecords, str]:
-    records, conv_id = assigned()
+    records, conv_id = replied()
     fx = Effects("sweep-1")
-    lifecycle.close_inactive(records, conv_id, T0 + timedelta(hours=2), fx)
+    lifecycle.close_inactive(records, close_command(records, conv_id), fx)
+    assert records.conversations[conv_id].status is ConversationStatus.CLOSED_INACTIVE
     return records, conv_id
 
 
@@ -517,15 +525,18 @@ def test_reply_makes_the_conversation_wait_on_the_customer_and_the_agent_known()
     assert (weight.conversation_id, weight.waiting_on, weight.changed_at) == (conv_id, WaitingOn.CUSTOMER, at)
 
 
-def test_second_reply_in_a_row_changes_neither_status_nor_weight():
+def test_second_reply_in_a_row_keeps_status_and_weight_but_moves_the_inactivity_deadline():
     records, conv_id = replied()
     at = T0 + timedelta(minutes=3)
+    before = records.conversations[conv_id].inactive_after
 
     fx = step(records, reply(conv_id, at, action_id="act-reply-2"))
 
     assert len(fx.deliveries) == 1
     assert fx.routing == []
-    assert of(fx.events, ev.ConversationStatusChanged) == []
+    [status] = of(fx.events, ev.ConversationStatusChanged)
+    assert status.status is ConversationStatus.WAITING_ON_CUSTOMER
+    assert status.inactive_after == before + timedelta(minutes=1)
     conv = records.conversations[conv_id]
     assert (conv.outbound_count, conv.first_response_at, conv.last_agent_message_at) == (
         2,
@@ -694,12 +705,13 @@ def test_message_after_the_window_opens_a_new_conversation_linked_to_the_previou
     assert route.conversation_id == new_id
 
 
-def test_close_inactive_closes_an_open_conversation_and_frees_the_agent():
+def test_close_inactive_closes_a_conversation_waiting_on_the_customer_and_frees_the_agent():
     records, conv_id = replied()
-    at = T0 + timedelta(hours=6)
+    at = records.conversations[conv_id].inactive_after
+    assert at is not None
     fx = Effects("sweep-1")
 
-    lifecycle.close_inactive(records, conv_id, at, fx)
+    lifecycle.close_inactive(records, close_command(records, conv_id), fx)
 
     conv = records.conversations[conv_id]
     assert records.customer is not None
@@ -728,40 +740,22 @@ def test_close_inactive_leaves_an_ended_conversation_alone(setup):
     status = records.conversations[conv_id].status
     fx = Effects("sweep-2")
 
-    lifecycle.close_inactive(records, conv_id, T0 + timedelta(days=1), fx)
+    lifecycle.close_inactive(records, close_command(records, conv_id, T0 + timedelta(days=1)), fx)
 
     assert (fx.events, fx.routing) == ([], [])
     assert records.conversations[conv_id].status is status
 
 
-def _queued(team: str | None):
-    def setup() -> tuple[CustomerRecords, str]:
-        records, conv_id = opened()
-        if team is not None:
-            step(records, decision(conv_id, T0 + timedelta(seconds=1), None, team_id=team))
-        return records, conv_id
-
-    return setup
-
-
-@pytest.mark.parametrize(
-    ("setup", "released_by"),
-    [
-        (_queued("pnw"), ["pnw"]),  # cleared from the team queue
-        (_queued(STANDARD_POOL_ID), [STANDARD_POOL_ID]),
-        (_queued(None), []),  # not placed yet: its late decision is released on arrival
-    ],
-)
-def test_close_inactive_clears_a_waiting_conversation_from_the_queue_that_holds_it(setup, released_by):
-    records, conv_id = setup()
+def test_a_stale_deadline_or_a_conversation_waiting_on_the_agent_is_not_closed():
+    records, conv_id = replied()
+    stale = records.conversations[conv_id].inactive_after - timedelta(seconds=1)
     fx = Effects("sweep-3")
+    lifecycle.close_inactive(records, close_command(records, conv_id, stale), fx)
+    assert (fx.events, records.conversations[conv_id].status) == ([], ConversationStatus.WAITING_ON_CUSTOMER)
 
-    lifecycle.close_inactive(records, conv_id, T0 + timedelta(hours=1), fx)
-
-    assert [type(e) for e in fx.events] == [ev.ConversationStatusChanged, ev.ConversationClosed]
-    assert [(key, type(cmd), cmd.conversation_id) for key, cmd in fx.routing] == [
-        (key, ReleaseConversation, conv_id) for key in released_by
-    ]
+    records, conv_id = assigned()  # waiting on the agent: inactivity does not apply
+    lifecycle.close_inactive(records, close_command(records, conv_id, T0 + timedelta(days=3)), fx)
+    assert (fx.events, records.conversations[conv_id].status) == ([], ConversationStatus.WAITING_ON_AGENT)
 
 
 # --- transfers -------------------------------------------------------------------------------

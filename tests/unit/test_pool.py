@@ -21,8 +21,12 @@ from shared.contracts.routing import (
     ChangeConversationWeight,
     ConversationRouted,
     MoveToTeammate,
+    MoveWaitingToStandard,
+    OfferToTeammate,
     ReleaseConversation,
+    ReturnWaitingHome,
     RouteConversation,
+    STANDARD_POOL_ID,
     SetAgentPresence,
     TransferRefused,
 )
@@ -150,11 +154,17 @@ def apply(state: PoolState, command: Any, input_id: str = "input-under-test") ->
     return apply_command(state, command, DIRECTORY, input_id)
 
 
+def without_surge_recall(outputs: list[Output]) -> list[Output]:
+    """Outputs other than the recall of overflowed conversations when a surge clears (tested
+    on its own below)."""
+    return [o for o in outputs if not (isinstance(o, Handoff) and isinstance(o.payload, ReturnWaitingHome))]
+
+
 def routed(outputs: list[Output]) -> list[tuple[str, str | None, RoutingReason, RoutingReason, int | None]]:
     """(conversation, agent, reason, pool_reason, queue_position) of each ConversationRouted, and
     checks every one was decided in this pool's home team with the customer as key."""
     rows = []
-    for output in outputs:
+    for output in without_surge_recall(outputs):
         assert isinstance(output, Decision), output
         payload = output.payload
         assert isinstance(payload, ConversationRouted), payload
@@ -390,7 +400,7 @@ def test_release_assigns_the_head_of_the_queue_priority_then_oldest() -> None:
 )
 def test_release_without_freed_room_assigns_nobody(command: ReleaseConversation, queue_after: list[str]) -> None:
     state = given(FULL_WITH_QUEUE)
-    assert apply(state, command) == []
+    assert without_surge_recall(apply(state, command)) == []
     assert [p.conversation_id for p in state.queue()] == queue_after
 
 
@@ -698,3 +708,71 @@ def test_same_commands_with_same_input_ids_give_identical_outputs() -> None:
         for a, b in zip(x, y, strict=True)
         if isinstance(a, Decision)
     )
+
+
+# --- response target, team hours, surge recall -------------------------------------------------
+
+
+def offer(conversation: str, agent: str, minute: float) -> OfferToTeammate:
+    return OfferToTeammate(request_id=f"offer-{conversation}", conversation_id=conversation, customer_id=f"cust-{conversation}", agent_id=agent, due_at=at(minute))
+
+
+def test_missed_response_target_moves_the_conversation_to_a_teammate_with_room() -> None:
+    state = given([*online("ana", "ben"), *pinned("ana", "c1")])
+    outputs = apply(state, offer("c1", "ana", 5))
+    assert [(r[0], r[1], r[2]) for r in routed(outputs)] == [("c1", "ben", RoutingReason.RESPONSE_TARGET_MISSED)]
+    assert holder(state, "c1") == "ben"
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [
+        pytest.param(lambda: given([*online("ana"), *pinned("ana", "c1")]), id="nobody-else-online"),
+        pytest.param(lambda: given([*online("ana", "ben"), *pinned("ana", "c1"), reweigh("c1", WaitingOn.CUSTOMER, 1)]), id="agent-already-answered"),
+        pytest.param(lambda: given([*online("ana", "ben"), *pinned("ben", "c1")]), id="someone-else-holds-it"),
+    ],
+)
+def test_missed_response_target_changes_nothing_when_it_cannot_or_need_not(setup: Any) -> None:
+    state = setup()
+    before = holder(state, "c1")
+    assert without_surge_recall(apply(state, offer("c1", "ana", 5))) == []
+    assert holder(state, "c1") == before
+
+
+def test_team_closing_moves_only_waiting_conversations_to_the_standard_pool() -> None:
+    state = given(FULL_WITH_QUEUE)
+    waiting = [p.conversation_id for p in state.queue()]
+    assigned_before = {c: p.agent_id for c, p in state.placements.items() if p.agent_id}
+    outputs = apply(state, MoveWaitingToStandard(request_id="close", team_id="west", at=at(600)))
+    handoffs = [o for o in outputs if isinstance(o, Handoff) and isinstance(o.payload, RouteConversation)]
+    assert [h.pool_id for h in handoffs] == [STANDARD_POOL_ID] * len(waiting)
+    assert [h.payload.conversation_id for h in handoffs] == waiting
+    assert {(h.payload.forced_pool, h.payload.forced_reason) for h in handoffs} == {(PoolKind.STANDARD, RoutingReason.AFTER_HOURS)}
+    assert state.queue() == []
+    assert {c: p.agent_id for c, p in state.placements.items()} == assigned_before
+
+
+def test_team_opening_calls_back_its_after_hours_and_surge_conversations_but_not_opt_outs() -> None:
+    standard = PoolState(pool_id=STANDARD_POOL_ID)
+    for conversation, reason, home in (
+        ("after", RoutingReason.AFTER_HOURS, "west"),
+        ("surged", RoutingReason.SURGE, "west"),
+        ("optout", RoutingReason.OPT_OUT, "west"),
+        ("other-team", RoutingReason.AFTER_HOURS, "east"),
+    ):
+        command = route(conversation, 0, forced_pool=PoolKind.STANDARD, forced_reason=reason)
+        apply(standard, command.model_copy(update={"home_team_id": home}))
+    outputs = apply(standard, ReturnWaitingHome(request_id="open", team_id="west", at=at(60)))
+    returned = [(o.pool_id, o.payload.conversation_id, o.payload.forced_reason) for o in outputs if isinstance(o, Handoff)]
+    assert returned == [("west", "after", RoutingReason.RETURNED_HOME), ("west", "surged", RoutingReason.RETURNED_HOME)]
+    assert sorted(p.conversation_id for p in standard.queue()) == ["optout", "other-team"]
+
+
+def test_surge_clearing_recalls_overflowed_conversations_once() -> None:
+    state = given(FULL_WITH_QUEUE)
+    assert state.surging
+    outputs = apply(state, release("q-old", 10))
+    recalls = [o for o in outputs if isinstance(o, Handoff) and isinstance(o.payload, ReturnWaitingHome)]
+    assert [(r.pool_id, r.payload.team_id) for r in recalls] == [(STANDARD_POOL_ID, "west")]
+    assert not state.surging
+    assert [o for o in apply(state, release("q-new", 11)) if isinstance(o, Handoff)] == []
