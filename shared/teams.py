@@ -144,6 +144,7 @@ class Team(_Strict):
 
 class StandardPool(_Strict):
     agents: list[Agent] = Field(min_length=1)
+    response_target_seconds: int = Field(default=300, ge=10)
 
 
 class Capacity(_Strict):
@@ -196,6 +197,10 @@ class TeamDirectory(_Strict):
 
     def agents_of(self, pool_id: str) -> dict[str, Agent]:
         return self._pool_agents.get(pool_id, {})
+
+    @property
+    def standard_pool_response_target_seconds(self) -> int:
+        return self.standard_pool.response_target_seconds
 
     def model_post_init(self, _: Any) -> None:
         teams = {t.id: t for t in self.teams}

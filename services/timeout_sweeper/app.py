@@ -1,44 +1,95 @@
-"""timeout-sweeper: lifecycle deadlines (inactivity, response targets, team hours, callbacks)."""
+"""timeout-sweeper: lifecycle deadlines (inactivity, response targets, team hours, callbacks),
+armed from conversation events and fired by a sweep loop that is safe to run in several
+replicas."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from faststream.kafka import KafkaMessage
 from opentelemetry.sdk.trace import SpanProcessor
+from pydantic import Field
 
-from shared.contracts.registry import CONVERSATION_EVENTS
+from shared.contracts.registry import CONVERSATION_EVENTS, LIFECYCLE_COMMANDS, ROUTING_COMMANDS
 from shared.runtime.decoding import BatchReader, documented_payloads
 from shared.runtime.kafka import batch_subscriber_options, records_of
+from shared.runtime.outbox import Outbox
 from shared.runtime.service import Service, assemble, build_runtime
 from shared.settings import ServiceSettings
+from shared.teams import DirectoryWatcher
+
+from services.timeout_sweeper.handlers import DeadlineTracker
+from services.timeout_sweeper.store import DeadlineStore
+from services.timeout_sweeper.sweep import Sweeper
+
+Clock = Callable[[], datetime]
 
 
 class TimeoutSweeperSettings(ServiceSettings):
     service_name: str = "timeout-sweeper"
     http_port: int = 8084
+    teams_config: Path = Path("deploy/teams.yaml")
+    teams_reload_interval_s: float = Field(default=5.0, gt=0)
+    sweep_interval_s: float = Field(default=1.0, gt=0, description="Pause between sweeps when nothing is due")
+    sweep_batch_size: int = Field(default=200, ge=1, le=10_000, description="Deadlines claimed per sweep")
+    claim_lease_s: float = Field(default=30.0, gt=0, description="After this, a claim whose sweeper died is taken over")
+
+
+def wall_clock() -> datetime:
+    return datetime.now(UTC)
 
 
 def create_service(
-    settings: TimeoutSweeperSettings | None = None, *, span_processors: Sequence[SpanProcessor] = ()
+    settings: TimeoutSweeperSettings | None = None,
+    *,
+    span_processors: Sequence[SpanProcessor] = (),
+    clock: Clock = wall_clock,
 ) -> Service:
     settings = settings or TimeoutSweeperSettings()
     runtime = build_runtime(settings, span_processors=span_processors, description="Lifecycle deadlines")
-    reader = BatchReader((CONVERSATION_EVENTS,), runtime.dead_letters, settings.kafka_topic_prefix)
+    directory = DirectoryWatcher(settings.teams_config)
+    store = DeadlineStore(runtime.db)
+    outbox = Outbox(runtime.broker, "/hometeam/timeout-sweeper", settings.kafka_topic_prefix)
+    tracker = DeadlineTracker(
+        BatchReader((CONVERSATION_EVENTS,), runtime.dead_letters, settings.kafka_topic_prefix), store, directory, clock
+    )
+    sweeper = Sweeper(
+        store,
+        outbox,
+        directory,
+        clock,
+        owner=runtime.settings.service_instance,
+        registry=runtime.registry,
+        batch_size=settings.sweep_batch_size,
+        lease=timedelta(seconds=settings.claim_lease_s),
+    )
+    runtime.on_startup.append(store.ensure_indexes)
+    runtime.background.append(lambda: directory.watch(settings.teams_reload_interval_s))
+    runtime.background.append(lambda: sweeper.run(settings.sweep_interval_s))
+    broker = runtime.broker
 
-    @runtime.broker.subscriber(
+    for topic in (LIFECYCLE_COMMANDS, ROUTING_COMMANDS):
+        broker.publisher(
+            settings.topic(topic.name),
+            title=f"{topic.name}:publish",
+            description=topic.description,
+            schema=documented_payloads(topic),
+        )
+
+    @broker.subscriber(
         settings.topic(CONVERSATION_EVENTS.name),
         **batch_subscriber_options(settings),
         title="timeout-sweeper:consume:conversations.events",
         description=CONVERSATION_EVENTS.description,
     )
     async def on_conversation_events(batch: documented_payloads(CONVERSATION_EVENTS), message: KafkaMessage) -> None:  # type: ignore[valid-type]
-        # Deadlines are tracked from these events (issue 4); today the consumer validates and
-        # dead-letters what it cannot read.
-        await reader.read(records_of(message))
-        await reader.flush()
+        await tracker.handle(records_of(message))
 
-    return assemble(runtime, title="hometeam timeout-sweeper", description="Lifecycle deadlines and timers.")
+    service = assemble(runtime, title="hometeam timeout-sweeper", description="Lifecycle deadlines and timers.")
+    service.extras["sweeper"] = sweeper
+    return service
 
 
 def asyncapi_app():  # type: ignore[no-untyped-def]

@@ -103,6 +103,7 @@ class Service:
     runtime: Runtime
     http: Starlette
     app: FastStream
+    extras: dict[str, Any] = field(default_factory=dict)  # service parts tests reach into
 
     @property
     def broker(self) -> KafkaBroker:
