@@ -25,11 +25,15 @@ if ! command -v docker-compose >/dev/null 2>&1; then
     if [[ $(id -u) -ne 0 ]]; then
         die "missing tool: docker-compose (run as root, or: sudo apt-get install -y docker-compose)"
     fi
-    say "installing docker-compose with apt-get"
+    say "installing docker-compose with apt-get (first time only)"
+    apt_log=$(mktemp)
+    trap 'rm -f "$apt_log"' EXIT
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq >&2 || die "apt-get update failed; cannot install docker-compose"
-    apt-get install -y -qq --no-install-recommends docker-compose >&2 \
-        || die "missing tool: docker-compose (apt-get install docker-compose failed)"
+    if ! apt-get update -qq >"$apt_log" 2>&1 \
+        || ! apt-get install -y -qq --no-install-recommends docker-compose >>"$apt_log" 2>&1; then
+        tail -n 20 "$apt_log" >&2
+        die "missing tool: docker-compose (apt-get install docker-compose failed)"
+    fi
     command -v docker-compose >/dev/null 2>&1 || die "missing tool: docker-compose (not on PATH after install)"
 fi
 COMPOSE_PATH=$(command -v docker-compose)

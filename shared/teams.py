@@ -107,6 +107,7 @@ class Team(_Strict):
     closures: list[Closure] = []
     response_target_seconds: int = Field(default=300, ge=10)
     surge: Surge = Surge()
+    cost_per_agent_hour: float | None = Field(default=None, ge=0, description="Loaded cost of a staffed agent-hour")
     agents: list[Agent] = Field(min_length=1)
 
     @field_validator("timezone")
@@ -145,6 +146,7 @@ class Team(_Strict):
 class StandardPool(_Strict):
     agents: list[Agent] = Field(min_length=1)
     response_target_seconds: int = Field(default=300, ge=10)
+    cost_per_agent_hour: float | None = Field(default=None, ge=0)
 
 
 class Capacity(_Strict):

@@ -1,48 +1,124 @@
-"""metrics: reads conversation lifecycle and routing decisions and exports the messaging KPIs."""
+"""metrics: the messaging KPIs per team and agent, on /metrics (Prometheus) and /kpis (JSON)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
 
 from faststream.kafka import KafkaMessage
 from opentelemetry.sdk.trace import SpanProcessor
-from prometheus_client import Counter
+from pydantic import Field
 
-from shared.contracts.registry import CONVERSATION_EVENTS
+from shared.contracts.registry import AGENT_PRESENCE, CONVERSATION_EVENTS, POOL_STATUS, SURVEY_RESPONSES
 from shared.runtime.decoding import BatchReader, documented_payloads
-from shared.runtime.kafka import batch_subscriber_options, records_of
+from shared.runtime.kafka import batch_subscriber_options, kafka_security, records_of
 from shared.runtime.service import Service, assemble, build_runtime
 from shared.settings import ServiceSettings
+from shared.teams import DirectoryWatcher
+
+from services.metrics.api import kpi_routes
+from services.metrics.handlers import EventsConsumer, PoolStatusConsumer, PresenceConsumer, credit_staffed_time
+from services.metrics.lag import export_lag
+from services.metrics.prom import KpiMetrics
+from services.metrics.store import KpiStore
+
+Clock = Callable[[], datetime]
+CUSTOMER_INPUTS = (CONVERSATION_EVENTS, SURVEY_RESPONSES)
 
 
 class MetricsSettings(ServiceSettings):
     service_name: str = "metrics"
     http_port: int = 8085
+    teams_config: Path = Path("deploy/teams.yaml")
+    teams_reload_interval_s: float = Field(default=5.0, gt=0)
+    agent_cost_per_hour: float = Field(default=40.0, ge=0, description="Loaded cost of a staffed agent-hour (teams may override)")
+    staffed_time_interval_s: float = Field(default=15.0, ge=0, description="How often online agents' time is counted; 0: only at sign-out")
+    consumer_lag_interval_s: float = Field(default=15.0, ge=0, description="How often consumer lag is read; 0: never")
 
 
-def create_service(settings: MetricsSettings | None = None, *, span_processors: Sequence[SpanProcessor] = ()) -> Service:
+def wall_clock() -> datetime:
+    return datetime.now(UTC)
+
+
+def create_service(
+    settings: MetricsSettings | None = None, *, span_processors: Sequence[SpanProcessor] = (), clock: Clock = wall_clock
+) -> Service:
     settings = settings or MetricsSettings()
     runtime = build_runtime(settings, span_processors=span_processors, description="Messaging KPIs")
-    reader = BatchReader((CONVERSATION_EVENTS,), runtime.dead_letters, settings.kafka_topic_prefix)
-    events = Counter(
-        "hometeam_conversation_events_total",
-        "Conversation lifecycle events seen, by type.",
-        ["type"],
-        registry=runtime.registry,
-    )
+    directory = DirectoryWatcher(settings.teams_config)
+    store = KpiStore(runtime.db)
+    metrics = KpiMetrics(runtime.registry)
+    for team in directory.current.teams:
+        metrics.cost_per_hour.labels(team.id).set(team.cost_per_agent_hour if team.cost_per_agent_hour is not None else settings.agent_cost_per_hour)
+    standard_cost = directory.current.standard_pool.cost_per_agent_hour
+    metrics.cost_per_hour.labels("standard").set(standard_cost if standard_cost is not None else settings.agent_cost_per_hour)
+    credited: dict[str, datetime] = {}
+    prefix = settings.kafka_topic_prefix
+    events = EventsConsumer(BatchReader(CUSTOMER_INPUTS, runtime.dead_letters, prefix), store, metrics)
+    presence = PresenceConsumer(BatchReader((AGENT_PRESENCE,), runtime.dead_letters, prefix), store, metrics, directory, credited)
+    pools = PoolStatusConsumer(BatchReader((POOL_STATUS,), runtime.dead_letters, prefix), store, metrics, clock)
+    runtime.on_startup.append(store.ensure_indexes)
+    runtime.background.append(lambda: directory.watch(settings.teams_reload_interval_s))
 
-    @runtime.broker.subscriber(
-        settings.topic(CONVERSATION_EVENTS.name),
+    if settings.staffed_time_interval_s > 0:
+
+        async def tick_staffed_time() -> None:
+            while True:
+                await credit_staffed_time(store, metrics, credited, clock())
+                await asyncio.sleep(settings.staffed_time_interval_s)
+
+        runtime.background.append(tick_staffed_time)
+    if settings.consumer_lag_interval_s > 0:
+        security = kafka_security(settings)
+        options = {"security_protocol": settings.kafka_security_protocol}
+        if security is not None and getattr(security, "ssl_context", None) is not None:
+            options["ssl_context"] = security.ssl_context
+        if settings.kafka_sasl_username:
+            options.update(
+                sasl_mechanism=settings.kafka_sasl_mechanism,
+                sasl_plain_username=settings.kafka_sasl_username,
+                sasl_plain_password=settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else None,
+            )
+        runtime.background.append(
+            lambda: export_lag(settings.kafka_bootstrap_servers, settings.kafka_group_prefix, metrics, settings.consumer_lag_interval_s, options)
+        )
+    broker = runtime.broker
+
+    @broker.subscriber(
+        *(settings.topic(t.name) for t in CUSTOMER_INPUTS),
         **batch_subscriber_options(settings),
-        title="metrics:consume:conversations.events",
-        description=CONVERSATION_EVENTS.description,
+        title="metrics:consume:customer",
+        description="Conversation lifecycle events and survey answers, keyed by customer.",
     )
-    async def on_conversation_events(batch: documented_payloads(CONVERSATION_EVENTS), message: KafkaMessage) -> None:  # type: ignore[valid-type]
-        for item in await reader.read(records_of(message)):
-            events.labels(type(item.payload).__name__).inc()
-        await reader.flush()
+    async def on_customer_records(batch: documented_payloads(*CUSTOMER_INPUTS), message: KafkaMessage) -> None:  # type: ignore[valid-type]
+        await events.handle(records_of(message))
 
-    return assemble(runtime, title="hometeam metrics", description="Messaging KPIs for teams and agents.")
+    @broker.subscriber(
+        settings.topic(AGENT_PRESENCE.name),
+        **batch_subscriber_options(settings, group_suffix=".presence"),
+        title="metrics:consume:agent.presence",
+        description="Agents' presence, for staffed hours.",
+    )
+    async def on_presence(batch: documented_payloads(AGENT_PRESENCE), message: KafkaMessage) -> None:  # type: ignore[valid-type]
+        await presence.handle(records_of(message))
+
+    @broker.subscriber(
+        settings.topic(POOL_STATUS.name),
+        **batch_subscriber_options(settings, group_suffix=".pools"),
+        title="metrics:consume:pools.status",
+        description=POOL_STATUS.description,
+    )
+    async def on_pool_status(batch: documented_payloads(POOL_STATUS), message: KafkaMessage) -> None:  # type: ignore[valid-type]
+        await pools.handle(records_of(message))
+
+    return assemble(
+        runtime,
+        title="hometeam metrics",
+        description="Messaging KPIs for teams and agents.",
+        routes=kpi_routes(store, directory, clock, settings.agent_cost_per_hour),
+    )
 
 
 def asyncapi_app():  # type: ignore[no-untyped-def]

@@ -101,8 +101,9 @@ async def test_every_service_is_ready_against_the_real_servers(infra, topic_pref
 
 async def test_readyz_reports_an_unreachable_store(infra, topic_prefix):
     unreachable = type(infra)(infra.kafka, "mongodb://127.0.0.1:9/?directConnection=true", "nowhere")
-    settings = service_settings(MetricsSettings, unreachable, topic_prefix, "unreachable", mongodb_timeout_ms=300)
-    async with running(metrics(settings)) as http:
+    # ingest needs nothing from the store at start-up, so it starts and reports the store down.
+    settings = service_settings(IngestSettings, unreachable, topic_prefix, "unreachable", mongodb_timeout_ms=300)
+    async with running(ingest(settings)) as http:
         ready = await http.get("/readyz")
     assert ready.status_code == 503
     assert ready.json()["checks"]["kafka"] == "ok"

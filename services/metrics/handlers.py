@@ -1,0 +1,167 @@
+"""The metrics service's consumers: lifecycle events and survey answers (keyed by customer),
+agent presence (staffed time) and pool status (queues and staffing)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any
+
+from aiokafka import ConsumerRecord
+
+from shared.contracts.agents import AgentPresenceChanged, Presence
+from shared.contracts.pools import PoolStatusChanged
+from shared.runtime.decoding import BatchReader
+from shared.teams import DirectoryWatcher
+
+from services.metrics.kpis import Fact, facts_for, hour_of
+from services.metrics.prom import KpiMetrics
+from services.metrics.store import KpiStore, bucket_id
+
+Clock = Callable[[], datetime]
+
+
+class EventsConsumer:
+    """Turns conversation events and survey answers into hourly KPI buckets."""
+
+    def __init__(self, reader: BatchReader, store: KpiStore, metrics: KpiMetrics) -> None:
+        self.reader = reader
+        self.store = store
+        self.metrics = metrics
+
+    async def handle(self, records: Sequence[ConsumerRecord]) -> None:
+        incoming = await self.reader.read(records)
+        states = await self.store.load_customers(i.payload.customer_id for i in incoming)
+        pending: list[tuple[str, int, Fact]] = []  # (writer, offset, fact)
+        for item in incoming:
+            state = states[item.payload.customer_id]
+            writer = f"{_topic_tag(item.record.topic)}/{item.record.partition}"
+            if state.applied.get(writer, -1) >= item.offset:
+                continue
+            for fact in facts_for(item.payload, state):
+                pending.append((writer, item.offset, fact))
+            state.applied[writer] = item.offset
+
+        ids = {bucket_id(hour_of(f.at), f.team, f.agent, w) for w, _, f in pending}
+        docs = await self.store.load_buckets(ids)
+        counted: list[Fact] = []
+        for writer, offset, fact in pending:
+            doc_id = bucket_id(hour_of(fact.at), fact.team, fact.agent, writer)
+            doc = docs.setdefault(
+                doc_id,
+                {"_id": doc_id, "hour": hour_of(fact.at), "team": fact.team, "agent": fact.agent, "writer": writer, "counters": {}, "applied_offset": -1, "last_offset": -1},
+            )
+            # A record counted into this bucket before a crash is not counted again.
+            if offset <= doc["applied_offset"]:
+                continue
+            doc["counters"][fact.counter] = doc["counters"].get(fact.counter, 0) + fact.amount
+            doc["last_offset"] = max(doc["last_offset"], offset)
+            counted.append(fact)
+        for doc in docs.values():
+            doc["applied_offset"] = max(doc["applied_offset"], doc.pop("last_offset", -1))
+            doc["last_offset"] = -1
+        await self.reader.flush()
+        await self.store.save_buckets(docs.values())
+        await self.store.save_customers(states)
+        for fact in counted:
+            observe(self.metrics, fact)
+
+
+def _topic_tag(topic: str) -> str:
+    # Writers must be stable names without dots (they are part of document ids and labels).
+    return topic.replace(".", "_")
+
+
+def observe(metrics: KpiMetrics, fact: Fact) -> None:
+    """Reflect one counted fact in the Prometheus metrics."""
+    labels = dict(fact.labels)
+    c = fact.counter
+    if c == "closed":
+        metrics.closed.labels(fact.team, fact.agent, labels["status"]).inc()
+    elif c == "messages":
+        metrics.messages.labels(fact.team, labels["direction"], labels["channel"]).inc()
+    elif c == "turns":
+        metrics.turns.labels(fact.team).inc()
+    elif c == "repeats":
+        metrics.repeats.labels(fact.team).inc()
+    elif c == "routed":
+        metrics.routed.labels(labels["pool"], fact.team, labels["reason"]).inc()
+    elif c.startswith("overflow_"):
+        metrics.overflow.labels(fact.team, labels["reason"]).inc()
+    elif c == "response_target_missed":
+        metrics.response_target_missed.labels(fact.team).inc()
+    elif c == "csat_count":
+        metrics.csat.labels(fact.team, labels["score"]).inc()
+    elif c == "first_response_seconds":
+        metrics.first_response.labels(fact.team).observe(fact.amount)
+    elif c == "resolution_seconds":
+        metrics.resolution.labels(fact.team).observe(fact.amount)
+
+
+class PresenceConsumer:
+    """Agents' staffed time: online (or away) until offline, as intervals in the store and
+    seconds on the Prometheus counter."""
+
+    def __init__(self, reader: BatchReader, store: KpiStore, metrics: KpiMetrics, directory: DirectoryWatcher, credited: dict[str, datetime]) -> None:
+        self.reader = reader
+        self.store = store
+        self.metrics = metrics
+        self.directory = directory
+        self.credited = credited  # agent -> time up to which staffed seconds were counted
+
+    async def handle(self, records: Sequence[ConsumerRecord]) -> None:
+        for item in await self.reader.read(records):
+            change: AgentPresenceChanged = item.payload
+            team = self.directory.current.pool_of_agent(change.agent_id) or "unknown"
+            interval = await self.store.open_interval(change.agent_id)
+            if change.presence is Presence.OFFLINE:
+                if interval is not None and change.changed_at >= interval["start"]:
+                    await self.store.end_interval(interval["_id"], change.changed_at)
+                    since = self.credited.pop(change.agent_id, interval["start"])
+                    self.metrics.staffed.labels(interval["team"], change.agent_id).inc(max(0.0, (change.changed_at - since).total_seconds()))
+            elif interval is None:
+                await self.store.start_interval(change.agent_id, team, change.changed_at)
+                self.credited[change.agent_id] = change.changed_at
+        await self.reader.flush()
+
+
+async def credit_staffed_time(store: KpiStore, metrics: KpiMetrics, credited: dict[str, datetime], now: datetime) -> None:
+    """Count the staffed seconds of agents still online up to ``now`` (so the counter moves
+    while they work, not only when they sign out)."""
+    for interval in await store.open_intervals():
+        agent = interval["agent"]
+        since = credited.get(agent, max(interval["start"], now))
+        if now > since:
+            metrics.staffed.labels(interval["team"], agent).inc((now - since).total_seconds())
+            credited[agent] = now
+        else:
+            credited.setdefault(agent, since)
+
+
+class PoolStatusConsumer:
+    def __init__(self, reader: BatchReader, store: KpiStore, metrics: KpiMetrics, clock: Clock) -> None:
+        self.reader = reader
+        self.store = store
+        self.metrics = metrics
+        self.clock = clock
+
+    async def handle(self, records: Sequence[ConsumerRecord]) -> None:
+        latest: dict[str, PoolStatusChanged] = {}
+        for item in await self.reader.read(records):
+            latest[item.payload.pool_id] = item.payload
+        for pool_id, status in latest.items():
+            doc: dict[str, Any] = {"_id": pool_id, **status.model_dump(mode="python")}
+            await self.store.save_pool(doc)
+            set_pool_gauges(self.metrics, status, self.clock())
+        await self.reader.flush()
+
+
+def set_pool_gauges(metrics: KpiMetrics, status: PoolStatusChanged, now: datetime) -> None:
+    pool = status.pool_id
+    metrics.queue_depth.labels(pool).set(status.queue_depth)
+    oldest = (now - status.oldest_waiting_since).total_seconds() if status.oldest_waiting_since else 0.0
+    metrics.oldest_wait.labels(pool).set(max(0.0, oldest))
+    metrics.agents_online.labels(pool).set(status.agents_online)
+    metrics.capacity_online.labels(pool).set(status.capacity_online)
+    metrics.load.labels(pool).set(status.load)
+    metrics.surging.labels(pool).set(1 if status.surging else 0)

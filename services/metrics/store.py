@@ -1,0 +1,107 @@
+"""The metrics service's documents; each has a single writer, so plain replaces are safe:
+
+- ``kpi_buckets``: hourly counters per (team, agent, source partition), with the offset of the
+  last record counted in each (a replay after a crash never counts twice);
+- ``kpi_customers``: per-customer tracking needed to derive facts (turns, first response,
+  repeat contacts), with applied offsets;
+- ``kpi_presence``: agents' staffed intervals (online until offline);
+- ``kpi_pools``: each pool's latest queue and staffing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict
+from datetime import datetime
+from typing import Any
+
+from pymongo import ASCENDING, ReplaceOne
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
+
+from services.metrics.kpis import CustomerKpiState, TrackedConversation
+
+
+def bucket_id(hour: datetime, team: str, agent: str, writer: str) -> str:
+    return f"{hour.strftime('%Y-%m-%dT%H')}|{team}|{agent}|{writer}"
+
+
+class KpiStore:
+    def __init__(self, db: AsyncDatabase) -> None:
+        self.buckets = db["kpi_buckets"]
+        self.customers = db["kpi_customers"]
+        self.presence = db["kpi_presence"]
+        self.pools = db["kpi_pools"]
+
+    async def ensure_indexes(self) -> None:
+        await self.buckets.create_index([("hour", ASCENDING), ("team", ASCENDING)])
+        await self.presence.create_index([("agent", ASCENDING), ("end", ASCENDING)])
+
+    # customers ---------------------------------------------------------------------------
+    async def load_customers(self, ids: Iterable[str]) -> dict[str, CustomerKpiState]:
+        wanted = list(set(ids))
+        states = {i: CustomerKpiState() for i in wanted}
+        async for doc in self.customers.find({"_id": {"$in": wanted}}):
+            states[doc["_id"]] = CustomerKpiState(
+                conversations={k: TrackedConversation(**v) for k, v in doc.get("conversations", {}).items()},
+                last_resolved=doc.get("last_resolved"),
+                applied={a["key"]: a["offset"] for a in doc.get("applied", [])},
+            )
+        return states
+
+    async def save_customers(self, states: dict[str, CustomerKpiState]) -> None:
+        ops = [
+            ReplaceOne(
+                {"_id": cid},
+                {
+                    "conversations": {k: asdict(v) for k, v in s.conversations.items()},
+                    "last_resolved": s.last_resolved,
+                    "applied": [{"key": k, "offset": v} for k, v in s.applied.items()],
+                },
+                upsert=True,
+            )
+            for cid, s in states.items()
+        ]
+        if ops:
+            await self.customers.bulk_write(ops, ordered=False)
+
+    # buckets -----------------------------------------------------------------------------
+    async def load_buckets(self, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        return {d["_id"]: d async for d in self.buckets.find({"_id": {"$in": list(set(ids))}})}
+
+    async def save_buckets(self, docs: Iterable[dict[str, Any]]) -> None:
+        ops = [ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in docs]
+        if ops:
+            await self.buckets.bulk_write(ops, ordered=False)
+
+    async def buckets_between(self, start: datetime, end: datetime, team: str | None) -> list[dict[str, Any]]:
+        query: dict[str, Any] = {"hour": {"$gte": start, "$lt": end}}
+        if team:
+            query["team"] = team
+        return [d async for d in self.buckets.find(query)]
+
+    # presence ----------------------------------------------------------------------------
+    async def open_interval(self, agent: str) -> dict[str, Any] | None:
+        return await self.presence.find_one({"agent": agent, "end": None})
+
+    async def start_interval(self, agent: str, team: str, start: datetime) -> None:
+        try:
+            await self.presence.insert_one({"_id": f"{agent}@{start.isoformat()}", "agent": agent, "team": team, "start": start, "end": None})
+        except DuplicateKeyError:
+            pass  # a replay
+
+    async def end_interval(self, interval_id: str, end: datetime) -> None:
+        await self.presence.update_one({"_id": interval_id}, {"$set": {"end": end}})
+
+    async def intervals_overlapping(self, start: datetime, end: datetime) -> list[dict[str, Any]]:
+        return [d async for d in self.presence.find({"start": {"$lt": end}, "$or": [{"end": None}, {"end": {"$gt": start}}]})]
+
+    async def open_intervals(self) -> list[dict[str, Any]]:
+        return [d async for d in self.presence.find({"end": None})]
+
+    # pools -------------------------------------------------------------------------------
+    async def save_pool(self, doc: dict[str, Any]) -> None:
+        await self.pools.replace_one({"_id": doc["_id"]}, doc, upsert=True)
+
+    async def all_pools(self) -> list[dict[str, Any]]:
+        return [d async for d in self.pools.find({})]
