@@ -21,7 +21,10 @@ from shared.contracts.registry import (
     ROUTING_COMMANDS,
     ROUTING_DECISIONS,
 )
+from prometheus_client import Histogram
+
 from shared.runtime.decoding import BatchReader, documented_payloads
+from shared.runtime.http import LATENCY_BUCKETS
 from shared.runtime.kafka import batch_subscriber_options, records_of
 from shared.runtime.outbox import Outbox
 from shared.runtime.service import Service, assemble, build_runtime
@@ -73,6 +76,12 @@ def create_service(
         reader=BatchReader(INPUTS, runtime.dead_letters, settings.kafka_topic_prefix),
         store=store,
         outbox=Outbox(runtime.broker, "/hometeam/conversation-state", settings.kafka_topic_prefix),
+        latency=Histogram(
+            "hometeam_message_stored_latency_seconds",
+            "From a customer message's publish on channel.inbound.v1 to its stored conversation update.",
+            buckets=LATENCY_BUCKETS,
+            registry=runtime.registry,
+        ),
         rules=Rules(
             directory=directory,
             reopen_window=timedelta(minutes=settings.reopen_window_minutes),

@@ -9,12 +9,15 @@ sequence numbers), never lose them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from aiokafka import ConsumerRecord
+from prometheus_client import Histogram
 
 from shared.contracts.agents import ReplyToCustomer, ResolveConversation, TransferConversation
+from shared.contracts.common import Direction
 from shared.contracts.customers import OptInToHomeTeam, OptOutOfHomeTeam, ReassignHomeTeam, ScheduleCallback
 from shared.contracts.lifecycle import CloseInactiveConversation, StartCallback
 from shared.contracts.messages import CustomerMessageReceived
@@ -30,11 +33,21 @@ from services.conversation_state.store import ConversationStore
 
 
 class ConversationConsumer:
-    def __init__(self, reader: BatchReader, store: ConversationStore, outbox: Outbox, rules: Rules) -> None:
+    def __init__(
+        self,
+        reader: BatchReader,
+        store: ConversationStore,
+        outbox: Outbox,
+        rules: Rules,
+        latency: Histogram | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
         self.reader = reader
         self.store = store
         self.outbox = outbox
         self.rules = rules
+        self.latency = latency
+        self.clock = clock
 
     async def handle(self, records: Sequence[ConsumerRecord]) -> None:
         incoming = await self.reader.read(records)
@@ -65,6 +78,12 @@ class ConversationConsumer:
         await self.outbox.flush()
         await self.reader.flush()
         await self.store.save(loaded.values(), lines)
+        if self.latency is not None:
+            # From the channel's publish (the inbound envelope's time) to the stored update.
+            now = self.clock()
+            for line in lines:
+                if line.direction is Direction.INBOUND:
+                    self.latency.observe(max(0.0, (now - line.at).total_seconds()))
 
     def _apply(self, records: CustomerRecords, payload: Any, fx: Effects) -> None:
         if isinstance(payload, CustomerMessageReceived):

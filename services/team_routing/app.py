@@ -11,7 +11,10 @@ from opentelemetry.sdk.trace import SpanProcessor
 from pydantic import Field
 
 from shared.contracts.registry import AGENT_PRESENCE, POOL_STATUS, ROUTING_COMMANDS, ROUTING_DECISIONS
+from prometheus_client import Histogram
+
 from shared.runtime.decoding import BatchReader, documented_payloads
+from shared.runtime.http import LATENCY_BUCKETS
 from shared.runtime.kafka import batch_subscriber_options, records_of
 from shared.runtime.outbox import Outbox
 from shared.runtime.service import Service, assemble, build_runtime
@@ -39,6 +42,12 @@ def create_service(settings: TeamRoutingSettings | None = None, *, span_processo
         PoolStore(runtime.db),
         outbox,
         directory,
+        latency=Histogram(
+            "hometeam_routing_decision_latency_seconds",
+            "From a customer message's publish on channel.inbound.v1 to its routing decision (new conversations).",
+            buckets=LATENCY_BUCKETS,
+            registry=runtime.registry,
+        ),
     )
     presence = PresenceForwarder(
         BatchReader((AGENT_PRESENCE,), runtime.dead_letters, settings.kafka_topic_prefix), outbox, directory

@@ -8,15 +8,16 @@ decisions and hand-offs → save the pools with their applied offsets → commit
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from datetime import datetime
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 
 from aiokafka import ConsumerRecord
+from prometheus_client import Histogram
 
 from shared.contracts.agents import AgentPresenceChanged
 from shared.contracts.envelope import derived_id
 from shared.contracts.registry import POOL_STATUS, ROUTING_COMMANDS, ROUTING_DECISIONS
-from shared.contracts.routing import SetAgentPresence
+from shared.contracts.routing import RouteConversation, SetAgentPresence
 from shared.runtime.dead_letter import PoisonMessage
 from shared.runtime.decoding import BatchReader
 from shared.runtime.outbox import Outbox
@@ -27,11 +28,21 @@ from services.team_routing.store import PoolStore
 
 
 class PoolConsumer:
-    def __init__(self, reader: BatchReader, store: PoolStore, outbox: Outbox, directory: DirectoryWatcher) -> None:
+    def __init__(
+        self,
+        reader: BatchReader,
+        store: PoolStore,
+        outbox: Outbox,
+        directory: DirectoryWatcher,
+        latency: Histogram | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
         self.reader = reader
         self.store = store
         self.outbox = outbox
         self.directory = directory
+        self.latency = latency
+        self.clock = clock
 
     async def handle(self, records: Sequence[ConsumerRecord]) -> None:
         incoming = await self.reader.read(records)
@@ -70,6 +81,13 @@ class PoolConsumer:
         await self.outbox.flush()
         await self.reader.flush()
         await self.store.save(states.values())
+        if self.latency is not None:
+            # From the customer's message (its publish time, carried as requested_at) to the
+            # decision being out and the pool state stored.
+            now = self.clock()
+            for item in incoming:
+                if isinstance(item.payload, RouteConversation) and item.payload.forced_pool is None:
+                    self.latency.observe(max(0.0, (now - item.payload.requested_at).total_seconds()))
 
 
 class PresenceForwarder:

@@ -50,3 +50,10 @@ def health_routes(
 def problem(status: int, reason: str, **extra: object) -> JSONResponse:
     """A 4xx/5xx answer with a machine-readable reason."""
     return JSONResponse({"error": reason, **extra}, status_code=status)
+
+
+# Fine buckets for end-to-end latencies of the message path (seconds).
+LATENCY_BUCKETS = (
+    0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1,
+    0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0,
+)
