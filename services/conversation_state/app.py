@@ -76,6 +76,7 @@ def create_service(
         reader=BatchReader(INPUTS, runtime.dead_letters, settings.kafka_topic_prefix),
         store=store,
         outbox=Outbox(runtime.broker, "/hometeam/conversation-state", settings.kafka_topic_prefix),
+        tracing=runtime.tracing,
         latency=Histogram(
             "hometeam_message_stored_latency_seconds",
             "From a customer message's publish on channel.inbound.v1 to its stored conversation update.",

@@ -25,6 +25,7 @@ from shared.contracts.registry import CONVERSATION_EVENTS, MESSAGES_OUTBOUND, RO
 from shared.contracts.routing import ConversationRouted, TransferRefused
 from shared.runtime.decoding import BatchReader, Incoming
 from shared.runtime.outbox import Outbox
+from shared.runtime.tracing import RecordTracer
 
 from services.conversation_state import lifecycle
 from services.conversation_state.lifecycle import CustomerRecords, Effects, Rules
@@ -39,6 +40,7 @@ class ConversationConsumer:
         store: ConversationStore,
         outbox: Outbox,
         rules: Rules,
+        tracing: RecordTracer,
         latency: Histogram | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
@@ -46,6 +48,7 @@ class ConversationConsumer:
         self.store = store
         self.outbox = outbox
         self.rules = rules
+        self.tracing = tracing
         self.latency = latency
         self.clock = clock
 
@@ -74,7 +77,8 @@ class ConversationConsumer:
             effects.append((records, fx, item))
 
         for records, fx, item in effects:
-            await self._publish(records, fx, item)
+            with self.tracing.span(item.record, item.envelope.id):
+                await self._publish(records, fx, item)
         await self.outbox.flush()
         await self.reader.flush()
         await self.store.save(loaded.values(), lines)

@@ -52,6 +52,7 @@ def create_service(settings: IngestSettings | None = None, *, span_processors: S
         BatchReader((CHANNEL_INBOUND,), runtime.dead_letters, settings.kafka_topic_prefix),
         IdentityDirectory(runtime.db, settings.identity_cache_size),
         outbox,
+        runtime.tracing,
     )
 
     broker.publisher(
@@ -70,14 +71,19 @@ def create_service(settings: IngestSettings | None = None, *, span_processors: S
     async def publish_inbound(message: ChannelMessagePosted) -> None:
         # The webhook answers after Kafka has the record (acks=all): nothing accepted is lost.
         webhook_outbox = Outbox(broker, "/hometeam/ingest/webhooks", settings.kafka_topic_prefix)
-        await webhook_outbox.send(
-            CHANNEL_INBOUND.name,
-            address_key(message.channel, message.address),
-            message,
-            id=str(uuid.uuid4()),
-            time=datetime.now(UTC),
-        )
-        await webhook_outbox.flush()
+        # The trace of a customer message starts at the webhook.
+        with runtime.tracing.server_span(
+            f"POST /webhooks/{message.channel.value}",
+            {"http.request.method": "POST", "http.route": f"/webhooks/{message.channel.value}", "messaging.system": "kafka"},
+        ):
+            await webhook_outbox.send(
+                CHANNEL_INBOUND.name,
+                address_key(message.channel, message.address),
+                message,
+                id=str(uuid.uuid4()),
+                time=datetime.now(UTC),
+            )
+            await webhook_outbox.flush()
 
     @broker.subscriber(
         settings.topic(CHANNEL_INBOUND.name),

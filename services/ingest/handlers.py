@@ -16,16 +16,18 @@ from shared.contracts.envelope import derived_id
 from shared.contracts.registry import MESSAGES_RECEIVED
 from shared.runtime.decoding import BatchReader
 from shared.runtime.outbox import Outbox
+from shared.runtime.tracing import RecordTracer
 
 from services.ingest.identity import IdentityDirectory
 from services.ingest.normalize import normalize
 
 
 class InboundConsumer:
-    def __init__(self, reader: BatchReader, identities: IdentityDirectory, outbox: Outbox) -> None:
+    def __init__(self, reader: BatchReader, identities: IdentityDirectory, outbox: Outbox, tracing: RecordTracer) -> None:
         self.reader = reader
         self.identities = identities
         self.outbox = outbox
+        self.tracing = tracing
 
     async def handle(self, records: Sequence[ConsumerRecord]) -> None:
         incoming = await self.reader.read(records)
@@ -34,12 +36,13 @@ class InboundConsumer:
             customers = await self.identities.resolve(messages, incoming[-1].envelope.time)
             for item, customer_id in zip(incoming, customers, strict=True):
                 normalized = normalize(item.payload, customer_id, item.envelope.time)
-                await self.outbox.send(
-                    MESSAGES_RECEIVED.name,
-                    customer_id,
-                    normalized,
-                    id=derived_id(item.envelope.id, "received"),
-                    time=item.envelope.time,
-                )
+                with self.tracing.span(item.record, item.envelope.id):
+                    await self.outbox.send(
+                        MESSAGES_RECEIVED.name,
+                        customer_id,
+                        normalized,
+                        id=derived_id(item.envelope.id, "received"),
+                        time=item.envelope.time,
+                    )
         await self.outbox.flush()
         await self.reader.flush()

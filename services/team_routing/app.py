@@ -42,6 +42,7 @@ def create_service(settings: TeamRoutingSettings | None = None, *, span_processo
         PoolStore(runtime.db),
         outbox,
         directory,
+        runtime.tracing,
         latency=Histogram(
             "hometeam_routing_decision_latency_seconds",
             "From a customer message's publish on channel.inbound.v1 to its routing decision (new conversations).",
@@ -50,7 +51,7 @@ def create_service(settings: TeamRoutingSettings | None = None, *, span_processo
         ),
     )
     presence = PresenceForwarder(
-        BatchReader((AGENT_PRESENCE,), runtime.dead_letters, settings.kafka_topic_prefix), outbox, directory
+        BatchReader((AGENT_PRESENCE,), runtime.dead_letters, settings.kafka_topic_prefix), outbox, directory, runtime.tracing
     )
     runtime.background.append(lambda: directory.watch(settings.teams_reload_interval_s))
     broker = runtime.broker

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 from aiokafka import ConsumerRecord
 from prometheus_client import Histogram
@@ -21,6 +22,7 @@ from shared.contracts.routing import RouteConversation, SetAgentPresence
 from shared.runtime.dead_letter import PoisonMessage
 from shared.runtime.decoding import BatchReader
 from shared.runtime.outbox import Outbox
+from shared.runtime.tracing import RecordTracer
 from shared.teams import DirectoryWatcher
 
 from services.team_routing.pool import Decision, Handoff, Output, apply_command, command_time, status_of
@@ -34,6 +36,7 @@ class PoolConsumer:
         store: PoolStore,
         outbox: Outbox,
         directory: DirectoryWatcher,
+        tracing: RecordTracer,
         latency: Histogram | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
@@ -41,6 +44,7 @@ class PoolConsumer:
         self.store = store
         self.outbox = outbox
         self.directory = directory
+        self.tracing = tracing
         self.latency = latency
         self.clock = clock
 
@@ -48,7 +52,7 @@ class PoolConsumer:
         incoming = await self.reader.read(records)
         states = await self.store.load(i.envelope.subject for i in incoming)
         directory = self.directory.current
-        published: list[tuple[str, list[Output]]] = []
+        published: list[tuple[Any, list[Output]]] = []
         touched: dict[str, tuple[str, datetime]] = {}
         for item in incoming:
             state = states[item.envelope.subject]
@@ -61,20 +65,21 @@ class PoolConsumer:
                 await self.reader.reject(item.record, exc)
                 continue
             state.applied[applied_key] = item.offset
-            published.append((item.envelope.id, outputs))
+            published.append((item, outputs))
             touched[state.pool_id] = (item.envelope.id, command_time(item.payload))
 
-        for input_id, outputs in published:
-            for n, output in enumerate(outputs):
-                event_id = derived_id(input_id, "out", str(n))
-                if isinstance(output, Decision):
-                    await self.outbox.send(
-                        ROUTING_DECISIONS.name, output.customer_id, output.payload, id=event_id, time=output.payload.decided_at
-                    )
-                elif isinstance(output, Handoff):
-                    await self.outbox.send(
-                        ROUTING_COMMANDS.name, output.pool_id, output.payload, id=event_id, time=command_time(output.payload)
-                    )
+        for item, outputs in published:
+            with self.tracing.span(item.record, item.envelope.id):
+                for n, output in enumerate(outputs):
+                    event_id = derived_id(item.envelope.id, "out", str(n))
+                    if isinstance(output, Decision):
+                        await self.outbox.send(
+                            ROUTING_DECISIONS.name, output.customer_id, output.payload, id=event_id, time=output.payload.decided_at
+                        )
+                    elif isinstance(output, Handoff):
+                        await self.outbox.send(
+                            ROUTING_COMMANDS.name, output.pool_id, output.payload, id=event_id, time=command_time(output.payload)
+                        )
         for pool_id, (last_input, at) in touched.items():
             status = status_of(states[pool_id], directory, at)
             await self.outbox.send(POOL_STATUS.name, pool_id, status, id=derived_id(last_input, "status"), time=at)
@@ -91,10 +96,11 @@ class PoolConsumer:
 
 
 class PresenceForwarder:
-    def __init__(self, reader: BatchReader, outbox: Outbox, directory: DirectoryWatcher) -> None:
+    def __init__(self, reader: BatchReader, outbox: Outbox, directory: DirectoryWatcher, tracing: RecordTracer) -> None:
         self.reader = reader
         self.outbox = outbox
         self.directory = directory
+        self.tracing = tracing
 
     async def handle(self, records: Sequence[ConsumerRecord]) -> None:
         for item in await self.reader.read(records):
@@ -109,6 +115,7 @@ class PresenceForwarder:
                 presence=change.presence,
                 changed_at=change.changed_at,
             )
-            await self.outbox.send(ROUTING_COMMANDS.name, pool_id, command, id=command.request_id, time=change.changed_at)
+            with self.tracing.span(item.record, item.envelope.id):
+                await self.outbox.send(ROUTING_COMMANDS.name, pool_id, command, id=command.request_id, time=change.changed_at)
         await self.outbox.flush()
         await self.reader.flush()

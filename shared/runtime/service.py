@@ -28,6 +28,7 @@ from shared.runtime.kafka import build_broker
 from shared.runtime.logging import configure_logging, get_logger
 from shared.runtime.store import build_mongo_client, database, ping
 from shared.runtime.telemetry import build_tracer_provider
+from shared.runtime.tracing import RecordTracer
 from shared.settings import ServiceSettings
 
 Hook = Callable[[], Awaitable[None]]
@@ -47,6 +48,7 @@ class Runtime:
     mongo: AsyncMongoClient
     db: AsyncDatabase
     dead_letters: DeadLetters
+    tracing: RecordTracer
     on_startup: list[Hook] = field(default_factory=list)
     on_shutdown: list[Hook] = field(default_factory=list)
     readiness: dict[str, ReadinessCheck] = field(default_factory=dict)
@@ -82,6 +84,7 @@ def build_runtime(
         mongo=client,
         db=db,
         dead_letters=DeadLetters(broker, settings.service_name, registry),
+        tracing=RecordTracer(tracer_provider.get_tracer("hometeam"), settings.service_name),
     )
     runtime.readiness["kafka"] = _kafka_check(broker)
     runtime.readiness["store"] = lambda: ping(db)
