@@ -26,7 +26,6 @@ from prometheus_client import Histogram
 from shared.runtime.decoding import BatchReader, documented_payloads
 from shared.runtime.http import LATENCY_BUCKETS
 from shared.runtime.kafka import batch_subscriber_options, records_of
-from shared.runtime.outbox import Outbox
 from shared.runtime.service import Service, assemble, build_runtime
 from shared.settings import ServiceSettings
 from shared.teams import load_directory
@@ -75,7 +74,7 @@ def create_service(
     consumer = ConversationConsumer(
         reader=BatchReader(INPUTS, runtime.dead_letters, settings.kafka_topic_prefix),
         store=store,
-        outbox=Outbox(runtime.broker, "/hometeam/conversation-state", settings.kafka_topic_prefix),
+        outbox=runtime.outbox("/hometeam/conversation-state"),
         tracing=runtime.tracing,
         latency=Histogram(
             "hometeam_message_stored_latency_seconds",
@@ -111,7 +110,7 @@ def create_service(
         await consumer.handle(records_of(message))
 
     token = settings.read_api_token.get_secret_value() if settings.read_api_token else None
-    commands = Outbox(runtime.broker, "/hometeam/conversation-state/api", settings.kafka_topic_prefix)
+    commands = runtime.outbox("/hometeam/conversation-state/api")
     return assemble(
         runtime,
         title="hometeam conversation-state",

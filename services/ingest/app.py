@@ -14,7 +14,6 @@ from shared.contracts.channel import ChannelMessagePosted
 from shared.contracts.registry import CHANNEL_INBOUND, MESSAGES_RECEIVED
 from shared.runtime.decoding import BatchReader, documented_payloads
 from shared.runtime.kafka import batch_subscriber_options, records_of
-from shared.runtime.outbox import Outbox
 from shared.runtime.service import Service, assemble, build_runtime
 from shared.settings import ServiceSettings
 
@@ -47,7 +46,7 @@ def create_service(settings: IngestSettings | None = None, *, span_processors: S
     settings = settings or IngestSettings()
     runtime = build_runtime(settings, span_processors=span_processors, description="Channel ingest")
     broker = runtime.broker
-    outbox = Outbox(broker, "/hometeam/ingest", settings.kafka_topic_prefix)
+    outbox = runtime.outbox("/hometeam/ingest")
     consumer = InboundConsumer(
         BatchReader((CHANNEL_INBOUND,), runtime.dead_letters, settings.kafka_topic_prefix),
         IdentityDirectory(runtime.db, settings.identity_cache_size),
@@ -70,7 +69,7 @@ def create_service(settings: IngestSettings | None = None, *, span_processors: S
 
     async def publish_inbound(message: ChannelMessagePosted) -> None:
         # The webhook answers after Kafka has the record (acks=all): nothing accepted is lost.
-        webhook_outbox = Outbox(broker, "/hometeam/ingest/webhooks", settings.kafka_topic_prefix)
+        webhook_outbox = runtime.outbox("/hometeam/ingest/webhooks")
         # The trace of a customer message starts at the webhook.
         with runtime.tracing.server_span(
             f"POST /webhooks/{message.channel.value}",

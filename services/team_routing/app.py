@@ -16,7 +16,6 @@ from prometheus_client import Histogram
 from shared.runtime.decoding import BatchReader, documented_payloads
 from shared.runtime.http import LATENCY_BUCKETS
 from shared.runtime.kafka import batch_subscriber_options, records_of
-from shared.runtime.outbox import Outbox
 from shared.runtime.service import Service, assemble, build_runtime
 from shared.settings import ServiceSettings
 from shared.teams import DirectoryWatcher
@@ -36,7 +35,7 @@ def create_service(settings: TeamRoutingSettings | None = None, *, span_processo
     settings = settings or TeamRoutingSettings()
     runtime = build_runtime(settings, span_processors=span_processors, description="Routing to home teams")
     directory = DirectoryWatcher(settings.teams_config)
-    outbox = Outbox(runtime.broker, "/hometeam/team-routing", settings.kafka_topic_prefix)
+    outbox = runtime.outbox("/hometeam/team-routing")
     pools = PoolConsumer(
         BatchReader((ROUTING_COMMANDS,), runtime.dead_letters, settings.kafka_topic_prefix),
         PoolStore(runtime.db),

@@ -15,7 +15,6 @@ from pydantic import Field
 from shared.contracts.registry import CONVERSATION_EVENTS, LIFECYCLE_COMMANDS, ROUTING_COMMANDS
 from shared.runtime.decoding import BatchReader, documented_payloads
 from shared.runtime.kafka import batch_subscriber_options, records_of
-from shared.runtime.outbox import Outbox
 from shared.runtime.service import Service, assemble, build_runtime
 from shared.settings import ServiceSettings
 from shared.teams import DirectoryWatcher
@@ -51,7 +50,7 @@ def create_service(
     runtime = build_runtime(settings, span_processors=span_processors, description="Lifecycle deadlines")
     directory = DirectoryWatcher(settings.teams_config)
     store = DeadlineStore(runtime.db)
-    outbox = Outbox(runtime.broker, "/hometeam/timeout-sweeper", settings.kafka_topic_prefix)
+    outbox = runtime.outbox("/hometeam/timeout-sweeper")
     tracker = DeadlineTracker(
         BatchReader((CONVERSATION_EVENTS,), runtime.dead_letters, settings.kafka_topic_prefix), store, directory, clock
     )

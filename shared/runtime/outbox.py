@@ -1,21 +1,92 @@
-"""Publishing a batch's outputs: envelopes built in one place, sent without waiting on each,
-then awaited together before the batch's offsets are committed."""
+"""Publishing a batch's outputs: envelopes built in one place, sent without waiting on each
+record, then awaited together before the batch's offsets are committed.
+
+Records go straight to an aiokafka producer (acks=all, idempotent, batched with a small
+linger). The W3C trace context of the current span travels in the ``traceparent`` header,
+under a PRODUCER span when the trace is sampled.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from faststream.kafka import KafkaBroker
+from aiokafka import AIOKafkaProducer
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Tracer
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from prometheus_client import CollectorRegistry, Counter
 from pydantic import BaseModel
 
 from shared.contracts.envelope import new_envelope
 
+_PROPAGATOR = TraceContextTextMapPropagator()
+_CLOUDEVENTS = b"application/cloudevents+json"
+
+
+class Publisher:
+    """The service's one producer for outputs and dead letters, with a published-records
+    counter (by topic) and trace propagation. Started and stopped with the service."""
+
+    def __init__(self, make_producer: Callable[[], AIOKafkaProducer], tracer: Tracer, registry: CollectorRegistry) -> None:
+        # aiokafka clients belong to an event loop: the producer is made when the service starts.
+        self._make_producer = make_producer
+        self._producer: AIOKafkaProducer | None = None
+        self.tracer = tracer
+        self.published = Counter(
+            "hometeam_records_published_total", "Records this service published, by topic.", ["topic"], registry=registry
+        )
+
+    async def start(self) -> None:
+        self._producer = self._make_producer()
+        await self._producer.start()
+
+    async def stop(self) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None
+
+    @property
+    def producer(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            raise RuntimeError("the publisher is not started")
+        return self._producer
+
+    async def send(
+        self, topic: str, value: bytes, key: bytes | None, headers: list[tuple[str, bytes]]
+    ) -> asyncio.Future[Any]:
+        """Queue one record; returns the future of its acknowledgement."""
+        current = trace.get_current_span()
+        if current.is_recording():
+            with self.tracer.start_as_current_span(
+                f"send {topic}",
+                kind=SpanKind.PRODUCER,
+                attributes={"messaging.system": "kafka", "messaging.operation.type": "send", "messaging.destination.name": topic},
+            ):
+                headers = _with_trace(headers)
+                future = await self.producer.send(topic, value, key=key, headers=headers)
+        else:
+            future = await self.producer.send(topic, value, key=key, headers=_with_trace(headers))
+        self.published.labels(topic).inc()
+        return future
+
+
+def _with_trace(headers: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    carrier: dict[str, str] = {}
+    _PROPAGATOR.inject(carrier)
+    if not carrier:
+        return headers
+    kept = [(k, v) for k, v in headers if k not in ("traceparent", "tracestate")]
+    return kept + [(k, v.encode()) for k, v in carrier.items()]
+
 
 class Outbox:
-    def __init__(self, broker: KafkaBroker, source: str, topic_prefix: str = "") -> None:
-        self._broker = broker
+    """One batch's outputs (or one webhook's): ``send`` queues, ``flush`` waits for Kafka."""
+
+    def __init__(self, publisher: Publisher, source: str, topic_prefix: str = "") -> None:
+        self._publisher = publisher
         self._source = source
         self._prefix = topic_prefix
         self._pending: list[asyncio.Future[Any]] = []
@@ -30,17 +101,14 @@ class Outbox:
         time: datetime,
         sequence: int | None = None,
     ) -> None:
-        """Queue one record for Kafka (the producer batches); ``flush`` waits for it."""
         envelope = new_envelope(payload, subject=key, source=self._source, time=time, id=id, sequence=sequence)
-        future = await self._broker.publish(
+        future = await self._publisher.send(
+            self._prefix + topic,
             envelope.model_dump_json().encode(),
-            topic=self._prefix + topic,
-            key=key.encode(),
-            headers={"content-type": "application/cloudevents+json", "ce-type": envelope.type},
-            no_confirm=True,
+            key.encode(),
+            [("content-type", _CLOUDEVENTS), ("ce-type", envelope.type.encode())],
         )
-        if future is not None:
-            self._pending.append(future)
+        self._pending.append(future)
 
     async def flush(self) -> None:
         pending, self._pending = self._pending, []

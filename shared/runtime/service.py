@@ -24,7 +24,8 @@ from starlette.routing import BaseRoute
 
 from shared.runtime.dead_letter import DeadLetters
 from shared.runtime.http import ReadinessCheck, health_routes
-from shared.runtime.kafka import build_broker
+from shared.runtime.kafka import build_broker, build_producer
+from shared.runtime.outbox import Outbox, Publisher
 from shared.runtime.logging import configure_logging, get_logger
 from shared.runtime.store import build_mongo_client, database, ping
 from shared.runtime.telemetry import build_tracer_provider
@@ -45,6 +46,7 @@ class Runtime:
     registry: CollectorRegistry
     tracer_provider: TracerProvider
     broker: KafkaBroker
+    publisher: Publisher
     mongo: AsyncMongoClient
     db: AsyncDatabase
     dead_letters: DeadLetters
@@ -56,6 +58,9 @@ class Runtime:
 
     def topic(self, name: str) -> str:
         return self.settings.topic(name)
+
+    def outbox(self, source: str) -> Outbox:
+        return Outbox(self.publisher, source, self.settings.kafka_topic_prefix)
 
 
 def build_runtime(
@@ -76,15 +81,18 @@ def build_runtime(
     )
     client = mongo or build_mongo_client(settings)
     db = database(client, settings)
+    tracer = tracer_provider.get_tracer("hometeam")
+    publisher = Publisher(lambda: build_producer(settings), tracer, registry)
     runtime = Runtime(
         settings=settings,
         registry=registry,
         tracer_provider=tracer_provider,
         broker=broker,
+        publisher=publisher,
         mongo=client,
         db=db,
-        dead_letters=DeadLetters(broker, settings.service_name, registry),
-        tracing=RecordTracer(tracer_provider.get_tracer("hometeam"), settings.service_name),
+        dead_letters=DeadLetters(publisher, settings.service_name, registry),
+        tracing=RecordTracer(tracer, settings.service_name),
     )
     runtime.readiness["kafka"] = _kafka_check(broker)
     runtime.readiness["store"] = lambda: ping(db)
@@ -120,6 +128,7 @@ def assemble(runtime: Runtime, *, title: str, description: str, routes: Sequence
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         for hook in runtime.on_startup:
             await hook()
+        await runtime.publisher.start()
         await runtime.broker.start()
         tasks = [asyncio.create_task(job()) for job in runtime.background]
         log.info("service started", extra={"service_name": runtime.settings.service_name})
@@ -132,6 +141,7 @@ def assemble(runtime: Runtime, *, title: str, description: str, routes: Sequence
             # broker.stop() waits for in-flight handlers (graceful_timeout), so their offsets
             # are committed only after their effects are durable.
             await runtime.broker.stop()
+            await runtime.publisher.stop()
             for hook in runtime.on_shutdown:
                 await hook()
             await runtime.mongo.close()

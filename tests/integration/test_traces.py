@@ -74,7 +74,7 @@ async def test_one_inbound_message_is_one_trace_across_the_services(infra, topic
                 f"process {topic_prefix}messages.received.v1",
                 f"process {topic_prefix}routing.commands.v1",
                 f"process {topic_prefix}routing.decisions.v1",
-                f"{topic_prefix}conversations.events.v1 publish",
+                f"send {topic_prefix}conversations.events.v1",
             }
             return found if wanted <= names else None
 
