@@ -28,7 +28,7 @@ from shared.runtime.http import LATENCY_BUCKETS
 from shared.runtime.kafka import batch_subscriber_options, records_of
 from shared.runtime.service import Service, assemble, build_runtime
 from shared.settings import ServiceSettings
-from shared.teams import load_directory
+from shared.teams import DirectoryWatcher
 
 from services.conversation_state.handlers import ConversationConsumer
 from services.conversation_state.inactivity import InactivityPolicy
@@ -43,6 +43,7 @@ class ConversationStateSettings(ServiceSettings):
     service_name: str = "conversation-state"
     http_port: int = 8083
     teams_config: Path = Path("deploy/teams.yaml")
+    teams_reload_interval_s: float = Field(default=5.0, gt=0)
     reopen_window_minutes: int = Field(default=60, ge=0, description="A resolved conversation reopens within this")
     read_api_token: SecretStr | None = Field(default=None, description="Bearer token the read API requires, if set")
     inactivity_default_s: int = Field(default=24 * 3600, ge=60, description="Timeout until a customer's replies are known")
@@ -69,13 +70,14 @@ def create_service(
 ) -> Service:
     settings = settings or ConversationStateSettings()
     runtime = build_runtime(settings, span_processors=span_processors, description="Conversation state and read API")
-    directory = load_directory(settings.teams_config)
+    directory = DirectoryWatcher(settings.teams_config)
     store = ConversationStore(runtime.db)
     consumer = ConversationConsumer(
         reader=BatchReader(INPUTS, runtime.dead_letters, settings.kafka_topic_prefix),
         store=store,
         outbox=runtime.outbox("/hometeam/conversation-state"),
         tracing=runtime.tracing,
+        directory=directory,
         latency=Histogram(
             "hometeam_message_stored_latency_seconds",
             "From a customer message's publish on channel.inbound.v1 to its stored conversation update.",
@@ -83,13 +85,14 @@ def create_service(
             registry=runtime.registry,
         ),
         rules=Rules(
-            directory=directory,
+            directory=directory.current,
             reopen_window=timedelta(minutes=settings.reopen_window_minutes),
             inactivity=settings.inactivity_policy(),
             callback_priority=settings.callback_priority,
         ),
     )
     runtime.on_startup.append(store.ensure_indexes)
+    runtime.background.append(lambda: directory.watch(settings.teams_reload_interval_s))
     broker = runtime.broker
 
     for topic in (CONVERSATION_EVENTS, ROUTING_COMMANDS, MESSAGES_OUTBOUND):

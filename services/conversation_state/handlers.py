@@ -10,6 +10,7 @@ sequence numbers), never lose them.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,6 +27,7 @@ from shared.contracts.routing import ConversationRouted, TransferRefused
 from shared.runtime.decoding import BatchReader, Incoming
 from shared.runtime.outbox import Outbox
 from shared.runtime.tracing import RecordTracer
+from shared.teams import DirectoryWatcher
 
 from services.conversation_state import lifecycle
 from services.conversation_state.lifecycle import CustomerRecords, Effects, Rules
@@ -41,6 +43,7 @@ class ConversationConsumer:
         outbox: Outbox,
         rules: Rules,
         tracing: RecordTracer,
+        directory: DirectoryWatcher | None = None,
         latency: Histogram | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
@@ -49,10 +52,13 @@ class ConversationConsumer:
         self.outbox = outbox
         self.rules = rules
         self.tracing = tracing
+        self.directory = directory
         self.latency = latency
         self.clock = clock
 
     async def handle(self, records: Sequence[ConsumerRecord]) -> None:
+        if self.directory is not None and self.directory.current is not self.rules.directory:
+            self.rules = replace(self.rules, directory=self.directory.current)  # reloaded
         incoming = await self.reader.read(records)
         customer_ids = [i.payload.customer_id for i in incoming]
         conversation_ids = [i.payload.conversation_id for i in incoming if hasattr(i.payload, "conversation_id")]

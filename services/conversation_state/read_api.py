@@ -22,7 +22,7 @@ from shared.contracts.registry import CUSTOMER_COMMANDS
 from shared.runtime.outbox import Outbox
 from shared.contracts.routing import STANDARD_POOL_ID
 from shared.runtime.http import problem
-from shared.teams import TeamDirectory
+from shared.teams import DirectoryWatcher
 
 from services.conversation_state.store import ConversationStore
 
@@ -63,7 +63,7 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def read_routes(store: ConversationStore, directory: TeamDirectory, token: str | None) -> list[Route]:
+def read_routes(store: ConversationStore, directory: DirectoryWatcher, token: str | None) -> list[Route]:
     def authorized(request: Request) -> bool:
         if not token:
             return True
@@ -138,7 +138,7 @@ def read_routes(store: ConversationStore, directory: TeamDirectory, token: str |
             return paging
         page, size = paging
         team_id = request.path_params["team_id"]
-        if team_id != STANDARD_POOL_ID and directory.team(team_id) is None:
+        if team_id != STANDARD_POOL_ID and directory.current.team(team_id) is None:
             return problem(404, "unknown team", team_id=team_id)
         base = {"team_id": team_id, "status": {"$in": OPEN}}
         waiting_filter = {**base, "agent_id": None}

@@ -340,7 +340,7 @@ def test_next_change_stops_at_the_horizon(
 
 def test_deploy_teams_yaml_validates() -> None:
     directory = load_directory(DEPLOY_TEAMS)
-    assert {t.id for t in directory.teams} == {"pnw-seattle", "midwest-chicago", "northeast-nyc"}
+    assert {"pnw-seattle", "midwest-chicago", "northeast-nyc"} <= {t.id for t in directory.teams}
     assert directory.team(directory.default_team) is not None
     seattle = directory.team("pnw-seattle")
     assert seattle is not None
