@@ -8,6 +8,7 @@ cd "$REPO_ROOT"
 
 bash scripts/bootstrap.sh
 bash scripts/tools.sh
+bash scripts/prometheus_tools.sh >/dev/null
 
 started_stack=0
 if [[ -z "${KAFKA_BOOTSTRAP_SERVERS:-}" || -z "${MONGODB_URL:-}" ]]; then

@@ -119,3 +119,27 @@ class KafkaProbe:
             return found if len(found) >= count else None
 
         return await eventually(probe, timeout_s, f"{count} matching record(s) on {topic}")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@asynccontextmanager
+async def serving(service: Service) -> AsyncIterator[int]:
+    """Serve a service's HTTP app on a real 127.0.0.1 port (for scrapers such as Prometheus)."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(service.http, host="127.0.0.1", port=port, lifespan="on", log_config=None, access_log=False))
+    task = asyncio.create_task(server.serve())
+    try:
+        await eventually(lambda: asyncio.sleep(0, result=server.started), timeout_s=60, what="HTTP server started")
+        yield port
+    finally:
+        server.should_exit = True
+        await task

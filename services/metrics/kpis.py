@@ -145,7 +145,8 @@ def facts_for(event: BaseModel, state: CustomerKpiState) -> list[Fact]:
         if team is None:
             # Not placed yet: remember the line's facts for the team that takes it.
             facts = _message_facts(conv, event, "?", agent)
-            conv.unplaced.extend({"counter": f.counter, "at": f.at, "amount": f.amount, "labels": [list(x) for x in f.labels]} for f in facts)
+            # Labels as a mapping: FerretDB stores no arrays inside arrays.
+            conv.unplaced.extend({"counter": f.counter, "at": f.at, "amount": f.amount, "labels": dict(f.labels)} for f in facts)
             return []
         return _message_facts(conv, event, team, agent)
     return _ended(event, conv, state)
@@ -173,7 +174,7 @@ def _message_facts(conv: TrackedConversation, event: ev.MessageAdded, team: str,
 
 
 def _release_unplaced(conv: TrackedConversation, team: str, agent: str) -> list[Fact]:
-    facts = [Fact(f["counter"], team, agent, f["at"], f["amount"], tuple(tuple(x) for x in f["labels"])) for f in conv.unplaced]
+    facts = [Fact(f["counter"], team, agent, f["at"], f["amount"], tuple(f["labels"].items())) for f in conv.unplaced]
     conv.unplaced = []
     return facts
 

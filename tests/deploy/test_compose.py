@@ -222,38 +222,14 @@ def test_healthchecks_exist(compose: dict[str, Any]) -> None:
 # Prometheus and Grafana configuration, written in a separate change: checked for the right
 # kind (file or folder) once present. Delete this table when they are in the repository, so
 # that the test below requires them like every other mounted path.
-AWAITED_MOUNTS = {
-    "deploy/prometheus/prometheus.yml": "file",
-    "deploy/prometheus/rules": "folder",
-    "deploy/grafana/provisioning": "folder",
-    "deploy/grafana/dashboards": "folder",
-}
-
-
 def test_mounted_host_paths_exist(compose: dict[str, Any]) -> None:
     problems = []
     for name, svc in compose["services"].items():
         for host, _ in _bind_mounts(svc):
             path = Path(host) if Path(host).is_absolute() else REPO / host
-            rel = path.relative_to(REPO).as_posix() if path.is_relative_to(REPO) else str(path)
-            kind = AWAITED_MOUNTS.get(rel)
-            if kind is None and not path.exists():
+            if not path.exists():
                 problems.append(f"{name}: {host} does not exist")
-            elif kind == "file" and path.exists() and not path.is_file():
-                problems.append(f"{name}: {host} must be a file")
-            elif kind == "folder" and path.exists() and not path.is_dir():
-                problems.append(f"{name}: {host} must be a folder")
     assert not problems, "bind mounts:\n" + "\n".join(problems)
-
-
-def test_awaited_mounts_are_the_prometheus_and_grafana_ones(compose: dict[str, Any]) -> None:
-    mounted = {
-        Path(host).relative_to(REPO).as_posix()
-        for name in ("prometheus", "grafana")
-        for host, _ in _bind_mounts(compose["services"][name])
-    }
-    assert set(AWAITED_MOUNTS) <= mounted, f"AWAITED_MOUNTS lists paths compose does not mount: {set(AWAITED_MOUNTS) - mounted}"
-    assert all(p.startswith(("deploy/prometheus/", "deploy/grafana/")) for p in AWAITED_MOUNTS)
 
 
 def test_team_directory_is_mounted_where_the_services_read_it(

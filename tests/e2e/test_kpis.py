@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -205,9 +206,98 @@ async def test_a_scripted_day_gives_exactly_the_expected_kpis_and_they_survive_a
         per_agent = (await http.get("/kpis", params={"from": T.isoformat(), "to": (T + timedelta(hours=4)).isoformat(), "group_by": "agent"})).json()["kpis"]
         assert per_agent["kpi/k-2"]["staffed_hours"] == 2.0 and per_agent["kpi/k-1"]["staffed_hours"] == 4.0
         assert sum(v["closed"] for k, v in per_agent.items() if k.startswith("kpi/")) == 3
+        exposed = (await http.get("/metrics")).text
+        assert 'hometeam_repeat_contacts_total{team="kpi"} 1.0' in exposed, "\n".join(l for l in exposed.splitlines() if "repeat" in l)
 
     # A restart of the metrics service: the JSON API still shows the same numbers.
     async with running(metrics_service(day)) as http:
         body = (await http.get("/kpis", params={"from": T.isoformat(), "to": (T + timedelta(hours=4)).isoformat()})).json()
         assert_ground_truth(body)
         assert (await http.get("/kpis", params={"from": "yesterday"})).status_code == 400
+
+
+PROMQL_EXPECTED = {
+    "team:hometeam_closed_per_staffed_hour:total": 0.5,
+    "team:hometeam_cost_per_resolved_contact:total": 60.0,
+    "team:hometeam_lines_per_turn:total": 9 / 7,
+    "team:hometeam_repeat_contact_rate:total": 1 / 3,
+    "team:hometeam_overflow_rate:total": 0.25,
+    "team:hometeam_csat_average:total": 4.0,
+    "team:hometeam_first_response_seconds_avg:total": 160.0,
+    "team:hometeam_resolution_seconds_avg:total": 900.0,
+}
+
+
+async def test_a_real_prometheus_scraping_the_metrics_service_computes_the_same_kpis(day: Day, tmp_path):
+    """Debian's Prometheus server scrapes the metrics service and evaluates the project's own
+    recording rules; PromQL gives the scenario's ground truth."""
+    import asyncio
+    import shutil
+    import subprocess
+
+    from tests.support import free_port, serving
+
+    prometheus = shutil.which("prometheus")
+    assert prometheus, "prometheus is missing: run scripts/prometheus_tools.sh (make test does)"
+    rules = yaml.safe_load(Path("deploy/prometheus/rules/kpis.yml").read_text())
+    for group in rules["groups"]:
+        group["interval"] = "1s"  # the project's rules, evaluated every second for the test
+    (tmp_path / "kpis.yml").write_text(yaml.safe_dump(rules))
+
+    async with serving(metrics_service(day)) as metrics_port:
+        web = free_port()
+        (tmp_path / "prometheus.yml").write_text(
+            yaml.safe_dump(
+                {
+                    "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                    "rule_files": [str(tmp_path / "kpis.yml")],
+                    "scrape_configs": [{"job_name": "metrics", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}],
+                }
+            )
+        )
+        server = subprocess.Popen(
+            [prometheus, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{web}"],
+            stdout=subprocess.DEVNULL,
+            stderr=(tmp_path / "prometheus.log").open("wb"),
+        )
+        try:
+            await play_the_day(day)
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{web}") as api:
+
+                async def value(query: str, team: str = "kpi") -> float | None:
+                    try:
+                        body = (await api.get("/api/v1/query", params={"query": query})).json()
+                    except httpx.HTTPError:
+                        return None
+                    for series in body.get("data", {}).get("result", []):
+                        if series["metric"].get("team") == team:
+                            return float(series["value"][1])
+                    return None
+
+                async def settled() -> bool:
+                    return (
+                        await value('sum by (team) (hometeam_conversations_closed_total)') == 3
+                        and await value('sum by (team) (hometeam_staffed_agent_seconds_total)') == 6 * 3600
+                        and await value('sum by (team) (hometeam_csat_responses_total)') == 2
+                        and await value("team:hometeam_csat_average:total") is not None
+                    )
+
+                await eventually(settled, timeout_s=90, what="Prometheus to scrape the scenario and evaluate the rules")
+                await asyncio.sleep(2)  # one more evaluation round on the settled counters
+                async with httpx.AsyncClient() as debug:
+                    exposed_now = (await debug.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
+                for query, expected in PROMQL_EXPECTED.items():
+                    assert await value(query) == pytest.approx(expected), query + "\n" + "\n".join(l for l in exposed_now.splitlines() if "repeat" in l)
+                assert await value("team:hometeam_closed_per_staffed_hour:total", team="standard") == pytest.approx(0.25)
+                assert await value('sum by (team) (hometeam_overflow_total{reason="after_hours"})') == 1
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+        # promtool lints what the service exposes.
+        promtool = shutil.which("promtool")
+        assert promtool, "promtool is missing: run scripts/prometheus_tools.sh"
+        async with httpx.AsyncClient() as client:
+            exposed = (await client.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
+        lint = subprocess.run([promtool, "check", "metrics"], input=exposed, capture_output=True, text=True)
+        assert lint.returncode == 0, lint.stdout + lint.stderr

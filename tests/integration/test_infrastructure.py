@@ -4,6 +4,8 @@ store answers through AsyncMongoClient, and every service's /readyz checks both 
 from __future__ import annotations
 
 import asyncio
+import shutil
+import subprocess
 import uuid
 
 import pytest
@@ -97,6 +99,10 @@ async def test_every_service_is_ready_against_the_real_servers(infra, topic_pref
         scraped = await http.get("/metrics")
         assert scraped.status_code == 200
         assert scraped.headers["content-type"].startswith("text/plain")
+        promtool = shutil.which("promtool")
+        assert promtool, "promtool is missing: run scripts/prometheus_tools.sh (make test does)"
+        lint = subprocess.run([promtool, "check", "metrics"], input=scraped.text, capture_output=True, text=True)
+        assert lint.returncode == 0, lint.stdout + lint.stderr
 
 
 async def test_readyz_reports_an_unreachable_store(infra, topic_prefix):
