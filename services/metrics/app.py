@@ -19,7 +19,13 @@ from shared.settings import ServiceSettings
 from shared.teams import DirectoryWatcher
 
 from services.metrics.api import kpi_routes
-from services.metrics.handlers import EventsConsumer, PoolStatusConsumer, PresenceConsumer, credit_staffed_time
+from services.metrics.handlers import (
+    EventsConsumer,
+    PoolStatusConsumer,
+    PresenceConsumer,
+    credit_staffed_time,
+    refresh_oldest_wait,
+)
 from services.metrics.lag import export_lag
 from services.metrics.prom import KpiMetrics
 from services.metrics.store import KpiStore
@@ -34,7 +40,9 @@ class MetricsSettings(ServiceSettings):
     teams_config: Path = Path("deploy/teams.yaml")
     teams_reload_interval_s: float = Field(default=5.0, gt=0)
     agent_cost_per_hour: float = Field(default=40.0, ge=0, description="Loaded cost of a staffed agent-hour (teams may override)")
-    staffed_time_interval_s: float = Field(default=15.0, ge=0, description="How often online agents' time is counted; 0: only at sign-out")
+    staffed_time_interval_s: float = Field(
+        default=15.0, ge=0, description="How often online agents' time and queues' oldest waits are refreshed; 0: only on events"
+    )
     consumer_lag_interval_s: float = Field(default=15.0, ge=0, description="How often consumer lag is read; 0: never")
 
 
@@ -66,7 +74,9 @@ def create_service(
 
         async def tick_staffed_time() -> None:
             while True:
-                await credit_staffed_time(store, metrics, credited, clock())
+                now = clock()
+                await credit_staffed_time(store, metrics, credited, now)
+                await refresh_oldest_wait(store, metrics, now)
                 await asyncio.sleep(settings.staffed_time_interval_s)
 
         runtime.background.append(tick_staffed_time)

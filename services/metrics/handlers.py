@@ -165,3 +165,11 @@ def set_pool_gauges(metrics: KpiMetrics, status: PoolStatusChanged, now: datetim
     metrics.capacity_online.labels(pool).set(status.capacity_online)
     metrics.load.labels(pool).set(status.load)
     metrics.surging.labels(pool).set(1 if status.surging else 0)
+
+
+async def refresh_oldest_wait(store: KpiStore, metrics: KpiMetrics, now: datetime) -> None:
+    """Keep each queue's oldest wait growing between status changes (a stuck queue must
+    still trip the alert)."""
+    for pool in await store.all_pools():
+        since = pool.get("oldest_waiting_since")
+        metrics.oldest_wait.labels(pool["_id"]).set(max(0.0, (now - since).total_seconds()) if since else 0.0)
