@@ -95,13 +95,7 @@ def create_service(
     runtime.background.append(lambda: directory.watch(settings.teams_reload_interval_s))
     broker = runtime.broker
 
-    for topic in (CONVERSATION_EVENTS, ROUTING_COMMANDS, MESSAGES_OUTBOUND):
-        broker.publisher(
-            settings.topic(topic.name),
-            title=f"{topic.name}:publish",
-            description=topic.description,
-            schema=documented_payloads(topic),
-        )
+    runtime.document_publications(CONVERSATION_EVENTS, ROUTING_COMMANDS, MESSAGES_OUTBOUND)
 
     @broker.subscriber(
         *(settings.topic(t.name) for t in INPUTS),

@@ -118,6 +118,23 @@ def _route_request(
     )
 
 
+def _reweigh(conv: Conversation, waiting_on: WaitingOn, now: datetime, fx: Effects) -> None:
+    """Tell the pool holding the conversation who it now waits on (its weight changes)."""
+    if conv.team_id is not None:
+        fx.routing.append(
+            (
+                conv.team_id,
+                ChangeConversationWeight(
+                    request_id=fx.next_id("weight"),
+                    conversation_id=conv.id,
+                    customer_id=conv.customer_id,
+                    waiting_on=waiting_on,
+                    changed_at=now,
+                ),
+            )
+        )
+
+
 def input_id(payload: BaseModel) -> str:
     """The id that makes an input unique: a message, action, command or decision id."""
     for name in ("message_id", "action_id", "command_id", "decision_id"):
@@ -204,19 +221,7 @@ def customer_message(records: CustomerRecords, msg: CustomerMessageReceived, rul
             customer.reply_gaps_s = [*customer.reply_gaps_s, max(gap, 0.0)][-MAX_REPLY_GAPS:]
         conv.waiting_since = now
         _status(conv, ConversationStatus.WAITING_ON_AGENT, now, fx)
-        if conv.team_id is not None:
-            fx.routing.append(
-                (
-                    conv.team_id,
-                    ChangeConversationWeight(
-                        request_id=fx.next_id("weight"),
-                        conversation_id=conv.id,
-                        customer_id=customer.id,
-                        waiting_on=WaitingOn.AGENT,
-                        changed_at=now,
-                    ),
-                )
-            )
+        _reweigh(conv, WaitingOn.AGENT, now, fx)
 
     conv.last_channel = msg.channel
     conv.last_customer_message_at = now
@@ -403,19 +408,8 @@ def agent_reply(records: CustomerRecords, action: ReplyToCustomer, rules: Rules,
         conv.waiting_since = now
         timeout = inactivity_timeout(customer.reply_gaps_s, rules.inactivity)
         _status(conv, ConversationStatus.WAITING_ON_CUSTOMER, now, fx, inactive_after=now + timeout)
-        if was_waiting_on_agent and conv.team_id is not None:
-            fx.routing.append(
-                (
-                    conv.team_id,
-                    ChangeConversationWeight(
-                        request_id=fx.next_id("weight"),
-                        conversation_id=conv.id,
-                        customer_id=customer.id,
-                        waiting_on=WaitingOn.CUSTOMER,
-                        changed_at=now,
-                    ),
-                )
-            )
+        if was_waiting_on_agent:
+            _reweigh(conv, WaitingOn.CUSTOMER, now, fx)
     conv.updated_at = now
 
 

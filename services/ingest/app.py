@@ -54,18 +54,7 @@ def create_service(settings: IngestSettings | None = None, *, span_processors: S
         runtime.tracing,
     )
 
-    broker.publisher(
-        settings.topic(CHANNEL_INBOUND.name),
-        title=f"{CHANNEL_INBOUND.name}:publish",
-        description="Webhook messages, normalized into the channel envelope.",
-        schema=documented_payloads(CHANNEL_INBOUND),
-    )
-    broker.publisher(
-        settings.topic(MESSAGES_RECEIVED.name),
-        title=f"{MESSAGES_RECEIVED.name}:publish",
-        description=MESSAGES_RECEIVED.description,
-        schema=documented_payloads(MESSAGES_RECEIVED),
-    )
+    runtime.document_publications(CHANNEL_INBOUND, MESSAGES_RECEIVED)
 
     async def publish_inbound(message: ChannelMessagePosted) -> None:
         # The webhook answers after Kafka has the record (acks=all): nothing accepted is lost.

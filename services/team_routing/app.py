@@ -55,13 +55,7 @@ def create_service(settings: TeamRoutingSettings | None = None, *, span_processo
     runtime.background.append(lambda: directory.watch(settings.teams_reload_interval_s))
     broker = runtime.broker
 
-    for topic in (ROUTING_DECISIONS, ROUTING_COMMANDS, POOL_STATUS):
-        broker.publisher(
-            settings.topic(topic.name),
-            title=f"{topic.name}:publish",
-            description=topic.description,
-            schema=documented_payloads(topic),
-        )
+    runtime.document_publications(ROUTING_DECISIONS, ROUTING_COMMANDS, POOL_STATUS)
 
     @broker.subscriber(
         settings.topic(ROUTING_COMMANDS.name),

@@ -69,13 +69,7 @@ def create_service(
     runtime.background.append(lambda: sweeper.run(settings.sweep_interval_s))
     broker = runtime.broker
 
-    for topic in (LIFECYCLE_COMMANDS, ROUTING_COMMANDS):
-        broker.publisher(
-            settings.topic(topic.name),
-            title=f"{topic.name}:publish",
-            description=topic.description,
-            schema=documented_payloads(topic),
-        )
+    runtime.document_publications(LIFECYCLE_COMMANDS, ROUTING_COMMANDS)
 
     @broker.subscriber(
         settings.topic(CONVERSATION_EVENTS.name),

@@ -22,7 +22,9 @@ from pymongo.asynchronous.database import AsyncDatabase
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
+from shared.contracts.registry import Topic
 from shared.runtime.dead_letter import DeadLetters
+from shared.runtime.decoding import documented_payloads
 from shared.runtime.http import ReadinessCheck, health_routes
 from shared.runtime.kafka import build_broker, build_producer
 from shared.runtime.outbox import Outbox, Publisher
@@ -61,6 +63,17 @@ class Runtime:
 
     def outbox(self, source: str) -> Outbox:
         return Outbox(self.publisher, source, self.settings.kafka_topic_prefix)
+
+    def document_publications(self, *topics: Topic) -> None:
+        """Declare the topics this service writes, so its AsyncAPI document shows them (the
+        records themselves go out through the outbox)."""
+        for topic in topics:
+            self.broker.publisher(
+                self.topic(topic.name),
+                title=f"{topic.name}:publish",
+                description=topic.description,
+                schema=documented_payloads(topic),
+            )
 
 
 def build_runtime(
