@@ -60,7 +60,7 @@ class PoolConsumer:
             if state.applied.get(applied_key, -1) >= item.offset:
                 continue
             try:
-                outputs = apply_command(state, item.payload, directory, item.envelope.id)
+                outputs = apply_command(state, item.payload, directory, record_key(item))
             except PoisonMessage as exc:
                 await self.reader.reject(item.record, exc)
                 continue
@@ -71,7 +71,7 @@ class PoolConsumer:
         for item, outputs in published:
             with self.tracing.span(item.record, item.envelope.id):
                 for n, output in enumerate(outputs):
-                    event_id = derived_id(item.envelope.id, "out", str(n))
+                    event_id = derived_id(record_key(item), "out", str(n))
                     if isinstance(output, Decision):
                         await self.outbox.send(
                             ROUTING_DECISIONS.name, output.customer_id, output.payload, id=event_id, time=output.payload.decided_at
@@ -93,6 +93,15 @@ class PoolConsumer:
             for item in incoming:
                 if isinstance(item.payload, RouteConversation) and item.payload.forced_pool is None:
                     self.latency.observe(max(0.0, (now - item.payload.requested_at).total_seconds()))
+
+
+def record_key(item: Any) -> str:
+    """What output ids derive from: the record itself (envelope id and position). A replay of
+    the same record decides again with the same ids, which receivers drop; a request sent
+    again as a new record (a producer's retry after a crash) is a new decision with new ids,
+    so it is never mistaken for a repeat of an earlier one."""
+    record = item.record
+    return f"{item.envelope.id}@{record.topic}/{record.partition}/{record.offset}"
 
 
 class PresenceForwarder:

@@ -9,6 +9,7 @@ the handler dead-letters them (see ``shared.runtime.dead_letter``).
 
 from __future__ import annotations
 
+import logging
 import ssl
 from collections.abc import Sequence
 from typing import Any
@@ -108,6 +109,10 @@ def build_broker(
         ),
         graceful_timeout=15.0,
         description=description,
+        # FastStream's own messages go through the service's JSON logging (no extra handler),
+        # and its per-batch "Received"/"Processed" lines only at DEBUG.
+        logger=logging.getLogger("hometeam.faststream"),
+        log_level=logging.DEBUG,
     )
 
 

@@ -25,7 +25,7 @@ _TEXT_FIELDS = re.compile(
 _SENSITIVE_EXTRA = frozenset(
     {"text", "body", "message_text", "address", "phone", "linked_phone", "payload"}
 )
-_STANDARD_ATTRS = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+_STANDARD_ATTRS = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime", "color_message"}
 
 
 def mask_personal_data(text: str) -> str:
