@@ -3,6 +3,12 @@
 # local Kafka + FerretDB stack (or uses KAFKA_BOOTSTRAP_SERVERS / MONGODB_URL if set), starts
 # the five services, waits until each is ready, prints where to look, and on Ctrl-C stops
 # exactly what it started.
+#
+# Then the live demo: the simulator (python -m tools.simulator) plays a day in the background
+# (log in the state dir) while the live view (python -m tools.live) shows queues, routing,
+# overflow and KPIs. HOMETEAM_DEMO=0 skips both; HOMETEAM_DEMO_RATE (customer messages per
+# second, default 2), HOMETEAM_DEMO_DURATION (seconds, default 3600) and HOMETEAM_DEMO_SEED
+# (default 42) tune the simulator.
 set -euo pipefail
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO_ROOT"
@@ -30,9 +36,31 @@ export PUBLIC_BASE_URL=${PUBLIC_BASE_URL:-http://127.0.0.1:8081}
 declare -A PORTS=([ingest]=8081 [team_routing]=8082 [conversation_state]=8083 [timeout_sweeper]=8084 [metrics]=8085)
 ORDER=(ingest team_routing conversation_state timeout_sweeper metrics)
 PIDS=()
+DEMO=${HOMETEAM_DEMO:-1}
+SIM_PID=""
+LIVE_PID=""
+
+stop_demo() {
+    # The live view first, then the simulator (it signs its agents off on the way out).
+    local pid
+    for pid in $LIVE_PID $SIM_PID; do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for pid in $LIVE_PID $SIM_PID; do
+        for _ in $(seq 1 50); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.2
+        done
+        kill -KILL "$pid" 2>/dev/null || true
+    done
+}
 
 stop_all() {
-    trap - INT TERM EXIT
+    trap - INT TERM HUP EXIT
+    # Stop everything even if the terminal or a pipe reading our output is already gone.
+    trap '' PIPE
+    set +e
+    stop_demo
     echo
     echo "run: stopping services" >&2
     for pid in "${PIDS[@]}"; do
@@ -51,7 +79,7 @@ stop_all() {
     echo "run: stopped" >&2
     exit 0
 }
-trap stop_all INT TERM EXIT
+trap stop_all INT TERM HUP EXIT
 
 for svc in "${ORDER[@]}"; do
     HTTP_PORT=${PORTS[$svc]} .venv/bin/python -m "services.$svc" >"$LOG_DIR/$svc.log" 2>&1 &
@@ -82,5 +110,33 @@ hometeam is running.
 Press Ctrl-C to stop everything.
 INFO
 
-wait -n "${PIDS[@]}" || true
+if [[ "$DEMO" == "0" ]]; then
+    wait -n "${PIDS[@]}" || true
+    echo "run: a service exited; see $LOG_DIR/" >&2
+    exit 0  # the EXIT trap stops the rest
+fi
+
+SIM_LOG=$LOG_DIR/simulator.log
+SIM_STATUS=$STATE_DIR/simulator.status.json
+rm -f "$SIM_STATUS"
+echo "run: live demo (HOMETEAM_DEMO=0 skips it); simulator log: $SIM_LOG"
+.venv/bin/python -m tools.simulator \
+    --seed "${HOMETEAM_DEMO_SEED:-42}" --rate "${HOMETEAM_DEMO_RATE:-2}" --duration "${HOMETEAM_DEMO_DURATION:-3600}" \
+    --ingest-url "http://127.0.0.1:${PORTS[ingest]}" --bootstrap "$KAFKA_BOOTSTRAP_SERVERS" \
+    --status-file "$SIM_STATUS" >"$SIM_LOG" 2>&1 &
+SIM_PID=$!
+# The view runs as a job of this script so that Ctrl-C reaches the trap at once (bash runs a
+# trap only between commands, and `wait` is interruptible); it writes to this terminal.
+.venv/bin/python -m tools.live \
+    --metrics-url "http://127.0.0.1:${PORTS[metrics]}" --state-url "http://127.0.0.1:${PORTS[conversation_state]}" \
+    --ingest-url "http://127.0.0.1:${PORTS[ingest]}" --bootstrap "$KAFKA_BOOTSTRAP_SERVERS" \
+    --sim-status "$SIM_STATUS" --sim-log "$SIM_LOG" &
+LIVE_PID=$!
+
+wait -n "${PIDS[@]}" "$LIVE_PID" || true
+if ! kill -0 "$LIVE_PID" 2>/dev/null; then
+    echo "run: the live view exited; the services keep running (Ctrl-C stops everything)" >&2
+    LIVE_PID=""
+    wait -n "${PIDS[@]}" || true
+fi
 echo "run: a service exited; see $LOG_DIR/" >&2

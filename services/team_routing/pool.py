@@ -385,14 +385,19 @@ def _mark_idle(state: PoolState, agent_id: str, now: datetime) -> None:
 
 
 def surge_now(state: PoolState, directory: TeamDirectory, now: datetime) -> bool:
-    """Is this home team in a surge: its queue at least as deep, or its longest wait at least
-    as long, as the team's thresholds? The standard pool never surges."""
+    """Is this home team in a surge? It starts when the queue is at least as deep, or its
+    longest wait at least as long, as the team's thresholds, and ends only when both are back
+    to half of them, so a team at the edge does not flap between sending conversations away
+    and calling them back. The standard pool never surges."""
     team = directory.team(state.pool_id)
     if team is None:
         return False
     queue = state.queue()
     oldest = now - min(p.enqueued_at for p in queue) if queue else None
-    return is_surging(len(queue), oldest, team.surge.max_queue_depth, timedelta(seconds=team.surge.max_oldest_wait_seconds))
+    depth, wait = team.surge.max_queue_depth, timedelta(seconds=team.surge.max_oldest_wait_seconds)
+    if state.surging:
+        return not (len(queue) <= depth // 2 and (oldest is None or oldest <= wait / 2))
+    return is_surging(len(queue), oldest, depth, wait)
 
 
 def offer_to_teammate(state: PoolState, cmd: OfferToTeammate, directory: TeamDirectory, out: Outputs) -> None:

@@ -29,4 +29,7 @@ def database(client: AsyncMongoClient, settings: ServiceSettings) -> AsyncDataba
 
 
 async def ping(db: AsyncDatabase) -> None:
+    """Readiness: a real read on the service's own database (a server-level ping answers even
+    when the database itself is stuck)."""
     await db.command("ping")
+    await db["readiness"].find_one({}, max_time_ms=2000)

@@ -768,11 +768,15 @@ def test_team_opening_calls_back_its_after_hours_and_surge_conversations_but_not
     assert sorted(p.conversation_id for p in standard.queue()) == ["optout", "other-team"]
 
 
-def test_surge_clearing_recalls_overflowed_conversations_once() -> None:
-    state = given(FULL_WITH_QUEUE)
+def test_surge_clears_at_half_its_thresholds_and_recalls_overflowed_conversations_once() -> None:
+    state = given(FULL_WITH_QUEUE)  # queue 3, threshold 3
     assert state.surging
-    outputs = apply(state, release("q-old", 10))
+    # Queue 2: below the threshold but above half of it: still a surge (no flapping).
+    assert [o for o in apply(state, release("q-old", 4)) if isinstance(o, Handoff)] == []
+    assert state.surging
+    # Queue 1 (half of 3, rounded down) and the oldest wait (q-vip, 2 min) under half of 10 min.
+    outputs = apply(state, release("q-new", 5))
     recalls = [o for o in outputs if isinstance(o, Handoff) and isinstance(o.payload, ReturnWaitingHome)]
     assert [(r.pool_id, r.payload.team_id) for r in recalls] == [(STANDARD_POOL_ID, "west")]
     assert not state.surging
-    assert [o for o in apply(state, release("q-new", 11)) if isinstance(o, Handoff)] == []
+    assert [o for o in apply(state, release("q-vip", 12)) if isinstance(o, Handoff)] == []
