@@ -10,6 +10,8 @@ from pymongo import ASCENDING, DESCENDING, ReplaceOne
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
+from shared.runtime.store import bulk_write_chunked
+
 from services.conversation_state.lifecycle import CustomerRecords
 from services.conversation_state.model import Conversation, Customer, Line
 
@@ -61,6 +63,6 @@ class ConversationStore:
             customer_ops.append(ReplaceOne({"_id": r.customer.id}, r.customer.to_doc(), upsert=True))
             conv_ops.extend(ReplaceOne({"_id": c.id}, c.to_doc(), upsert=True) for c in r.conversations.values())
         if conv_ops:
-            await self.conversations.bulk_write(conv_ops, ordered=False)
+            await bulk_write_chunked(self.conversations, conv_ops)
         if customer_ops:
-            await self.customers.bulk_write(customer_ops, ordered=False)
+            await bulk_write_chunked(self.customers, customer_ops)

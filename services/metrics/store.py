@@ -19,6 +19,8 @@ from pymongo import ASCENDING, ReplaceOne
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
+from shared.runtime.store import bulk_write_chunked
+
 from services.metrics.kpis import CustomerKpiState, TrackedConversation
 
 
@@ -63,7 +65,7 @@ class KpiStore:
             for cid, s in states.items()
         ]
         if ops:
-            await self.customers.bulk_write(ops, ordered=False)
+            await bulk_write_chunked(self.customers, ops)
 
     # buckets -----------------------------------------------------------------------------
     async def load_buckets(self, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
@@ -72,7 +74,7 @@ class KpiStore:
     async def save_buckets(self, docs: Iterable[dict[str, Any]]) -> None:
         ops = [ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in docs]
         if ops:
-            await self.buckets.bulk_write(ops, ordered=False)
+            await bulk_write_chunked(self.buckets, ops)
 
     async def buckets_between(self, start: datetime, end: datetime, team: str | None) -> list[dict[str, Any]]:
         query: dict[str, Any] = {"hour": {"$gte": start, "$lt": end}}

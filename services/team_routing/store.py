@@ -9,6 +9,8 @@ from typing import Any
 from pymongo import ReplaceOne
 from pymongo.asynchronous.database import AsyncDatabase
 
+from shared.runtime.store import bulk_write_chunked
+
 from shared.contracts.agents import Presence
 from shared.contracts.common import Channel, RoutingReason, WaitingOn
 
@@ -88,4 +90,4 @@ class PoolStore:
     async def save(self, states: Iterable[PoolState]) -> None:
         ops = [ReplaceOne({"_id": s.pool_id}, pool_to_doc(s), upsert=True) for s in states]
         if ops:
-            await self.pools.bulk_write(ops, ordered=False)
+            await bulk_write_chunked(self.pools, ops)

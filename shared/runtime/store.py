@@ -7,7 +7,11 @@ document has a single writer (its key's partition owner), so read-modify-write i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from pymongo import AsyncMongoClient
+from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 
 from shared.settings import ServiceSettings
@@ -33,3 +37,17 @@ async def ping(db: AsyncDatabase) -> None:
     when the database itself is stuck)."""
     await db.command("ping")
     await db["readiness"].find_one({}, max_time_ms=2000)
+
+
+# FerretDB 1.24 on SQLite holds one of a database's 100 pooled SQLite connections per update
+# statement until the whole command ends, so one command of more than 100 updates of existing
+# documents (or several smaller ones at once) never returns and wedges the database until the
+# server restarts. Writes are therefore sent in commands of at most this many operations
+# (small enough that the services sharing one database stay under 100 at once).
+MAX_WRITES_PER_COMMAND = 20
+
+
+async def bulk_write_chunked(collection: AsyncCollection, ops: Sequence[Any]) -> None:
+    """``bulk_write`` in commands of at most ``MAX_WRITES_PER_COMMAND`` operations, in order."""
+    for start in range(0, len(ops), MAX_WRITES_PER_COMMAND):
+        await collection.bulk_write(list(ops[start : start + MAX_WRITES_PER_COMMAND]), ordered=False)

@@ -146,7 +146,14 @@ async def test_kill_dash_nine_mid_stream_loses_and_duplicates_nothing(infra, tmp
             async def all_stored() -> bool:
                 return await db["messages"].count_documents({}) == TOTAL and await db["conversations"].count_documents({"agent_id": {"$ne": None}}) == CUSTOMERS
 
-            await eventually(all_stored, timeout_s=120, what=f"all {TOTAL} messages stored and {CUSTOMERS} conversations assigned")
+            try:
+                await eventually(all_stored, timeout_s=120, what=f"all {TOTAL} messages stored and {CUSTOMERS} conversations assigned")
+            except AssertionError as exc:
+                stored = await db["messages"].count_documents({})
+                unassigned = [(c["_id"][:8], c.get("team_id"), c["status"]) async for c in db["conversations"].find({"agent_id": None})]
+                pool = await db["pools"].find_one({"_id": "pnw"}) or {}
+                placed = {p["conversation_id"][:8]: p.get("agent_id") for p in pool.get("placements", [])}
+                raise AssertionError(f"{exc}: {stored} stored; unassigned {unassigned}; pool placements {placed}") from exc
 
             # Nothing done twice in the store: one conversation per customer, each message once.
             conversations = [d async for d in db["conversations"].find({})]
