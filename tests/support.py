@@ -44,7 +44,7 @@ async def running(service: Service) -> AsyncIterator[httpx.AsyncClient]:
             yield client
 
 
-async def eventually(probe: Callable[[], Awaitable[T | None]], timeout_s: float = 30.0, what: str = "condition") -> T:
+async def eventually(probe: Callable[[], Awaitable[T | None]], timeout_s: float = 60.0, what: str = "condition") -> T:
     """Poll ``probe`` until it returns something truthy, or fail after the deadline."""
     deadline = time.monotonic() + timeout_s
     delay = 0.05
@@ -112,7 +112,7 @@ class KafkaProbe:
         return [json.loads(r.value) for r in await self.records(topic)]
 
     async def wait_for(
-        self, topic: str, predicate: Callable[[dict[str, Any]], bool], *, count: int = 1, timeout_s: float = 30.0
+        self, topic: str, predicate: Callable[[dict[str, Any]], bool], *, count: int = 1, timeout_s: float = 60.0
     ) -> list[dict[str, Any]]:
         async def probe() -> list[dict[str, Any]] | None:
             found = [e for e in await self.envelopes(topic) if predicate(e)]

@@ -101,6 +101,16 @@ class System:
         found = await self.probe.wait_for("messages.received.v1", lambda e: e["data"]["address"] == address)
         return found[0]["data"]["customer_id"]
 
+    async def read_when(self, path: str, ready: Any, timeout_s: float = 30.0) -> dict[str, Any]:
+        """GET a read-API path until ``ready(body)`` holds: events go out before the store
+        write, so the read API can lag an event by a batch."""
+
+        async def probe() -> dict[str, Any] | None:
+            body = (await self.state_http.get(path)).json()
+            return body if ready(body) else None
+
+        return await eventually(probe, timeout_s, f"{path} to catch up")
+
     async def events(self, customer_id: str, type_name: str, count: int = 1) -> list[dict[str, Any]]:
         return await self.probe.wait_for(
             "conversations.events.v1",

@@ -55,7 +55,7 @@ async def test_in_hours_sms_reaches_home_team_and_reply_goes_to_last_channel(sys
     assert out[0]["data"]["channel"] == "app" and out[0]["data"]["address"] == account
 
     # Authentication carries over to the customer; the read API shows the transcript.
-    view = (await system.state_http.get(f"/customers/{customer}/conversation")).json()
+    view = await system.read_when(f"/customers/{customer}/conversation", lambda b: len(b.get("current", {}).get("transcript", [])) == 3)
     assert view["customer"]["authenticated"] is True
     assert [line["text"] for line in view["current"]["transcript"]] == ["my internet is down", "now from the app", "we are on it"]
     assert [line["direction"] for line in view["current"]["transcript"]] == ["inbound", "inbound", "outbound"]
@@ -77,8 +77,7 @@ async def test_returning_customer_goes_to_known_agent_and_history_is_kept(system
     assert second["conversation_id"] != first["conversation_id"]
     assert (second["agent_id"], second["reason"]) == (agent, "known_agent")
 
-    view = (await system.state_http.get(f"/customers/{customer}/conversation")).json()
-    assert view["current"]["conversation_id"] == second["conversation_id"]
+    view = await system.read_when(f"/customers/{customer}/conversation", lambda b: b["current"]["conversation_id"] == second["conversation_id"])
     assert [c["conversation_id"] for c in view["earlier"]] == [first["conversation_id"]]
     assert [line["text"] for line in view["earlier"][0]["transcript"]] == ["hello", "fixed"]
     assert (await system.state_http.get("/customers/cus_nobody/conversation")).status_code == 404
@@ -132,7 +131,7 @@ async def test_busy_team_queues_and_assigns_when_an_agent_frees_up(system: Syste
     assert first["agent_id"] == "tiny-1"
     queued = (await system.events(customers[1], "ConversationQueued"))[0]["data"]
     assert (queued["team_id"], queued["queue_position"]) == ("tiny", 1)
-    queue = (await system.state_http.get("/teams/tiny/queue")).json()
+    queue = await system.read_when("/teams/tiny/queue", lambda b: b["waiting"] and "tiny-1" in b["assigned"])
     assert [c["customer_id"] for c in queue["waiting"]] == [customers[1]]
     assert [c["customer_id"] for c in queue["assigned"]["tiny-1"]] == [customers[0]]
 
@@ -219,7 +218,7 @@ async def test_a_burst_from_one_customer_yields_one_conversation_and_one_assigne
     assert len({e["data"]["agent_id"] for e in assigned_events}) == 1
     assert {e["data"]["conversation_id"] for e in added} == {opened[0]["data"]["conversation_id"]}
     # Per-customer order is kept: lines appear in the order they were sent.
-    body = (await system.state_http.get(f"/conversations/{opened[0]['data']['conversation_id']}?page_size=50")).json()
+    body = await system.read_when(f"/conversations/{opened[0]['data']['conversation_id']}?page_size=50", lambda b: b["transcript_total"] == 25)
     assert [line["text"] for line in body["transcript"]] == [f"line {n}" for n in range(25)]
     sequences = [e["sequence"] for e in await system.probe.envelopes("conversations.events.v1") if e["subject"] == customer]
     assert sequences == sorted(sequences) and len(set(sequences)) == len(sequences)

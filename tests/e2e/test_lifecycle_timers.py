@@ -164,7 +164,7 @@ async def test_inactivity_close_frees_capacity_and_the_queue_moves(timers: Timer
     assert (closed["status"], closed["conversation_id"]) == ("closed_inactive", assigned["conversation_id"])
     later = (await timers.events(y, "ConversationAssigned"))[0]["data"]
     assert later["agent_id"] == "t-1"
-    queue = (await timers.state_http.get("/teams/tiny/queue")).json()
+    queue = await timers.read_when("/teams/tiny/queue", lambda b: not b["waiting"] and [c["customer_id"] for c in b["assigned"].get("t-1", [])] == [y])
     assert queue["waiting"] == [] and [c["customer_id"] for c in queue["assigned"]["t-1"]] == [y]
 
 

@@ -45,7 +45,9 @@ async def test_one_inbound_message_is_one_trace_across_the_services(infra, topic
             running(conversation_state(service_settings(ConversationStateSettings, infra, topic_prefix, mongo_db_name, teams_config=config), span_processors=spans))
         )
         now = datetime.now(UTC)
-        for agent in ("sea-ana", "sea-ben"):
+        # The message goes out at wall-clock time: Seattle may be open or closed, so the
+        # standard pool is staffed too and the conversation is assigned either way.
+        for agent in ("sea-ana", "sea-ben", "std-1"):
             await probe.send("agent.presence.v1", agent, AgentPresenceChanged(agent_id=agent, presence=Presence.ONLINE, changed_at=now))
 
         url = "http://hometeam.test/webhooks/sms"
