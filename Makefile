@@ -1,9 +1,10 @@
 # hometeam — the two set-up commands are `make run` and `make test`; each installs what it needs.
-.PHONY: help run test stack-up stack-down stack-status docs up down
+.PHONY: help run test bench stack-up stack-down stack-status docs up down
 
 help:
 	@echo "make run         the system: local Kafka + FerretDB, the five services (Ctrl-C stops all)"
 	@echo "make test        every test, on a real Kafka broker and a real store"
+	@echo "make bench       benchmarks: pipeline sweep vs raw Kafka, routing decision, sweeper (docs/benchmarks.md)"
 	@echo "make stack-up    only the local Kafka + FerretDB (scripts/stack.sh up)"
 	@echo "make stack-down  stop what stack-up started"
 	@echo "make docs        regenerate the AsyncAPI documents under docs/asyncapi/"
@@ -15,6 +16,9 @@ run:
 
 test:
 	bash scripts/test.sh
+
+bench:
+	bash scripts/bench.sh
 
 stack-up:
 	bash scripts/bootstrap.sh

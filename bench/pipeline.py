@@ -1,0 +1,1589 @@
+"""The pipeline benchmark: open-loop load at fixed arrival rates through the five services on
+the real local stack, against the raw Kafka pass-through limit measured in the same run.
+
+    python -m bench.pipeline --rates 500,1000,2000,4000,6000 --duration 20 --out bench-results/
+
+What one run does (docs/benchmarks.md explains every number):
+
+1. creates topics with a run prefix, a database and consumer groups of its own, writes a team
+   directory (open around the clock, enough agent capacity that conversations are assigned);
+2. starts ingest, team-routing, conversation-state, timeout-sweeper and metrics as processes
+   and brings every agent online through ``agent.presence.v1``;
+3. measures the raw pass-through baseline: the same kind of messages, preloaded into a topic,
+   consumed and re-produced by a bare aiokafka loop with the services' settings;
+4. warms the path up, then for each arrival rate sends messages on a schedule for a set
+   duration (a generator process that never waits for the system), while this process reads
+   the decisions and conversation events, samples consumer lag and each process's CPU and
+   RSS every second, and scrapes the services' latency histograms;
+5. stops at the first rate where lag is not bounded (the backlog would spoil higher rates),
+   measures half the highest bounded rate if the sweep did not, and removes its topics and
+   database; writes ``<out>/<timestamp>.json`` and ``.png`` and prints a table.
+
+Latencies are measured from the *scheduled* send time carried in the inbound envelope's
+``time`` (so a late generator cannot hide queueing), to the Kafka CreateTime of the routing
+decision and of the MessageAdded event, and from the services' own histograms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import multiprocessing
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Module names (python -m services.<module>) and the consumer group name each one uses.
+SERVICES = ("ingest", "team_routing", "conversation_state", "timeout_sweeper", "metrics")
+SERVICE_NAMES = {
+    "ingest": "ingest",
+    "team_routing": "team-routing",
+    "conversation_state": "conversation-state",
+    "timeout_sweeper": "timeout-sweeper",
+    "metrics": "metrics",
+}
+# Groups whose lag decides whether a rate is sustained: every consumer of customer traffic.
+MAIN_GROUPS = tuple(SERVICE_NAMES.values())
+
+# The producer and consumer settings every service uses (shared/runtime/kafka.py, settings.py),
+# repeated by the generator ("a channel adapter") and by the pass-through baseline.
+PRODUCER_SETTINGS: dict[str, Any] = {
+    "acks": "all",
+    "enable_idempotence": True,
+    "linger_ms": 5,
+    "max_batch_size": 256 * 1024,
+}
+BATCH_TIMEOUT_MS = 20
+# FerretDB 1.24 (SQLite) deadlocks for good when update commands running at the same time on
+# one database hold more than 100 statements that match existing documents: each statement
+# keeps one of the database's 100 pool connections until its command ends. Conversation-state
+# (customers, conversations) and metrics (customers, buckets) write a batch as one bulk_write
+# of ReplaceOne, so with the services' default batch of 500 records the local store wedges
+# within seconds of load. Until the services split their bulk writes, the bench gives every
+# service a database of its own (its own pool) and this many records per batch (metrics' two
+# bulk writes are sequential, but its pool-status consumer may write ~20 more at the same time).
+SAFE_BATCH_MAX_RECORDS = 64
+
+# Envelope times are written with this placeholder and replaced at the scheduled send time.
+SENTINEL_TIME = "2000-01-01T00:00:00.123456Z"
+SENTINEL = SENTINEL_TIME.encode()
+
+CHANNEL_MIX = (("sms", 0.5), ("app", 0.3), ("business_chat", 0.2))
+WORDS = (
+    "my internet is down again since this morning router lights blinking orange can you help "
+    "bill shows a charge I do not recognise please check the account phone will not activate "
+    "after the upgrade need to move my service to a new address next week the technician did "
+    "not come thanks for the quick answer still no signal at home outage in my area when will "
+    "it be fixed I want to change my plan add a line for my daughter roaming in Canada works "
+    "cancel the appointment yes that worked perfect thank you the payment failed twice"
+).split()
+
+
+def tick_seconds() -> float:
+    return 1.0 / os.sysconf("SC_CLK_TCK")
+
+
+# --------------------------------------------------------------------------------------------
+# Run identity and the servers
+
+
+@dataclass(frozen=True)
+class RunIds:
+    """Names that isolate one run: topic prefix, consumer-group prefix, database."""
+
+    run: str
+    prefix: str
+    group_prefix: str
+    database: str
+
+    def database_of(self, module: str) -> str:
+        """Each service gets a database of its own (see ``service_env``)."""
+        return f"{self.database}_{module}"
+
+    @property
+    def databases(self) -> list[str]:
+        return [self.database_of(m) for m in SERVICES]
+
+    @classmethod
+    def new(cls, kind: str = "bench") -> RunIds:
+        run = uuid.uuid4().hex[:8]
+        return cls(run, f"{kind}{run}.", f"{kind}-{run}", f"hometeam_{kind}_{run}")
+
+
+def endpoints() -> tuple[str, str]:
+    """Kafka bootstrap and MongoDB URL: from the environment, else the local stack's."""
+    from shared.settings import LOCAL_KAFKA, LOCAL_MONGODB
+
+    return os.environ.get("KAFKA_BOOTSTRAP_SERVERS", LOCAL_KAFKA), os.environ.get("MONGODB_URL", LOCAL_MONGODB)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --------------------------------------------------------------------------------------------
+# The bench's team directory
+
+
+def team_ids(teams: int) -> list[str]:
+    return [f"bench-t{n:02d}" for n in range(teams)]
+
+
+def area_codes_of(team_index: int) -> list[str]:
+    # Synthetic NANP area codes, three per team, distinct across up to ~200 teams.
+    return [str(200 + team_index * 3 + k) for k in range(3)]
+
+
+def market_of(team_index: int) -> str:
+    return f"bench-market-{team_index:02d}"
+
+
+def bench_directory(teams: int, agents_per_team: int, max_concurrency: int) -> dict[str, Any]:
+    """Teams open around the clock (results must not depend on when the bench runs), response
+    targets and surge limits far beyond a run (no timer fires, nothing overflows), and agents
+    with room for every customer the run creates, so each new conversation is assigned."""
+    every_day = {d: ["00:00-24:00"] for d in ("mon", "tue", "wed", "thu", "fri", "sat", "sun")}
+    return {
+        "relationship_window_days": 30,
+        "default_team": team_ids(teams)[0],
+        "capacity": {"waiting_on_agent_weight": 1.0, "waiting_on_customer_weight": 0.5},
+        "standard_pool": {
+            "agents": [{"id": f"bench-std-{a:02d}", "max_concurrency": max_concurrency} for a in range(agents_per_team)],
+            "response_target_seconds": 86_400,
+        },
+        "teams": [
+            {
+                "id": tid,
+                "name": f"Bench team {n}",
+                "timezone": "America/Chicago",
+                "regions": {"area_codes": area_codes_of(n), "markets": [market_of(n)]},
+                "hours": every_day,
+                "response_target_seconds": 86_400,
+                "surge": {"max_queue_depth": 1_000_000, "max_oldest_wait_seconds": 7 * 86_400},
+                "agents": [{"id": f"{tid}-a{a:02d}", "max_concurrency": max_concurrency} for a in range(agents_per_team)],
+            }
+            for n, tid in enumerate(team_ids(teams))
+        ],
+    }
+
+
+def agent_ids(directory: dict[str, Any]) -> list[str]:
+    return [a["id"] for a in directory["standard_pool"]["agents"]] + [
+        a["id"] for t in directory["teams"] for a in t["agents"]
+    ]
+
+
+def write_directory(directory: dict[str, Any], folder: Path) -> Path:
+    import yaml
+
+    from shared.teams import parse_directory
+
+    parse_directory(directory, source="bench directory")  # fail here, not in five services
+    path = folder / "teams.yaml"
+    path.write_text(yaml.safe_dump(directory, sort_keys=False))
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Customers and messages
+
+
+@dataclass(frozen=True, slots=True)
+class Customer:
+    channel: str
+    address: str
+    business_id: str | None
+    market: str | None
+
+
+def make_population(size: int, teams: int, seed: int) -> list[Customer]:
+    """``size`` customers with a channel each (about 50% SMS, 30% app, 20% business chat) and
+    an address that maps to one of the teams (SMS by area code, the others by market)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(size):
+        r, acc, channel = rng.random(), 0.0, "sms"
+        for name, share in CHANNEL_MIX:
+            acc += share
+            if r < acc:
+                channel = name
+                break
+        team = rng.randrange(teams)
+        if channel == "sms":
+            out.append(Customer("sms", f"+1{rng.choice(area_codes_of(team))}{2_000_000 + i:07d}", None, None))
+        elif channel == "app":
+            out.append(Customer("app", f"acct-{seed}-{i:08d}", None, market_of(team)))
+        else:
+            out.append(Customer("business_chat", f"urn:biz:{seed}:{i:08x}", f"biz-{i % 4}", market_of(team)))
+    return out
+
+
+def make_texts(rng: random.Random, count: int = 4000) -> list[str]:
+    """Message texts of 20-400 characters, mostly short, as people write in chat and SMS."""
+    texts = []
+    for _ in range(count):
+        r = rng.random()
+        length = rng.randint(20, 80) if r < 0.6 else rng.randint(80, 200) if r < 0.9 else rng.randint(200, 400)
+        words: list[str] = []
+        size = 0
+        while size < length:
+            w = rng.choice(WORDS)
+            words.append(w)
+            size += len(w) + 1
+        texts.append(" ".join(words)[:length].rstrip() or "hello")
+    return texts
+
+
+@dataclass
+class Plan:
+    """One step's messages in send order: offsets (s from the step start), keys, envelope
+    bodies with ``SENTINEL`` for the time, and message ids (what ``MessageAdded`` carries)."""
+
+    offsets: list[float] = field(default_factory=list)
+    keys: list[bytes] = field(default_factory=list)
+    bodies: list[bytes] = field(default_factory=list)
+    message_ids: list[str] = field(default_factory=list)
+    customers: list[int] = field(default_factory=list)
+    bursts: int = 0
+
+
+def envelope_body(customer: Customer, provider_message_id: str, text: str, key: str, attachment: bool) -> bytes:
+    """The JSON ``new_envelope(ChannelMessagePosted(...))`` writes, built directly (a tenth of
+    the cost); ``check_plan`` validates a sample against the contracts."""
+    data: dict[str, Any] = {
+        "channel": customer.channel,
+        "provider_message_id": provider_message_id,
+        "address": customer.address,
+        "text": text,
+        "attachments": (
+            [{"content_type": "image/jpeg", "url": f"https://cdn.example.com/m/{provider_message_id}.jpg", "name": None, "size_bytes": 48213}]
+            if attachment
+            else []
+        ),
+        "sent_at": SENTINEL_TIME,
+        "business_id": customer.business_id,
+        "authenticated": customer.channel == "app",
+        "linked_phone": None,
+        "region": {"zip": None, "market": customer.market},
+    }
+    envelope = {
+        "specversion": "1.0",
+        "id": str(uuid.uuid4()),
+        "type": "hometeam.ChannelMessagePosted",
+        "source": "/adapters/bench",
+        "time": SENTINEL_TIME,
+        "subject": key,
+        "schemaversion": 1,
+        "sequence": None,
+        "datacontenttype": "application/json",
+        "data": data,
+    }
+    return json.dumps(envelope, separators=(",", ":")).encode()
+
+
+def plan_messages(
+    population: Sequence[Customer],
+    *,
+    rate: float,
+    duration: float,
+    seed: int,
+    tag: str,
+    skew: float = 1.5,
+    burst_share: float = 0.03,
+    burst_size: tuple[int, int] = (3, 6),
+) -> Plan:
+    """Poisson arrivals at ``rate`` messages/s for ``duration`` s. A customer is drawn with
+    index ``floor(N * u**skew)``: a heavy head of frequent writers and a long tail (with
+    skew 1.5 the top 1% of customers send ~5% of the messages, the top 10% ~22%). A share of
+    arrivals are bursts: 3-6 messages from one customer about a millisecond apart."""
+    from services.ingest.normalize import address_key, message_id
+    from shared.contracts.common import Channel
+
+    rng = random.Random(seed)
+    texts = make_texts(rng)
+    mean_burst = (burst_size[0] + burst_size[1]) / 2
+    arrivals_per_s = rate / (1 + burst_share * (mean_burst - 1))
+    plan = Plan()
+    keys: dict[int, str] = {}
+    t, n = 0.0, 0
+    size = len(population)
+    while True:
+        t += rng.expovariate(arrivals_per_s)
+        if t >= duration:
+            break
+        idx = min(size - 1, int(size * rng.random() ** skew))
+        customer = population[idx]
+        count = 1
+        if rng.random() < burst_share:
+            count = rng.randint(*burst_size)
+            plan.bursts += 1
+        key = keys.get(idx)
+        if key is None:
+            key = keys[idx] = address_key(customer.channel, customer.address)
+        at = t
+        for _ in range(count):
+            provider_id = f"B{tag}-{n}"
+            attachment = customer.channel != "sms" and rng.random() < 0.02
+            plan.offsets.append(at)
+            plan.keys.append(key.encode())
+            plan.bodies.append(envelope_body(customer, provider_id, rng.choice(texts), key, attachment))
+            plan.message_ids.append(message_id(Channel(customer.channel), provider_id, customer.business_id))
+            plan.customers.append(idx)
+            n += 1
+            at += rng.uniform(0.0005, 0.002)
+    order = sorted(range(n), key=plan.offsets.__getitem__)
+    if order != list(range(n)):  # bursts can overlap the next arrival
+        for name in ("offsets", "keys", "bodies", "message_ids", "customers"):
+            values = getattr(plan, name)
+            setattr(plan, name, [values[i] for i in order])
+    return plan
+
+
+def stamp(epoch: float) -> bytes:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ").encode()
+
+
+def check_plan(plan: Plan, every: int = 500) -> None:
+    """Validate a sample of the generated envelopes against the contracts ingest reads."""
+    from shared.contracts.channel import ChannelMessagePosted
+    from shared.contracts.envelope import RawEnvelope
+
+    for body in plan.bodies[::every]:
+        raw = RawEnvelope.model_validate_json(body.replace(SENTINEL, stamp(time.time())))
+        ChannelMessagePosted.model_validate(raw.data)
+
+
+# --------------------------------------------------------------------------------------------
+# Service processes and /proc
+
+
+def proc_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process (``/proc/<pid>/stat`` fields 14 and 15)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields_ = text[text.rindex(")") + 2 :].split()
+    return (int(fields_[11]) + int(fields_[12])) * tick_seconds()
+
+
+def proc_memory_kb(pid: int) -> dict[str, int]:
+    """VmRSS (now) and VmHWM (peak resident set) of a process, in KiB."""
+    out: dict[str, int] = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                name, value = line.split(":", 1)
+                out[name] = int(value.split()[0])
+    except OSError:
+        pass
+    return out
+
+
+class ServiceProcess:
+    """One service as ``python -m services.<module>``, with its own port and log file."""
+
+    def __init__(self, module: str, env: dict[str, str], log: Path) -> None:
+        self.module, self.env, self.log = module, env, log
+        self.port = int(env["HTTP_PORT"])
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", f"services.{self.module}"], cwd=REPO, env=self.env, stdout=out, stderr=out
+            )
+
+    async def ready(self, timeout_s: float = 120.0) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        async with httpx.AsyncClient() as client:
+            while True:
+                if self.proc is None or self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.module} exited during start-up; see {self.log}")
+                try:
+                    if (await client.get(f"http://127.0.0.1:{self.port}/readyz", timeout=2)).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{self.module} not ready after {timeout_s:.0f} s; see {self.log}")
+                await asyncio.sleep(0.25)
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """SIGTERM (graceful shutdown), then SIGKILL if it hangs; only our own child."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def service_env(
+    ids: RunIds, bootstrap: str, mongodb_url: str, teams_config: Path, extra: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The environment every service of a run shares; ``start_services`` sets each one's
+    ``HTTP_PORT`` and ``MONGODB_DATABASE`` (a database per service: none reads another's
+    collections, and on FerretDB/SQLite each database is its own file, writer lock and pool)."""
+    keep = ("PATH", "HOME", "LANG", "LC_ALL", "TZ")
+    return {
+        **{k: v for k, v in os.environ.items() if k in keep},
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "MONGODB_URL": mongodb_url,
+        "MONGODB_DATABASE": ids.database,
+        "KAFKA_TOPIC_PREFIX": ids.prefix,
+        "KAFKA_GROUP_PREFIX": ids.group_prefix,
+        "TEAMS_CONFIG": str(teams_config),
+        "LOG_LEVEL": "WARNING",
+        "PYTHONPATH": str(REPO),
+        **(extra or {}),
+    }
+
+
+async def start_services(
+    modules: Iterable[str], env: dict[str, str], log_dir: Path
+) -> dict[str, ServiceProcess]:
+    processes = {
+        m: ServiceProcess(m, {**env, "HTTP_PORT": str(free_port()), "MONGODB_DATABASE": f"{env['MONGODB_DATABASE']}_{m}"}, log_dir / f"{m}.log")
+        for m in modules
+    }
+    for p in processes.values():
+        p.start()
+    try:
+        await asyncio.gather(*(p.ready() for p in processes.values()))
+    except BaseException:
+        stop_services(processes)
+        raise
+    return processes
+
+
+def stop_services(processes: dict[str, ServiceProcess]) -> None:
+    for p in processes.values():
+        if p.proc is not None and p.proc.poll() is None:
+            p.proc.send_signal(signal.SIGTERM)
+    for p in processes.values():
+        p.stop()
+
+
+def stack_pids() -> dict[str, int]:
+    """Kafka's and FerretDB's pids when the local stack runs them (read-only, for CPU/RSS)."""
+    out = {}
+    for name in ("kafka", "ferretdb"):
+        path = REPO / ".stack" / "pids" / f"{name}.pid"
+        try:
+            pid = int(path.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if Path(f"/proc/{pid}").exists():
+            out[name] = pid
+    return out
+
+
+async def bring_agents_online(bootstrap: str, ids: RunIds, agents: Sequence[str], db: Any, timeout_s: float = 90) -> float:
+    """Publish ``AgentPresenceChanged(online)`` for every agent and wait until team-routing's
+    pools show them all online. Returns the seconds it took."""
+    from aiokafka import AIOKafkaProducer
+
+    from shared.contracts.agents import AgentPresenceChanged, Presence
+    from shared.contracts.envelope import new_envelope
+
+    started = time.monotonic()
+    at = datetime.now(UTC) - timedelta(minutes=1)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **PRODUCER_SETTINGS)
+    await producer.start()
+    try:
+        futures = []
+        for agent in agents:
+            env = new_envelope(
+                AgentPresenceChanged(agent_id=agent, presence=Presence.ONLINE, changed_at=at),
+                subject=agent,
+                source="/desktops/bench",
+                time=at,
+            )
+            futures.append(await producer.send(ids.prefix + "agent.presence.v1", env.model_dump_json().encode(), key=agent.encode()))
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        online = 0
+        async for pool in db["pools"].find({}, {"agents": 1}):
+            online += sum(1 for a in pool.get("agents", {}).values() if a.get("presence") == "online")
+        if online >= len(agents):
+            return time.monotonic() - started
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {online} of {len(agents)} agents online after {timeout_s} s")
+        await asyncio.sleep(0.5)
+
+
+# --------------------------------------------------------------------------------------------
+# Kafka helpers
+
+
+async def create_topics(bootstrap: str, names: dict[str, int]) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="hometeam-bench")
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(n, p, 1) for n, p in names.items()], timeout_ms=30_000)
+    finally:
+        await admin.close()
+
+
+async def delete_run_topics(bootstrap: str, prefix: str) -> int:
+    """Delete every topic with the run's prefix (so runs do not pile up on disk)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="hometeam-bench")
+    await admin.start()
+    try:
+        mine = [t for t in await admin.list_topics() if t.startswith(prefix)]
+        if mine:
+            await admin.delete_topics(mine, timeout_ms=30_000)
+        return len(mine)
+    finally:
+        await admin.close()
+
+
+async def drop_database(mongodb_url: str, name: str) -> None:
+    from pymongo import AsyncMongoClient
+
+    client: AsyncMongoClient = AsyncMongoClient(mongodb_url)
+    try:
+        await client.drop_database(name)
+    finally:
+        await client.close()
+
+
+async def cleanup(bootstrap: str, mongodb_url: str, ids: RunIds, timeout_s: float = 180.0) -> None:
+    """Delete the run's topics and database, each bounded in time (a wedged store must not
+    hang the bench); says what could not be removed."""
+    try:
+        deleted = await asyncio.wait_for(delete_run_topics(bootstrap, ids.prefix), timeout_s)
+        print(f"bench: deleted {deleted} topics {ids.prefix}*", file=sys.stderr, flush=True)
+    except Exception as exc:
+        print(f"bench: could not delete topics {ids.prefix}*: {type(exc).__name__} {exc}", file=sys.stderr, flush=True)
+    for name in ids.databases:
+        try:
+            await asyncio.wait_for(drop_database(mongodb_url, name), timeout_s)
+        except Exception as exc:
+            print(f"bench: could not drop database {name}: {type(exc).__name__} {exc}", file=sys.stderr, flush=True)
+    print(f"bench: dropped databases {ids.database}_*", file=sys.stderr, flush=True)
+
+
+def topic_partitions(prefix: str) -> dict[str, int]:
+    from shared.contracts.registry import all_topic_partitions
+
+    return {prefix + n: p for n, p in all_topic_partitions().items()}
+
+
+# --------------------------------------------------------------------------------------------
+# The load generator: a child process (its own interpreter, so this process's readers never
+# delay a send), open loop: every message has a scheduled time and is sent at that time, or at
+# once if the generator is behind; it never waits for the system.
+
+
+def _generator_main(spec: dict[str, Any], conn: Any) -> None:
+    asyncio.run(_generate(spec, conn))
+
+
+async def _generate(spec: dict[str, Any], conn: Any) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    population = make_population(spec["customers"], spec["teams"], spec["seed"])
+    plan = plan_messages(
+        population, rate=spec["rate"], duration=spec["duration"], seed=spec["step_seed"], tag=spec["tag"], skew=spec["skew"]
+    )
+    check_plan(plan)
+    producer = AIOKafkaProducer(bootstrap_servers=spec["bootstrap"], client_id="bench-adapter", **PRODUCER_SETTINGS)
+    await producer.start()
+    await producer.partitions_for(spec["topic"])
+    conn.send(("ready", len(plan.offsets)))
+    t0 = conn.recv()
+    while (wait := t0 - time.time()) > 0:
+        await asyncio.sleep(min(wait, 0.05) if wait > 0.002 else 0)
+    mono0 = time.monotonic() - (time.time() - t0)
+    cpu_start = proc_cpu_seconds(os.getpid()) or 0.0
+    offsets, bodies, keys, topic = plan.offsets, plan.bodies, plan.keys, spec["topic"]
+    n = len(offsets)
+    lags = [0.0] * n
+    errors = 0
+    pending: list[asyncio.Future[Any]] = []
+    i = 0
+    send = producer.send
+    while i < n:
+        now = time.monotonic() - mono0
+        if offsets[i] > now:
+            await asyncio.sleep(offsets[i] - now)
+            continue
+        while i < n and offsets[i] <= now:
+            body = bodies[i].replace(SENTINEL, stamp(t0 + offsets[i]))
+            pending.append(await send(topic, body, key=keys[i]))
+            lags[i] = time.monotonic() - mono0 - offsets[i]
+            i += 1
+        if len(pending) > 20_000:
+            done = await asyncio.gather(*pending, return_exceptions=True)
+            errors += sum(1 for d in done if isinstance(d, BaseException))
+            pending = []
+    sent_at = time.monotonic() - mono0
+    done = await asyncio.gather(*pending, return_exceptions=True)
+    errors += sum(1 for d in done if isinstance(d, BaseException))
+    acked_at = time.monotonic() - mono0
+    await producer.stop()
+    cpu = (proc_cpu_seconds(os.getpid()) or 0.0) - cpu_start
+    conn.send(
+        (
+            "done",
+            {
+                "messages": n,
+                "bursts": plan.bursts,
+                "distinct_customers": len(set(plan.customers)),
+                "message_ids": plan.message_ids,
+                "offsets": offsets,
+                "lags": lags,
+                "last_send_s": sent_at,
+                "all_acked_s": acked_at,
+                "errors": errors,
+                "bytes": sum(len(b) for b in bodies),
+                "cpu_seconds": cpu,
+            },
+        )
+    )
+
+
+async def run_generator(spec: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+    """Start the generator, let it build its plan, start it at a common t0; returns (t0, its
+    report) once every message is acknowledged."""
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_generator_main, args=(spec, child), daemon=True)
+    proc.start()
+    try:
+        kind, _ = await asyncio.to_thread(parent.recv)
+        assert kind == "ready"
+        t0 = time.time() + 0.2
+        parent.send(t0)
+        kind, report = await asyncio.to_thread(parent.recv)
+        assert kind == "done"
+        return t0, report
+    finally:
+        await asyncio.to_thread(proc.join, 30)
+        if proc.is_alive():
+            proc.kill()
+
+
+# --------------------------------------------------------------------------------------------
+# Observers in this process: decisions and events, consumer lag, CPU and RSS, histograms
+
+
+class Collector:
+    """Reads ``routing.decisions.v1`` and ``conversations.events.v1`` (no consumer group, all
+    partitions, from the end when started) and keeps, per conversation, the first decision,
+    and per inbound message, its ``MessageAdded``: (Kafka CreateTime, envelope time)."""
+
+    def __init__(self, bootstrap: str, prefix: str) -> None:
+        self.bootstrap = bootstrap
+        self.prefix = prefix
+        self.decisions_topic = prefix + "routing.decisions.v1"
+        self.events_topic = prefix + "conversations.events.v1"
+        self.decisions: dict[str, tuple[float, float]] = {}
+        self.added: dict[str, tuple[float, float]] = {}
+        self.records = 0
+        self._task: asyncio.Task[None] | None = None
+        self._consumer: Any = None
+
+    async def start(self) -> None:
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False, client_id="bench-collector")
+        await self._consumer.start()
+        sizes = topic_partitions(self.prefix)
+        tps = [TopicPartition(t, p) for t in (self.decisions_topic, self.events_topic) for p in range(sizes[t])]
+        self._consumer.assign(tps)
+        await self._consumer.seek_to_end(*tps)
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        decisions, added = self.decisions, self.added
+        while True:
+            batches = await self._consumer.getmany(timeout_ms=200, max_records=10_000)
+            for tp, records in batches.items():
+                is_decision = tp.topic == self.decisions_topic
+                for r in records:
+                    self.records += 1
+                    if is_decision:
+                        if b'"hometeam.ConversationRouted"' not in r.value:
+                            continue
+                        env = json.loads(r.value)
+                        conv = env["data"]["conversation_id"]
+                        if conv not in decisions:
+                            decisions[conv] = (r.timestamp / 1000, _epoch(env["time"]))
+                    elif b'"hometeam.MessageAdded"' in r.value and b'"inbound"' in r.value:
+                        env = json.loads(r.value)
+                        mid = env["data"]["message_id"]
+                        if mid not in added:
+                            added[mid] = (r.timestamp / 1000, _epoch(env["time"]))
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+
+def _epoch(iso: str) -> float:
+    return datetime.fromisoformat(iso).timestamp()
+
+
+class LagSampler:
+    """Every second: the lag of each consumer group of the run (end offsets minus committed
+    offsets, summed over the group's partitions), via the admin client."""
+
+    def __init__(self, bootstrap: str, group_prefix: str, interval_s: float = 1.0) -> None:
+        self.bootstrap = bootstrap
+        self.group_prefix = group_prefix
+        self.interval_s = interval_s
+        self.samples: list[tuple[float, dict[str, int], dict[str, int]]] = []  # (t, lag per group, end per topic)
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        from aiokafka import AIOKafkaConsumer
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        self._admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="bench-lag")
+        self._ends = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False, client_id="bench-lag")
+        await self._admin.start()
+        await self._ends.start()
+        self._task = asyncio.create_task(self._run())
+
+    async def sample(self) -> tuple[float, dict[str, int], dict[str, int]]:
+        groups = sorted(g[0] for g in await self._admin.list_consumer_groups() if g[0].startswith(self.group_prefix + "."))
+        committed = await asyncio.gather(*(self._admin.list_consumer_group_offsets(g) for g in groups))
+        tps = {tp for c in committed for tp in c}
+        ends = await self._ends.end_offsets(list(tps)) if tps else {}
+        lag: dict[str, int] = {}
+        for group, offsets in zip(groups, committed, strict=True):
+            lag[group.removeprefix(self.group_prefix + ".")] = sum(max(0, ends.get(tp, 0) - m.offset) for tp, m in offsets.items())
+        per_topic: dict[str, int] = defaultdict(int)
+        for tp, end in ends.items():
+            per_topic[tp.topic] += end
+        return time.time(), lag, dict(per_topic)
+
+    async def _run(self) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                self.samples.append(await self.sample())
+            except Exception as exc:  # a missed sample is reported as a gap, never fatal
+                print(f"bench: lag sample failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            await asyncio.sleep(max(0.0, self.interval_s - (time.monotonic() - started)))
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self._ends.stop()
+        await self._admin.close()
+
+
+class ProcSampler:
+    """Every second: CPU seconds and RSS of each watched process (``/proc``)."""
+
+    def __init__(self, pids: dict[str, int], interval_s: float = 1.0) -> None:
+        self.pids = pids
+        self.interval_s = interval_s
+        self.samples: list[tuple[float, dict[str, tuple[float | None, int | None]]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def snapshot(self) -> dict[str, tuple[float | None, int | None]]:
+        return {name: (proc_cpu_seconds(pid), proc_memory_kb(pid).get("VmRSS")) for name, pid in self.pids.items()}
+
+    def peaks(self) -> dict[str, int | None]:
+        return {name: proc_memory_kb(pid).get("VmHWM") for name, pid in self.pids.items()}
+
+    async def start(self) -> None:
+        async def run() -> None:
+            while True:
+                self.samples.append((time.time(), self.snapshot()))
+                await asyncio.sleep(self.interval_s)
+
+        self._task = asyncio.create_task(run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+async def scrape_histogram(port: int, name: str) -> list[tuple[float, float]]:
+    """Cumulative buckets [(upper bound, count)] of a histogram on a service's /metrics."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(f"http://127.0.0.1:{port}/metrics", timeout=10)).text
+    for family in text_string_to_metric_families(text):
+        if family.name == name:
+            return sorted(
+                (float(s.labels["le"]), s.value) for s in family.samples if s.name == name + "_bucket"
+            )
+    return []
+
+
+def histogram_quantiles(before: list[tuple[float, float]], after: list[tuple[float, float]], qs: Sequence[float]) -> dict[str, Any]:
+    """Quantiles of the observations between two scrapes of a cumulative histogram, linearly
+    interpolated inside the bucket (Prometheus' histogram_quantile); above the last finite
+    bucket the answer is that bound, reported as '>'."""
+    prior = dict(before)
+    buckets = [(le, count - prior.get(le, 0.0)) for le, count in after]
+    total = buckets[-1][1] if buckets else 0.0
+    out: dict[str, Any] = {"count": int(total)}
+    for q in qs:
+        label = _qlabel(q)
+        if total <= 0:
+            out[label] = None
+            continue
+        rank = q * total
+        lower, below = 0.0, 0.0
+        value: float | str | None = None
+        for le, cum in buckets:
+            if cum >= rank:
+                if math.isinf(le):
+                    value = f">{lower:g}"
+                else:
+                    inside = cum - below
+                    value = lower + (le - lower) * ((rank - below) / inside if inside > 0 else 1.0)
+                break
+            lower, below = le, cum
+        out[label] = value
+    return out
+
+
+def _qlabel(q: float) -> str:
+    return "p" + f"{q * 100:g}".replace(".", "_") if q * 100 != int(q * 100) else f"p{int(q * 100)}"
+
+
+QUANTILES = (0.5, 0.95, 0.99, 0.999)
+
+
+def exact_quantiles(values: list[float], qs: Sequence[float] = QUANTILES) -> dict[str, Any]:
+    """Nearest-rank quantiles (seconds) of exact latencies."""
+    values = sorted(values)
+    out: dict[str, Any] = {"count": len(values)}
+    for q in qs:
+        out[_qlabel(q)] = values[max(0, min(len(values) - 1, math.ceil(q * len(values)) - 1))] if values else None
+    out["max"] = values[-1] if values else None
+    out["mean"] = sum(values) / len(values) if values else None
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The raw Kafka pass-through baseline
+
+
+async def baseline(bootstrap: str, ids: RunIds, plan: Plan, batch_max_records: int) -> dict[str, Any]:
+    """Preload the plan's messages into a source topic as fast as one producer can, then time
+    a bare aiokafka loop that consumes them in batches (getmany, as many records per batch as
+    the services take, 20 ms) and
+    re-produces each to a sink topic with the services' producer settings, awaiting the
+    batch's acks and committing per batch: the work one hop of the pipeline must do at least."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+    from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+
+    partitions = topic_partitions("")["channel.inbound.v1"]
+    source, sink = ids.prefix + "baseline.source", ids.prefix + "baseline.sink"
+    await create_topics(bootstrap, {source: partitions, sink: partitions})
+    now = stamp(time.time())
+    bodies = [b.replace(SENTINEL, now) for b in plan.bodies]
+    n = len(bodies)
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, client_id="bench-baseline", **PRODUCER_SETTINGS)
+    await producer.start()
+    try:
+        await producer.partitions_for(source)
+        started = time.monotonic()
+        futures = [await producer.send(source, body, key=key) for body, key in zip(bodies, plan.keys, strict=True)]
+        await asyncio.gather(*futures)
+        preload_s = time.monotonic() - started
+    finally:
+        await producer.stop()
+
+    cpu0 = proc_cpu_seconds(os.getpid()) or 0.0
+    consumer = AIOKafkaConsumer(
+        source,
+        bootstrap_servers=bootstrap,
+        group_id=ids.group_prefix + ".baseline",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        partition_assignment_strategy=(RangePartitionAssignor,),
+        client_id="bench-baseline",
+    )
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, client_id="bench-baseline", **PRODUCER_SETTINGS)
+    await producer.start()
+    await consumer.start()
+    moved, batches = 0, 0
+    first: float | None = None
+    try:
+        await producer.partitions_for(sink)
+        deadline = time.monotonic() + 180
+        while moved < n and time.monotonic() < deadline:
+            got = await consumer.getmany(timeout_ms=BATCH_TIMEOUT_MS, max_records=batch_max_records)
+            if not got:
+                continue
+            if first is None:
+                first = time.monotonic()
+            futures = []
+            for records in got.values():
+                for r in records:
+                    futures.append(await producer.send(sink, r.value, key=r.key))
+            await asyncio.gather(*futures)
+            await consumer.commit()
+            moved += len(futures)
+            batches += 1
+        elapsed = time.monotonic() - (first or time.monotonic())
+    finally:
+        await consumer.stop()
+        await producer.stop()
+    cpu = (proc_cpu_seconds(os.getpid()) or 0.0) - cpu0
+    return {
+        "messages": n,
+        "moved": moved,
+        "bytes": sum(len(b) for b in bodies),
+        "preload_seconds": preload_s,
+        "preload_rate": n / preload_s if preload_s else None,
+        "passthrough_seconds": elapsed,
+        "passthrough_rate": moved / elapsed if elapsed else None,
+        "batches": batches,
+        "mean_batch": moved / batches if batches else None,
+        "passthrough_cpu_seconds": cpu,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# One step of the sweep
+
+
+@dataclass
+class Context:
+    args: argparse.Namespace
+    ids: RunIds
+    bootstrap: str
+    processes: dict[str, ServiceProcess]
+    collector: Collector
+    lag: LagSampler
+    procs: ProcSampler
+    db: Any
+
+
+async def run_step(ctx: Context, rate: float, step: int, label: str, duration: float) -> dict[str, Any]:
+    from shared.contracts.envelope import derived_id
+
+    args = ctx.args
+    cs_port = ctx.processes["conversation_state"].port
+    tr_port = ctx.processes["team_routing"].port
+    stored0 = await scrape_histogram(cs_port, "hometeam_message_stored_latency_seconds")
+    decided0 = await scrape_histogram(tr_port, "hometeam_routing_decision_latency_seconds")
+    cpu0 = ctx.procs.snapshot()
+    load0 = os.getloadavg()
+    spec = {
+        "bootstrap": ctx.bootstrap,
+        "topic": ctx.ids.prefix + "channel.inbound.v1",
+        "customers": args.customers,
+        "teams": args.teams,
+        "seed": args.seed,
+        "step_seed": args.seed * 1000 + step,
+        "tag": f"{ctx.ids.run}-{label}",
+        "rate": rate,
+        "duration": duration,
+        "skew": args.skew,
+    }
+    print(f"bench: {label}: {rate:g} msg/s for {duration:g} s ...", file=sys.stderr, flush=True)
+    t0, gen = await run_generator(spec)
+    t_end = t0 + duration
+    ids_ = gen["message_ids"]
+    # Drain: wait until every message of the step has its MessageAdded and no group lags.
+    drain_deadline = time.monotonic() + args.drain_timeout
+    drained = False
+    while time.monotonic() < drain_deadline:
+        done = sum(1 for m in ids_ if m in ctx.collector.added)
+        last = ctx.lag.samples[-1] if ctx.lag.samples else None
+        if done >= len(ids_) and last is not None and last[0] > time.time() - 1.5 and all(v == 0 for v in last[1].values()):
+            drained = True
+            break
+        await asyncio.sleep(0.5)
+    drain_end = time.time()
+    stored1 = await scrape_histogram(cs_port, "hometeam_message_stored_latency_seconds")
+    decided1 = await scrape_histogram(tr_port, "hometeam_routing_decision_latency_seconds")
+    cpu1 = ctx.procs.snapshot()
+    load1 = os.getloadavg()
+
+    added = [ctx.collector.added.get(m) for m in ids_]
+    completed = [a for a in added if a is not None]
+    to_added = [max(0.0, ts - env) for ts, env in completed]
+    convs = {derived_id("conversation", m) for m in ids_}
+    decided = [ctx.collector.decisions[c] for c in convs if c in ctx.collector.decisions]
+    to_decision = [max(0.0, ts - env) for ts, env in decided]
+    last_done = max((ts for ts, _ in completed), default=t0)
+    throughput = len(completed) / max(1e-9, last_done - t0) if completed else 0.0
+    per_second: dict[int, int] = defaultdict(int)
+    for ts, _ in completed:
+        per_second[int(ts - t0)] += 1
+    window = drain_end - t0
+    cpu = {}
+    for name in cpu0:
+        a, b = cpu0[name][0], cpu1[name][0]
+        cpu[name] = {
+            "cpu_seconds": (b - a) if a is not None and b is not None else None,
+            "cores": ((b - a) / window) if a is not None and b is not None and window > 0 else None,
+            "rss_mb": (cpu1[name][1] or 0) / 1024,
+        }
+    in_step = [cpu for (t, cpu) in ctx.procs.samples if t0 <= t <= t_end]
+    if len(in_step) >= 2:
+        span = len(in_step) - 1
+        for name in cpu:
+            a, b = in_step[0].get(name, (None, None))[0], in_step[-1].get(name, (None, None))[0]
+            if a is not None and b is not None:
+                cpu[name]["cores_during_send"] = (b - a) / (span * ctx.procs.interval_s)
+    lags = lag_verdict(ctx.lag.samples, t0, t_end, rate)
+    lags_series = [
+        {"t": round(t - t0, 2), **{g: v for g, v in lag.items()}} for t, lag, _ in ctx.lag.samples if t0 - 1 <= t <= drain_end
+    ]
+    lags_each = lags["groups"]
+    sends = gen["lags"]
+    result = {
+        "label": label,
+        "rate": rate,
+        "duration_s": duration,
+        "messages": gen["messages"],
+        "bursts": gen["bursts"],
+        "distinct_customers": gen["distinct_customers"],
+        "bytes": gen["bytes"],
+        "send_errors": gen["errors"],
+        "generator_cpu_seconds": gen["cpu_seconds"],
+        "achieved_send_rate": gen["messages"] / gen["last_send_s"] if gen["last_send_s"] > 0 else None,
+        "generator_lag_s": exact_quantiles(sends, (0.5, 0.99)),
+        "late_sends_over_10ms": sum(1 for x in sends if x > 0.010),
+        "completed": len(completed),
+        "completed_share": len(completed) / len(ids_) if ids_ else None,
+        "throughput": throughput,
+        "peak_1s_throughput": max(per_second.values(), default=0),
+        # Conversations opened by this step's messages that got a routing decision (a message
+        # that joins an open conversation needs none).
+        "decisions_seen": len(decided),
+        "latency_to_decision_s": exact_quantiles(to_decision),
+        "latency_to_message_added_s": exact_quantiles(to_added),
+        "stored_update_histogram_s": histogram_quantiles(stored0, stored1, QUANTILES),
+        "decision_histogram_s": histogram_quantiles(decided0, decided1, QUANTILES),
+        "drained": drained,
+        "drain_s": drain_end - t_end,
+        "bounded": lags["bounded"],
+        "lag": lags_each,
+        "lag_series": lags_series,
+        "processes": cpu,
+        "loadavg_before": load0,
+        "loadavg_after": load1,
+    }
+    return result
+
+
+async def wait_for_no_lag(lag: LagSampler, timeout_s: float) -> bool:
+    """Wait until a fresh lag sample shows every group of the run caught up."""
+    deadline = time.monotonic() + max(0.0, timeout_s)
+    while time.monotonic() < deadline:
+        last = lag.samples[-1] if lag.samples else None
+        if last is not None and last[0] > time.time() - 1.5 and all(v == 0 for v in last[1].values()):
+            return True
+        await asyncio.sleep(0.5)
+    return False
+
+
+def lag_verdict(samples: list[tuple[float, dict[str, int], dict[str, int]]], t0: float, t_end: float, rate: float) -> dict[str, Any]:
+    """Bounded lag, per group: at the end of the step the group is at most one second of its
+    own input behind (mean of the last three samples), and its lag did not grow by more than
+    half a second of input over the last half of the step (least-squares slope). A group's
+    input rate is measured from the end offsets of the topics it reads; the rate is bounded
+    when every main group is."""
+    window = [(t, lag, ends) for t, lag, ends in samples if t0 <= t <= t_end + 0.5]
+    out: dict[str, Any] = {"groups": {}, "bounded": bool(window)}
+    if len(window) < 4:
+        out["bounded"] = False
+        out["reason"] = "too few lag samples"
+        return out
+    groups = sorted({g for _, lag, _ in window for g in lag})
+    for g in groups:
+        series = [(t, lag.get(g, 0)) for t, lag, _ in window]
+        end_lag = sum(v for _, v in series[-3:]) / min(3, len(series))
+        half = [(t, v) for t, v in series if t >= t0 + (t_end - t0) / 2]
+        slope = _slope(half) if len(half) >= 3 else 0.0
+        out["groups"][g] = {"end_lag": end_lag, "max_lag": max(v for _, v in series), "slope_per_s": slope}
+    return _judge(out, window, rate, t0, t_end)
+
+
+GROUP_INPUTS = {
+    "ingest": ("channel.inbound.v1",),
+    "conversation-state": ("messages.received.v1", "agent.actions.v1", "routing.decisions.v1", "customers.commands.v1", "lifecycle.commands.v1"),
+    "team-routing": ("routing.commands.v1",),
+    "team-routing.presence": ("agent.presence.v1",),
+    "timeout-sweeper": ("conversations.events.v1",),
+    "metrics": ("conversations.events.v1", "surveys.responses.v1"),
+    "metrics.presence": ("agent.presence.v1",),
+    "metrics.pools": ("pools.status.v1",),
+}
+
+
+def _judge(out: dict[str, Any], window: list[Any], rate: float, t0: float, t_end: float) -> dict[str, Any]:
+    first_ends, last_ends = window[0][2], window[-1][2]
+    span = max(1e-9, window[-1][0] - window[0][0])
+    bounded = True
+    for g, info in out["groups"].items():
+        topics = GROUP_INPUTS.get(g, ())
+        growth = sum(
+            last_ends.get(t, 0) - first_ends.get(t, 0) for t in last_ends if any(t.endswith("." + n) or t == n for n in topics)
+        )
+        input_rate = growth / span if topics else rate
+        info["input_rate"] = input_rate
+        allowance = max(input_rate * 1.0, 50.0)  # one second of the group's input (at least 50 records)
+        grew = info["slope_per_s"] * (t_end - t0) / 2
+        info["bounded"] = info["end_lag"] <= allowance and grew <= max(0.5 * allowance, 25.0)
+        info["end_lag_seconds_of_input"] = info["end_lag"] / input_rate if input_rate > 0 else None
+        if g in MAIN_GROUPS and not info["bounded"]:
+            bounded = False
+    out["bounded"] = bounded and all(g in out["groups"] for g in MAIN_GROUPS)
+    if not all(g in out["groups"] for g in MAIN_GROUPS):
+        out["reason"] = "a main consumer group had no committed offsets"
+    return out
+
+
+def _slope(points: list[tuple[float, float]]) -> float:
+    n = len(points)
+    mx = sum(t for t, _ in points) / n
+    my = sum(v for _, v in points) / n
+    den = sum((t - mx) ** 2 for t, _ in points)
+    return sum((t - mx) * (v - my) for t, v in points) / den if den else 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Reporting
+
+
+def ms(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value + "s"
+    return f"{value * 1000:.0f}" if value >= 0.1 else f"{value * 1000:.1f}"
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = []
+    hdr = (
+        f"{'step':<8}{'offered':>8}{'sent/s':>8}{'genlag99':>9}{'thruput':>8}{'done%':>6}"
+        f"{'bounded':>8}  {'to decision ms p50/p95/p99/p99.9':<32}{'to MessageAdded ms p50/p95/p99/p99.9':<36}"
+        f"{'stored (hist) ms p50/p95/p99/p99.9':<35}{'end lag (ing/tr/cs/sw/met)':<28}cores (ing/tr/cs/sw/met | kafka/ferret/bench)"
+    )
+    lines.append(hdr)
+    lines.append("-" * len(hdr))
+    for s in result["steps"]:
+        def q4(d: dict[str, Any]) -> str:
+            return "/".join(ms(d.get(k)) for k in ("p50", "p95", "p99", "p99_9"))
+
+        lag = s["lag"]
+        end = "/".join(f"{lag.get(g, {}).get('end_lag', 0):.0f}" for g in MAIN_GROUPS)
+        pr = s["processes"]
+        cores = "/".join(
+            f"{(pr.get(n, {}).get('cores') or 0):.2f}" for n in ("ingest", "team_routing", "conversation_state", "timeout_sweeper", "metrics")
+        )
+        infra = "/".join(f"{(pr.get(n, {}).get('cores') or 0):.2f}" for n in ("kafka", "ferretdb", "bench"))
+        lines.append(
+            f"{s['label']:<8}{s['rate']:>8g}{(s['achieved_send_rate'] or 0):>8.1f}{ms(s['generator_lag_s']['p99']):>9}"
+            f"{s['throughput']:>8.0f}{100 * (s['completed_share'] or 0):>6.1f}{('yes' if s['bounded'] else 'NO'):>8}  "
+            f"{q4(s['latency_to_decision_s']):<32}{q4(s['latency_to_message_added_s']):<36}"
+            f"{q4(s['stored_update_histogram_s']):<35}{end:<28}{cores} | {infra}"
+        )
+    return "\n".join(lines)
+
+
+def summary_lines(result: dict[str, Any]) -> list[str]:
+    b = result["baseline"]
+    s = result["summary"]
+    out = [
+        f"raw pass-through baseline: {b['passthrough_rate']:.0f} msg/s ({b['moved']} messages, one aiokafka process; "
+        f"one producer preloaded them at {b['preload_rate']:.0f} msg/s)",
+        f"highest bounded rate: {s['highest_bounded_rate'] or 'none'} msg/s offered "
+        f"(measured throughput {s['highest_bounded_throughput'] or 0:.0f} msg/s)",
+        f"ratio pipeline / baseline: {s['ratio'] if s['ratio'] is None else round(s['ratio'], 3)} "
+        f"(bounded throughput / pass-through); at saturation {s['saturated_ratio'] if s['saturated_ratio'] is None else round(s['saturated_ratio'], 3)} "
+        f"(best measured throughput {s['best_throughput']:.0f} msg/s)",
+    ]
+    h = s.get("half_rate_step")
+    if h:
+        out.append(
+            f"at half the highest bounded rate ({h['rate']:g} msg/s): to MessageAdded p50/p95/p99/p99.9 = "
+            + "/".join(ms(h["latency_to_message_added_s"].get(k)) for k in ("p50", "p95", "p99", "p99_9"))
+            + " ms; to decision "
+            + "/".join(ms(h["latency_to_decision_s"].get(k)) for k in ("p50", "p95", "p99", "p99_9"))
+            + " ms; stored (histogram) "
+            + "/".join(ms(h["stored_update_histogram_s"].get(k)) for k in ("p50", "p95", "p99", "p99_9"))
+            + " ms"
+        )
+    idle = result.get("idle_cores") or {}
+    if idle:
+        out.append("idle cores before the sweep (other users of the stack, timers): " + ", ".join(f"{k} {v:.2f}" for k, v in idle.items() if v is not None))
+    out.append(
+        "peak RSS (MB): "
+        + ", ".join(f"{k} {v / 1024:.0f}" for k, v in result["peak_rss_kb"].items() if v)
+    )
+    return out
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = sorted(result["steps"], key=lambda s: s["rate"])
+    rates = [s["rate"] for s in steps]
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
+    ax = axes[0]
+    for key, style in (("p50", "o-"), ("p95", "s-"), ("p99", "^-"), ("p99_9", "v-")):
+        ax.plot(rates, [s["latency_to_message_added_s"].get(key) or float("nan") for s in steps], style, label=f"MessageAdded {key.replace('_', '.')}")
+    for key, style in (("p50", "o--"), ("p99", "^--")):
+        ax.plot(rates, [s["latency_to_decision_s"].get(key) or float("nan") for s in steps], style, label=f"decision {key}", alpha=0.7)
+    ax.axhline(0.1, color="grey", lw=0.8, ls=":", label="100 ms")
+    ax.set_yscale("log")
+    ax.set_xscale("log")
+    ax.set_xlabel("offered rate (msg/s)")
+    ax.set_ylabel("end-to-end latency (s)")
+    ax.set_title("latency vs rate")
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+
+    ax = axes[1]
+    ax.plot(rates, rates, "k:", label="offered")
+    ax.plot(rates, [s["throughput"] for s in steps], "o-", label="pipeline throughput")
+    for s in steps:
+        ax.annotate("bounded" if s["bounded"] else "NOT bounded", (s["rate"], s["throughput"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    base = result["baseline"]["passthrough_rate"]
+    if base:
+        ax.axhline(base, color="tab:red", ls="--", label=f"raw pass-through {base:.0f}/s")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("offered rate (msg/s)")
+    ax.set_ylabel("messages/s")
+    ax.set_title("throughput vs rate")
+    ax.legend(fontsize=7)
+    ax.grid(True, alpha=0.3)
+
+    ax = axes[2]
+    offset = 0.0
+    colours = dict(zip(MAIN_GROUPS, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"), strict=True))
+    for s in sorted(result["steps"], key=lambda s: s["label"]):
+        series = s["lag_series"]
+        if not series:
+            continue
+        for g in MAIN_GROUPS:
+            ax.plot([offset + p["t"] for p in series], [p.get(g, 0) for p in series], color=colours[g], lw=1,
+                    label=g if offset == 0 else None)
+        end = offset + series[-1]["t"]
+        ax.axvspan(offset, offset + s["duration_s"], color="grey", alpha=0.08)
+        ax.text(offset, 0, f"{s['rate']:g}/s", fontsize=7, va="bottom")
+        offset = end + 2
+    ax.set_xlabel("seconds (steps side by side; shaded: sending)")
+    ax.set_ylabel("consumer lag (records)")
+    ax.set_title("consumer lag over time")
+    ax.set_yscale("symlog")
+    ax.legend(fontsize=7)
+    ax.grid(True, alpha=0.3)
+    fig.suptitle(f"hometeam pipeline benchmark {result['started_at']} ({result['machine']['cpus']} CPUs)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def machine_info() -> dict[str, Any]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = 0
+    try:
+        mem = int(Path("/proc/meminfo").read_text().split()[1]) // 1024
+    except (OSError, IndexError, ValueError):
+        pass
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True).stdout.strip())
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "memory_mb": mem,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "git_commit": commit + ("+dirty" if dirty else ""),
+        "loadavg_at_start": os.getloadavg(),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    from pymongo import AsyncMongoClient
+
+    from shared.runtime.topics import ensure_topics
+
+    bootstrap, mongodb_url = endpoints()
+    ids = RunIds.new("bench")
+    started_at = datetime.now(UTC)
+    stamp_name = started_at.strftime("%Y%m%dT%H%M%SZ")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f"hometeam-bench-{ids.run}-"))
+    directory = bench_directory(args.teams, args.agents_per_team, args.max_concurrency)
+    teams_config = write_directory(directory, work)
+    result: dict[str, Any] = {
+        "started_at": started_at.isoformat(),
+        "run": ids.run,
+        "machine": machine_info(),
+        "settings": {
+            "rates": args.rates,
+            "duration_s": args.duration,
+            "customers": args.customers,
+            "skew": args.skew,
+            "teams": args.teams,
+            "agents_per_team": args.agents_per_team,
+            "max_concurrency": args.max_concurrency,
+            "baseline_messages": args.baseline_messages,
+            "drain_timeout_s": args.drain_timeout,
+            "seed": args.seed,
+            "consumer_batch_max_records": args.batch_max_records,
+            "consumer_batch_timeout_ms": BATCH_TIMEOUT_MS,
+            "producer": PRODUCER_SETTINGS,
+            "channel_mix": dict(CHANNEL_MIX),
+        },
+        "steps": [],
+    }
+    t_start = time.monotonic()
+    mongo: AsyncMongoClient = AsyncMongoClient(mongodb_url, tz_aware=True)
+    processes: dict[str, ServiceProcess] = {}
+    observers: list[Any] = []
+    try:
+        print(f"bench: run {ids.run}: topics {ids.prefix}*, databases {ids.database}_*, logs in {work}", file=sys.stderr, flush=True)
+        await ensure_topics(bootstrap, prefix=ids.prefix)
+        env = service_env(ids, bootstrap, mongodb_url, teams_config, {"CONSUMER_BATCH_MAX_RECORDS": str(args.batch_max_records)})
+        t = time.monotonic()
+        processes = await start_services(SERVICES, env, work)
+        result["startup_s"] = time.monotonic() - t
+        print(f"bench: five services ready in {result['startup_s']:.1f} s", file=sys.stderr, flush=True)
+        db = mongo[ids.database_of("team_routing")]
+        result["agents_online_s"] = await bring_agents_online(bootstrap, ids, agent_ids(directory), db)
+        print(f"bench: {len(agent_ids(directory))} agents online in {result['agents_online_s']:.1f} s", file=sys.stderr, flush=True)
+
+        population = make_population(args.customers, args.teams, args.seed)
+        base_plan = plan_messages(population, rate=args.baseline_messages, duration=1.0, seed=args.seed * 1000 + 999, tag=f"{ids.run}-base", skew=args.skew)
+        check_plan(base_plan)
+        print(f"bench: raw pass-through baseline on {len(base_plan.bodies)} messages ...", file=sys.stderr, flush=True)
+        result["baseline"] = await baseline(bootstrap, ids, base_plan, args.batch_max_records)
+        del base_plan
+        print(f"bench: baseline {result['baseline']['passthrough_rate']:.0f} msg/s", file=sys.stderr, flush=True)
+
+        pids = {m: p.pid for m, p in processes.items()} | stack_pids() | {"bench": os.getpid()}
+        collector = Collector(bootstrap, ids.prefix)
+        lag = LagSampler(bootstrap, ids.group_prefix)
+        procs = ProcSampler(pids)
+        for o in (collector, lag, procs):
+            await o.start()
+            observers.append(o)
+        ctx = Context(args, ids, bootstrap, processes, collector, lag, procs, db)
+
+        # What the machine does with no load from this run (other users of a shared stack,
+        # the services' own timers): the floor under every step's CPU figures.
+        idle0, t_idle = procs.snapshot(), time.monotonic()
+        await asyncio.sleep(5)
+        idle1, span = procs.snapshot(), time.monotonic() - t_idle
+        result["idle_cores"] = {
+            name: ((idle1[name][0] - idle0[name][0]) / span if idle0[name][0] is not None and idle1[name][0] is not None else None)
+            for name in idle0
+        }
+        print(
+            "bench: idle (no load from this run) cores: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in result["idle_cores"].items() if v is not None),
+            file=sys.stderr,
+            flush=True,
+        )
+        warm = await run_step(ctx, args.warmup_rate, 0, "warmup", args.warmup)
+        result["warmup"] = {k: warm[k] for k in ("rate", "messages", "completed_share", "drained", "drain_s", "latency_to_message_added_s")}
+        if not warm["drained"]:
+            print("bench: the warm-up did not drain; the first step starts with a backlog", file=sys.stderr, flush=True)
+        for n, rate in enumerate(args.rates, start=1):
+            if time.monotonic() - t_start > args.budget:
+                print(f"bench: {args.budget:.0f} s budget spent; rates from {rate:g} msg/s skipped", file=sys.stderr, flush=True)
+                break
+            step = await run_step(ctx, rate, n, f"r{rate:g}", args.duration)
+            result["steps"].append(step)
+            print(table({"steps": [step]}).splitlines()[-1], file=sys.stderr, flush=True)
+            if not step["bounded"] and not args.keep_going:
+                print(f"bench: lag not bounded at {rate:g} msg/s; higher rates skipped", file=sys.stderr, flush=True)
+                break
+            if not step["drained"]:
+                print(f"bench: backlog not drained after {args.drain_timeout:g} s; stopping the sweep", file=sys.stderr, flush=True)
+                break
+        bounded = [s for s in result["steps"] if s["bounded"]]
+        best = max(bounded, key=lambda s: s["rate"]) if bounded else None
+        half_step = None
+        if best is not None and args.half_step:
+            half = best["rate"] / 2
+            half_step = next((s for s in result["steps"] if abs(s["rate"] - half) < 1e-6), None)
+            last = result["steps"][-1]
+            drained = last["drained"]
+            if half_step is None and half >= 1 and not drained and time.monotonic() - t_start < args.budget:
+                print("bench: waiting for the backlog to clear before the half-rate step ...", file=sys.stderr, flush=True)
+                drained = await wait_for_no_lag(ctx.lag, min(120.0, args.budget - (time.monotonic() - t_start)))
+            if half_step is None and half >= 1 and drained and time.monotonic() - t_start < args.budget:
+                half_step = await run_step(ctx, half, len(args.rates) + 1, f"r{half:g}", args.duration)
+                result["steps"].append(half_step)
+                print(table({"steps": [half_step]}).splitlines()[-1], file=sys.stderr, flush=True)
+        pools = []
+        async for doc in db["pools"].find({}):
+            placements = doc.get("placements", [])
+            pools.append({"pool": doc["_id"], "placements": len(placements), "waiting": sum(1 for p in placements if p.get("agent_id") is None)})
+        result["pools_at_end"] = pools
+        result["peak_rss_kb"] = procs.peaks()
+        base = result["baseline"]["passthrough_rate"] or None
+        best_tp = max((s["throughput"] for s in result["steps"]), default=0.0)
+        result["summary"] = {
+            "highest_bounded_rate": best["rate"] if best else None,
+            "highest_bounded_throughput": best["throughput"] if best else None,
+            "baseline_rate": base,
+            "ratio": (best["throughput"] / base) if best and base else None,
+            "best_throughput": best_tp,
+            "saturated_ratio": best_tp / base if base else None,
+            "half_rate_step": half_step,
+        }
+    finally:
+        for o in observers:
+            await o.stop()
+        stop_services(processes)
+        result["elapsed_s"] = time.monotonic() - t_start
+        result["machine"]["loadavg_at_end"] = os.getloadavg()
+        if not args.keep_data:
+            await cleanup(bootstrap, mongodb_url, ids)
+        await mongo.close()
+        if not args.keep_logs:
+            shutil.rmtree(work, ignore_errors=True)
+
+    json_path = out_dir / f"{stamp_name}.json"
+    png_path = out_dir / f"{stamp_name}.png"
+    slim = dict(result)
+    json_path.write_text(json.dumps(slim, indent=1, default=str))
+    plot(result, png_path)
+    result["paths"] = {"json": str(json_path), "png": str(png_path)}
+    return result
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.pipeline", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--rates",
+        default="5,10,20,50,100,200,500,1000,2000,4000,6000",
+        help="arrival rates to sweep, msg/s, ascending; the sweep stops at the first rate whose lag is not bounded",
+    )
+    p.add_argument("--duration", type=float, default=20.0, help="seconds of sending per rate")
+    p.add_argument("--out", default="bench-results", help="folder for the JSON and PNG")
+    p.add_argument("--customers", type=int, default=20_000, help="distinct customers (addresses) messages come from")
+    p.add_argument("--skew", type=float, default=1.5, help="customer reuse skew (1: uniform; higher: a heavier head)")
+    p.add_argument("--teams", type=int, default=4, help="home teams (plus the standard pool)")
+    p.add_argument("--agents-per-team", type=int, default=35)
+    p.add_argument("--max-concurrency", type=int, default=100, help="conversations per agent (room for every customer)")
+    p.add_argument("--baseline-messages", type=int, default=60_000)
+    p.add_argument(
+        "--batch-max-records",
+        type=int,
+        default=SAFE_BATCH_MAX_RECORDS,
+        help="records per consumer batch for the services and the baseline (services' default: 500; "
+        "above ~100 FerretDB 1.24 can deadlock, see docs/benchmarks.md)",
+    )
+    p.add_argument("--warmup", type=float, default=5.0, help="seconds of warm-up load before the sweep")
+    p.add_argument("--warmup-rate", type=float, default=10.0)
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="max seconds to wait for a step's backlog to clear")
+    p.add_argument("--keep-going", action="store_true", help="continue the sweep past an unbounded rate")
+    p.add_argument("--no-half-step", dest="half_step", action="store_false", help="do not add a step at half the highest bounded rate")
+    p.add_argument("--budget", type=float, default=420.0, help="seconds after which no further step starts (keeps make bench under 10 min)")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--keep-data", action="store_true", help="keep the run's topics and database")
+    p.add_argument("--keep-logs", action="store_true", help="keep the services' logs (printed path)")
+    args = p.parse_args(argv)
+    args.rates = [float(r) for r in str(args.rates).split(",") if r.strip()]
+    return args
+
+
+async def run_until_signalled(coro: Any) -> Any:
+    """Run ``coro``; SIGTERM or SIGINT cancels it, so its clean-up (stopping the services it
+    started, deleting its topics) still happens."""
+    task = asyncio.ensure_future(coro)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        return await task
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        result = asyncio.run(run_until_signalled(run(args)))
+    except asyncio.CancelledError:
+        print("bench: interrupted; services stopped and run data removed", file=sys.stderr)
+        return 130
+    print()
+    print(table(result))
+    print()
+    for line in summary_lines(result):
+        print(line)
+    print()
+    print(f"results: {result['paths']['json']}")
+    print(f"plot:    {result['paths']['png']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# `make bench`: the benchmarks, on the local Kafka + FerretDB stack (or on KAFKA_BOOTSTRAP_SERVERS
+# and MONGODB_URL when both are set). Installs the locked environment, starts the stack unless
+# it already runs (and stops it afterwards only if this script started it), then runs
+#   1. the pipeline benchmark with its defaults (python -m bench.pipeline: open-loop sweep of
+#      arrival rates through the five services, the raw Kafka pass-through baseline in the same
+#      run, JSON + PNG in bench-results/),
+#   2. the routing-decision micro-benchmark (python -m bench.routing_decision),
+#   3. the timeout-sweeper benchmark (python -m bench.sweeper).
+# The memory benchmark with a million known customers is separate: python -m bench.memory.
+# Extra arguments go to bench.pipeline (e.g. scripts/bench.sh --rates 100,200 --duration 10).
+# See docs/benchmarks.md for what each number means.
+set -euo pipefail
+REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO_ROOT"
+
+bash scripts/bootstrap.sh
+
+started_stack=0
+if [[ -z "${KAFKA_BOOTSTRAP_SERVERS:-}" || -z "${MONGODB_URL:-}" ]]; then
+    if ! bash scripts/stack.sh status >/dev/null 2>&1; then
+        started_stack=1
+    fi
+    stack_env=$(bash scripts/stack.sh up)
+    eval "$(printf '%s\n' "$stack_env" | sed 's/^/export /')"
+fi
+
+cleanup() {
+    if ((started_stack)); then
+        bash scripts/stack.sh down >&2 || true
+    fi
+}
+trap cleanup EXIT
+
+started=$(date +%s)
+echo "bench: machine: $(nproc) CPUs, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), load average $(cut -d' ' -f1-3 /proc/loadavg)"
+echo
+echo "== 1/3 pipeline: open-loop sweep and raw Kafka pass-through baseline (python -m bench.pipeline)"
+.venv/bin/python -m bench.pipeline --out bench-results "$@"
+echo
+echo "== 2/3 routing decision micro-benchmark (python -m bench.routing_decision)"
+.venv/bin/python -m bench.routing_decision
+echo
+echo "== 3/3 timeout-sweeper: due deadlines per minute (python -m bench.sweeper)"
+.venv/bin/python -m bench.sweeper
+echo
+echo "bench: done in $(($(date +%s) - started)) s; load average now $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "bench: results and plot in $REPO_ROOT/bench-results/ (newest: $(ls -t bench-results/*.json 2>/dev/null | head -1))"
