@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import json
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -32,11 +33,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.pipeline import (
-    SAFE_BATCH_MAX_RECORDS,
     SERVICES,
     Collector,
     RunIds,
     agent_ids,
+    batch_env,
     bench_directory,
     bring_agents_online,
     cleanup,
@@ -144,7 +145,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         result["seed_seconds"] = probe_s + rest_s
         print(f"bench.memory: {count:,} known customers seeded in {probe_s + rest_s:.0f} s", file=sys.stderr, flush=True)
 
-        env = service_env(ids, bootstrap, mongodb_url, teams_config, {"CONSUMER_BATCH_MAX_RECORDS": str(args.batch_max_records)})
+        env = service_env(ids, bootstrap, mongodb_url, teams_config, batch_env(args.batch_max_records))
         processes = await start_services(SERVICES, env, work)
         await bring_agents_online(bootstrap, ids, agent_ids(raw_directory), mongo[ids.database_of("team_routing")])
         collector = Collector(bootstrap, ids.prefix)
@@ -195,6 +196,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         stop_services(processes)
         await mongo.close()
         await cleanup(bootstrap, mongodb_url, ids)
+        shutil.rmtree(work, ignore_errors=True)
     return result
 
 
@@ -207,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=30.0)
     p.add_argument("--settle", type=float, default=20.0, help="seconds to keep sampling after the load")
     p.add_argument("--teams", type=int, default=4)
-    p.add_argument("--batch-max-records", type=int, default=SAFE_BATCH_MAX_RECORDS)
+    p.add_argument("--batch-max-records", type=int, default=None, help="records per consumer batch (default: the services' own)")
     p.add_argument("--seed", type=int, default=11)
     p.add_argument("--out", default="bench-results", help="folder for the JSON")
     args = p.parse_args(argv)

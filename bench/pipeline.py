@@ -73,14 +73,11 @@ PRODUCER_SETTINGS: dict[str, Any] = {
 }
 BATCH_TIMEOUT_MS = 20
 # FerretDB 1.24 (SQLite) deadlocks for good when update commands running at the same time on
-# one database hold more than 100 statements that match existing documents: each statement
-# keeps one of the database's 100 pool connections until its command ends. Conversation-state
-# (customers, conversations) and metrics (customers, buckets) write a batch as one bulk_write
-# of ReplaceOne, so with the services' default batch of 500 records the local store wedges
-# within seconds of load. Until the services split their bulk writes, the bench gives every
-# service a database of its own (its own pool) and this many records per batch (metrics' two
-# bulk writes are sequential, but its pool-status consumer may write ~20 more at the same time).
-SAFE_BATCH_MAX_RECORDS = 64
+# one database hold more than 100 statements that match existing documents (each keeps one of
+# the database's 100 pool connections until its command ends). The services now write in
+# commands of at most 20 operations (shared/runtime/store.py), but on one shared database
+# metrics' three consumers, conversation-state and team-routing can still reach 100 at once,
+# so the bench gives each service a database of its own (see ``start_services``).
 
 # Envelope times are written with this placeholder and replaced at the scheduled send time.
 SENTINEL_TIME = "2000-01-01T00:00:00.123456Z"
@@ -446,6 +443,17 @@ class ServiceProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+def batch_env(batch_max_records: int | None) -> dict[str, str]:
+    """``CONSUMER_BATCH_MAX_RECORDS`` when the bench overrides the services' default."""
+    return {} if batch_max_records is None else {"CONSUMER_BATCH_MAX_RECORDS": str(batch_max_records)}
+
+
+def default_batch_max_records() -> int:
+    from shared.settings import ServiceSettings
+
+    return int(ServiceSettings.model_fields["consumer_batch_max_records"].default)
 
 
 def service_env(
@@ -1392,7 +1400,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "baseline_messages": args.baseline_messages,
             "drain_timeout_s": args.drain_timeout,
             "seed": args.seed,
-            "consumer_batch_max_records": args.batch_max_records,
+            "consumer_batch_max_records": args.batch_max_records or default_batch_max_records(),
             "consumer_batch_timeout_ms": BATCH_TIMEOUT_MS,
             "producer": PRODUCER_SETTINGS,
             "channel_mix": dict(CHANNEL_MIX),
@@ -1406,7 +1414,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         print(f"bench: run {ids.run}: topics {ids.prefix}*, databases {ids.database}_*, logs in {work}", file=sys.stderr, flush=True)
         await ensure_topics(bootstrap, prefix=ids.prefix)
-        env = service_env(ids, bootstrap, mongodb_url, teams_config, {"CONSUMER_BATCH_MAX_RECORDS": str(args.batch_max_records)})
+        env = service_env(ids, bootstrap, mongodb_url, teams_config, batch_env(args.batch_max_records))
         t = time.monotonic()
         processes = await start_services(SERVICES, env, work)
         result["startup_s"] = time.monotonic() - t
@@ -1419,7 +1427,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         base_plan = plan_messages(population, rate=args.baseline_messages, duration=1.0, seed=args.seed * 1000 + 999, tag=f"{ids.run}-base", skew=args.skew)
         check_plan(base_plan)
         print(f"bench: raw pass-through baseline on {len(base_plan.bodies)} messages ...", file=sys.stderr, flush=True)
-        result["baseline"] = await baseline(bootstrap, ids, base_plan, args.batch_max_records)
+        result["baseline"] = await baseline(bootstrap, ids, base_plan, args.batch_max_records or default_batch_max_records())
         del base_plan
         print(f"bench: baseline {result['baseline']['passthrough_rate']:.0f} msg/s", file=sys.stderr, flush=True)
 
@@ -1535,9 +1543,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--batch-max-records",
         type=int,
-        default=SAFE_BATCH_MAX_RECORDS,
-        help="records per consumer batch for the services and the baseline (services' default: 500; "
-        "above ~100 FerretDB 1.24 can deadlock, see docs/benchmarks.md)",
+        default=None,
+        help="records per consumer batch for the services and the baseline (default: the services' own, 500)",
     )
     p.add_argument("--warmup", type=float, default=5.0, help="seconds of warm-up load before the sweep")
     p.add_argument("--warmup-rate", type=float, default=10.0)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -37,6 +38,7 @@ from bench.pipeline import (
     endpoints,
     free_port,
     proc_cpu_seconds,
+    run_until_signalled,
     service_env,
     topic_partitions,
     write_directory,
@@ -150,9 +152,12 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     work = Path(tempfile.mkdtemp(prefix="hometeam-sweeper-bench-"))
     teams_config = write_directory(bench_directory(1, 5, 10), work)
     results = []
-    for replicas in args.replicas:
-        print(f"bench.sweeper: {args.deadlines} due deadlines, {replicas} replica(s) ...", file=sys.stderr, flush=True)
-        results.append(await trial(replicas, args, teams_config, work))
+    try:
+        for replicas in args.replicas:
+            print(f"bench.sweeper: {args.deadlines} due deadlines, {replicas} replica(s) ...", file=sys.stderr, flush=True)
+            results.append(await trial(replicas, args, teams_config, work))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return results
 
 
@@ -164,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=7)
     args = p.parse_args(argv)
     args.replicas = [int(r) for r in str(args.replicas).split(",") if r.strip()]
-    results = asyncio.run(run(args))
+    results = asyncio.run(run_until_signalled(run(args)))
     print(f"timeout-sweeper benchmark: {args.deadlines} due inactivity deadlines (service defaults: 200 per sweep)")
     print(f"{'replicas':>8}{'seconds':>10}{'deadlines/min':>15}{'commands':>10}{'  cpu s per replica'}")
     for r in results:
