@@ -90,7 +90,7 @@ class KpiStore:
         try:
             await self.presence.insert_one({"_id": f"{agent}@{start.isoformat()}", "agent": agent, "team": team, "start": start, "end": None})
         except DuplicateKeyError:
-            pass  # a replay
+            return  # already started: a replay of the same sign-in
 
     async def end_interval(self, interval_id: str, end: datetime) -> None:
         await self.presence.update_one({"_id": interval_id}, {"$set": {"end": end}})
