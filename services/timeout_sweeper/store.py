@@ -72,6 +72,12 @@ class DeadlineStore:
             return False
         return True
 
+    async def recent_claims(self, claim_ids: list[str], since: datetime) -> set[str]:
+        """Which of these claims were made after ``since`` (their holder may still be working)."""
+        if not claim_ids:
+            return set()
+        return {d["_id"] async for d in self.claims.find({"_id": {"$in": claim_ids}, "claimed_at": {"$gt": since}}, {"_id": 1})}
+
     async def done(self, deadline_ids: list[str]) -> None:
         if deadline_ids:
             await self.deadlines.delete_many({"_id": {"$in": deadline_ids}})

@@ -73,8 +73,16 @@ class Sweeper:
         fired: list[str] = []
         next_hours = []
         directory = self.directory.current
+        attempts = {doc["_id"]: claim_attempt(doc["due_at"], now, self.lease) for doc in due}
+        # A later attempt only takes over from a claim older than one lease: a replica still
+        # busy with its claim (a long sweep) is not overtaken, so nothing fires twice.
+        busy = await self.store.recent_claims(
+            [f"{i}#{a - 1}" for i, a in attempts.items() if a > 0], now - self.lease
+        )
         for doc in due:
-            attempt = claim_attempt(doc["due_at"], now, self.lease)
+            attempt = attempts[doc["_id"]]
+            if attempt > 0 and f"{doc['_id']}#{attempt - 1}" in busy:
+                continue
             if not await self.store.claim(doc["_id"], attempt, self.owner, now):
                 self.lost_claims.inc()
                 continue
