@@ -173,16 +173,21 @@ async def test_the_simulator_drives_the_system_and_the_live_view_shows_it(demo: 
     # Conversations got assigned: home team agents for the open team's customers, the
     # standard pool (after hours) for the closed team's.
     assigned = await demo.probe.wait_for(
-        "conversations.events.v1", lambda e: e["type"] == "hometeam.ConversationAssigned", count=3, timeout_s=30
+        "conversations.events.v1", lambda e: e["type"] == "hometeam.ConversationAssigned", count=3, timeout_s=60
     )
     home = [e["data"] for e in assigned if e["data"]["team_id"] == "open"]
     assert home and all(d["agent_id"].startswith("simt-open-") and d["pool_reason"] == "home_team" for d in home), home
     await demo.probe.wait_for(
         "conversations.events.v1",
         lambda e: e["type"] == "hometeam.ConversationAssigned" and e["data"]["pool"] == "standard" and e["data"]["pool_reason"] == "after_hours",
-        timeout_s=30,
+        timeout_s=60,
     )
-    await demo.probe.wait_for("conversations.events.v1", lambda e: e["type"] == "hometeam.ConversationResolved", timeout_s=30)
+    # Resolves come after a few exchanges with human-ish delays: a 15 s run may have none, so
+    # a resolve is awaited only when the simulator sent one.
+    if counters.get("agent_resolves", 0):
+        await demo.probe.wait_for(
+            "conversations.events.v1", lambda e: e["type"] == "hometeam.ConversationResolved", timeout_s=60
+        )
     customer_ids = {e["data"]["customer_id"] for e in await demo.probe.envelopes("conversations.events.v1")}
 
     # The live view's snapshot, from the same services and topics.
