@@ -13,7 +13,7 @@ from pydantic import Field
 
 from shared.contracts.registry import AGENT_PRESENCE, CONVERSATION_EVENTS, POOL_STATUS, SURVEY_RESPONSES
 from shared.runtime.decoding import BatchReader, documented_payloads
-from shared.runtime.kafka import batch_subscriber_options, kafka_security, records_of
+from shared.runtime.kafka import batch_subscriber_options, client_security_options, records_of
 from shared.runtime.service import Service, assemble, build_runtime
 from shared.settings import ServiceSettings
 from shared.teams import DirectoryWatcher
@@ -81,16 +81,7 @@ def create_service(
 
         runtime.background.append(tick_staffed_time)
     if settings.consumer_lag_interval_s > 0:
-        security = kafka_security(settings)
-        options = {"security_protocol": settings.kafka_security_protocol}
-        if security is not None and getattr(security, "ssl_context", None) is not None:
-            options["ssl_context"] = security.ssl_context
-        if settings.kafka_sasl_username:
-            options.update(
-                sasl_mechanism=settings.kafka_sasl_mechanism,
-                sasl_plain_username=settings.kafka_sasl_username,
-                sasl_plain_password=settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else None,
-            )
+        options = client_security_options(settings)
         runtime.background.append(
             lambda: export_lag(settings.kafka_bootstrap_servers, settings.kafka_group_prefix, metrics, settings.consumer_lag_interval_s, options)
         )

@@ -141,7 +141,6 @@ def facts_for(event: BaseModel, state: CustomerKpiState) -> list[Fact]:
     if isinstance(event, ev.MessageAdded):
         team = event.team_id or conv.team
         agent = event.agent_id or conv.agent or NO_AGENT
-        direction = event.direction.value
         if team is None:
             # Not placed yet: remember the line's facts for the team that takes it.
             facts = _message_facts(conv, event, "?", agent)

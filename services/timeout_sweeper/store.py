@@ -17,7 +17,7 @@ from pymongo import ASCENDING
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
-from services.timeout_sweeper.deadlines import Arm, Cancel, Change
+from services.timeout_sweeper.deadlines import Arm, Change
 
 DUPLICATE_KEY = 11000
 

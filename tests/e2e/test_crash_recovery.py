@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import uuid
@@ -24,19 +23,13 @@ from shared.contracts.agents import AgentPresenceChanged, Presence
 from shared.contracts.channel import ChannelMessagePosted
 from shared.runtime.topics import ensure_topics
 from tests.e2e.conftest import DAY, EVERY_DAY
-from tests.support import KafkaProbe, eventually
+from tests.support import KafkaProbe, eventually, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 CUSTOMERS = 30
 MESSAGES_PER_CUSTOMER = 8
 TOTAL = CUSTOMERS * MESSAGES_PER_CUSTOMER
 SERVICES = ("ingest", "team_routing", "conversation_state")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Process:

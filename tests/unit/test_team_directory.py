@@ -3,7 +3,6 @@ watcher that reloads the file when it changes (keeping the last good directory).
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Callable
 from pathlib import Path
