@@ -472,7 +472,7 @@ def service_env(
         "KAFKA_GROUP_PREFIX": ids.group_prefix,
         "TEAMS_CONFIG": str(teams_config),
         "LOG_LEVEL": "WARNING",
-        "PYTHONPATH": str(REPO),
+        "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("BENCH_EXTRA_PYTHONPATH")])]),
         **(extra or {}),
     }
 
@@ -570,17 +570,9 @@ async def create_topics(bootstrap: str, names: dict[str, int]) -> None:
 
 async def delete_run_topics(bootstrap: str, prefix: str) -> int:
     """Delete every topic with the run's prefix (so runs do not pile up on disk)."""
-    from aiokafka.admin import AIOKafkaAdminClient
+    from shared.runtime.topics import delete_topics_with_prefix
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="hometeam-bench")
-    await admin.start()
-    try:
-        mine = [t for t in await admin.list_topics() if t.startswith(prefix)]
-        if mine:
-            await admin.delete_topics(mine, timeout_ms=30_000)
-        return len(mine)
-    finally:
-        await admin.close()
+    return await delete_topics_with_prefix(bootstrap, prefix)
 
 
 async def drop_database(mongodb_url: str, name: str) -> None:

@@ -85,13 +85,15 @@ def run_id() -> str:
 
 
 @pytest.fixture
-async def topic_prefix(infra: Infra, run_id: str) -> str:
-    """Fresh topics for one test, so no test sees another's records."""
-    from shared.runtime.topics import ensure_topics
+async def topic_prefix(infra: Infra, run_id: str) -> AsyncIterator[str]:
+    """Fresh topics for one test, so no test sees another's records; deleted afterwards (a
+    full run would otherwise leave thousands of partitions, each holding open files)."""
+    from shared.runtime.topics import delete_topics_with_prefix, ensure_topics
 
     prefix = f"t{run_id}."
     await ensure_topics(infra.kafka, prefix=prefix)
-    return prefix
+    yield prefix
+    await delete_topics_with_prefix(infra.kafka, prefix)
 
 
 @pytest.fixture

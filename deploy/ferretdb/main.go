@@ -15,6 +15,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"syscall"
+	"time"
 
 	"github.com/FerretDB/FerretDB/ferretdb"
 )
@@ -23,6 +24,11 @@ func main() {
 	addr := flag.String("listen-addr", "127.0.0.1:27017", "TCP address to listen on")
 	dataDir := flag.String("data-dir", "data", "directory for the SQLite databases")
 	logLevel := flag.String("log-level", "warn", "log level: debug, info, warn or error")
+	synchronous := flag.String("sqlite-synchronous", "normal",
+		"SQLite synchronous pragma: full (fsync every commit), or normal (WAL: a commit survives a process "+
+			"crash and is synced at checkpoints; a power loss can lose the last commits)")
+	indexInterval := flag.Duration("id-index-interval", 500*time.Millisecond,
+		"how often new collections get their _id lookup index (see idindex.go)")
 	flag.Parse()
 
 	abs, err := filepath.Abs(*dataDir)
@@ -43,7 +49,7 @@ func main() {
 		Listener:  ferretdb.ListenerConfig{TCP: *addr},
 		Logger:    logger,
 		Handler:   "sqlite",
-		SQLiteURL: "file:" + abs + "/",
+		SQLiteURL: "file:" + abs + "/?_pragma=synchronous(" + *synchronous + ")",
 	})
 	if err != nil {
 		fail(err)
@@ -51,6 +57,8 @@ func main() {
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+
+	go newIDIndexKeeper(abs, logger).run(ctx, *indexInterval)
 
 	logger.Warn("ferretdb listening", "addr", *addr, "data_dir", abs)
 	if err := db.Run(ctx); err != nil {

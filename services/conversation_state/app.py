@@ -26,13 +26,14 @@ from prometheus_client import Histogram
 from shared.runtime.decoding import BatchReader, documented_payloads
 from shared.runtime.http import LATENCY_BUCKETS
 from shared.runtime.kafka import batch_subscriber_options, records_of
+from shared.runtime.owned_cache import OwnedStateCache
 from shared.runtime.service import Service, assemble, build_runtime
 from shared.settings import ServiceSettings
 from shared.teams import DirectoryWatcher
 
 from services.conversation_state.handlers import ConversationConsumer
 from services.conversation_state.inactivity import InactivityPolicy
-from services.conversation_state.lifecycle import Rules
+from services.conversation_state.lifecycle import CustomerRecords, Rules
 from services.conversation_state.read_api import command_routes, read_routes
 from services.conversation_state.store import ConversationStore
 
@@ -53,6 +54,9 @@ class ConversationStateSettings(ServiceSettings):
     inactivity_percentile: float = Field(default=0.9, gt=0, le=1)
     inactivity_min_samples: int = Field(default=3, ge=1)
     callback_priority: int = Field(default=5, ge=0, le=9)
+    state_cache_customers: int = Field(
+        default=50_000, ge=0, description="Customers whose state stays in memory between batches (0: read every batch)"
+    )
 
     def inactivity_policy(self) -> InactivityPolicy:
         return InactivityPolicy(
@@ -72,12 +76,14 @@ def create_service(
     runtime = build_runtime(settings, span_processors=span_processors, description="Conversation state and read API")
     directory = DirectoryWatcher(settings.teams_config)
     store = ConversationStore(runtime.db)
+    cache = OwnedStateCache[CustomerRecords](settings.state_cache_customers)
     consumer = ConversationConsumer(
         reader=BatchReader(INPUTS, runtime.dead_letters, settings.kafka_topic_prefix),
         store=store,
         outbox=runtime.outbox("/hometeam/conversation-state"),
         tracing=runtime.tracing,
         directory=directory,
+        cache=cache,
         latency=Histogram(
             "hometeam_message_stored_latency_seconds",
             "From a customer message's publish on channel.inbound.v1 to its stored conversation update.",
@@ -100,6 +106,7 @@ def create_service(
     @broker.subscriber(
         *(settings.topic(t.name) for t in INPUTS),
         **batch_subscriber_options(settings),
+        listener=cache.rebalance_listener(),
         title="conversation-state:consume",
         description="Customer messages, agent actions, routing decisions and customer commands, keyed by customer.",
     )

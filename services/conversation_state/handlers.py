@@ -26,13 +26,14 @@ from shared.contracts.registry import CONVERSATION_EVENTS, MESSAGES_OUTBOUND, RO
 from shared.contracts.routing import ConversationRouted, TransferRefused
 from shared.runtime.decoding import BatchReader, Incoming
 from shared.runtime.outbox import Outbox
+from shared.runtime.owned_cache import OwnedStateCache
 from shared.runtime.tracing import RecordTracer
 from shared.teams import DirectoryWatcher
 
 from services.conversation_state import lifecycle
 from services.conversation_state.lifecycle import CustomerRecords, Effects, Rules
 from services.conversation_state.model import Line
-from services.conversation_state.store import ConversationStore
+from services.conversation_state.store import ConversationStore, keep_current
 
 
 class ConversationConsumer:
@@ -46,7 +47,9 @@ class ConversationConsumer:
         directory: DirectoryWatcher | None = None,
         latency: Histogram | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        cache: OwnedStateCache[CustomerRecords] | None = None,
     ) -> None:
+        self.cache = cache if cache is not None else OwnedStateCache[CustomerRecords](0)
         self.reader = reader
         self.store = store
         self.outbox = outbox
@@ -62,7 +65,8 @@ class ConversationConsumer:
         incoming = await self.reader.read(records)
         customer_ids = [i.payload.customer_id for i in incoming]
         conversation_ids = [i.payload.conversation_id for i in incoming if hasattr(i.payload, "conversation_id")]
-        loaded = await self.store.load(customer_ids, conversation_ids)
+        epoch = self.cache.epoch
+        loaded = await self.store.load(customer_ids, conversation_ids, self.cache.take(customer_ids))
 
         effects: list[tuple[CustomerRecords, Effects, Incoming[Any]]] = []
         lines: list[Line] = []
@@ -88,6 +92,9 @@ class ConversationConsumer:
         await self.outbox.flush()
         await self.reader.flush()
         await self.store.save(loaded.values(), lines)
+        # Stored: these customers' state stays in memory while this consumer owns them (a
+        # failure above drops it, and the records come again).
+        self.cache.put_back({cid: keep_current(r) for cid, r in loaded.items()}, epoch)
         if self.latency is not None:
             # From the channel's publish (the inbound envelope's time) to the stored update.
             now = self.clock()

@@ -70,6 +70,9 @@ class CustomerRecords:
 
     customer: Customer | None
     conversations: dict[str, Conversation] = field(default_factory=dict)
+    # The documents as the store last wrote or read them, by id: the store writes only what
+    # changed (bookkeeping of the store's, which the rules never read).
+    stored: dict[str, dict[str, object]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def open_conversation(self) -> Conversation | None:

@@ -10,7 +10,7 @@ from pymongo import ASCENDING, DESCENDING, ReplaceOne
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
-from shared.runtime.store import bulk_write_chunked
+from shared.runtime.store import bulk_write_chunked, find_by_ids
 
 from services.conversation_state.lifecycle import CustomerRecords
 from services.conversation_state.model import Conversation, Customer, Line
@@ -29,26 +29,38 @@ class ConversationStore:
         await self.conversations.create_index([("team_id", ASCENDING), ("status", ASCENDING)])
         await self.messages.create_index([("conversation_id", ASCENDING), ("at", ASCENDING)])
 
-    async def load(self, customer_ids: Iterable[str], conversation_ids: Iterable[str]) -> dict[str, CustomerRecords]:
+    async def load(
+        self,
+        customer_ids: Iterable[str],
+        conversation_ids: Iterable[str],
+        cached: dict[str, CustomerRecords] | None = None,
+    ) -> dict[str, CustomerRecords]:
         """The records of these customers, with their open and last conversations and any
-        other conversation named in the batch."""
-        ids = list(set(customer_ids))
-        records = {cid: CustomerRecords(customer=None) for cid in ids}
+        other conversation named in the batch. ``cached`` records (kept since this consumer
+        stored them) are used as they are; only what they lack is read."""
+        cached = cached or {}
+        ids = list(dict.fromkeys(customer_ids))
+        records = {cid: cached.get(cid) or CustomerRecords(customer=None) for cid in ids}
+        missing = [cid for cid in ids if cid not in cached]
         wanted = set(conversation_ids)
-        async for doc in self.customers.find({"_id": {"$in": ids}}):
+        for doc in (await find_by_ids(self.customers, missing)).values():
             customer = Customer.from_doc(doc)
             records[customer.id].customer = customer
+            records[customer.id].stored[customer.id] = customer.to_doc()  # a copy: the model shares the doc's lists
             wanted.update(x for x in (customer.open_conversation_id, customer.last_conversation_id) if x)
+        wanted -= {conv_id for r in records.values() for conv_id in r.conversations}
         if wanted:
-            async for doc in self.conversations.find({"_id": {"$in": list(wanted)}}):
+            for conv_id, doc in (await find_by_ids(self.conversations, wanted)).items():
                 conv = Conversation.from_doc(doc)
                 if conv.customer_id in records:
-                    records[conv.customer_id].conversations[conv.id] = conv
+                    records[conv.customer_id].conversations[conv_id] = conv
+                    records[conv.customer_id].stored[conv_id] = conv.to_doc()
         return records
 
     async def save(self, records: Iterable[CustomerRecords], lines: list[Line]) -> None:
         """Write lines first, then conversations, then customers (which carry the applied
-        offsets): a crash in between replays the batch and every write repeats harmlessly."""
+        offsets): a crash in between replays the batch and every write repeats harmlessly.
+        Documents equal to what was last stored are not written again."""
         if lines:
             try:
                 await self.messages.insert_many([line.to_doc() for line in lines], ordered=False)
@@ -57,12 +69,34 @@ class ConversationStore:
                     raise
         conv_ops: list[Any] = []
         customer_ops: list[Any] = []
+        written: list[tuple[CustomerRecords, str, dict[str, Any]]] = []
         for r in records:
             if r.customer is None:
                 continue
-            customer_ops.append(ReplaceOne({"_id": r.customer.id}, r.customer.to_doc(), upsert=True))
-            conv_ops.extend(ReplaceOne({"_id": c.id}, c.to_doc(), upsert=True) for c in r.conversations.values())
+            for conv in r.conversations.values():
+                doc = conv.to_doc()
+                if r.stored.get(conv.id) != doc:
+                    conv_ops.append(ReplaceOne({"_id": conv.id}, doc, upsert=True))
+                    written.append((r, conv.id, doc))
+            doc = r.customer.to_doc()
+            if r.stored.get(r.customer.id) != doc:
+                customer_ops.append(ReplaceOne({"_id": r.customer.id}, doc, upsert=True))
+                written.append((r, r.customer.id, doc))
         if conv_ops:
             await bulk_write_chunked(self.conversations, conv_ops)
         if customer_ops:
             await bulk_write_chunked(self.customers, customer_ops)
+        for r, doc_id, doc in written:
+            r.stored[doc_id] = doc
+
+
+def keep_current(records: CustomerRecords) -> CustomerRecords:
+    """What is worth keeping of a customer's records between batches: the customer with
+    their open and last conversations (an older one is read again if a record names it)."""
+    customer = records.customer
+    if customer is not None:
+        keep = {x for x in (customer.open_conversation_id, customer.last_conversation_id) if x}
+        for conv_id in [c for c in records.conversations if c not in keep]:
+            del records.conversations[conv_id]
+            records.stored.pop(conv_id, None)
+    return records

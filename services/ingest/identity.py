@@ -18,6 +18,7 @@ from pymongo.errors import BulkWriteError
 
 from shared.contracts.channel import ChannelMessagePosted
 from shared.contracts.common import Channel
+from shared.runtime.store import find_by_ids
 
 DUPLICATE_KEY = 11000
 
@@ -76,9 +77,9 @@ class IdentityDirectory:
         found = {k: self._cache[k] for k in keys if k in self._cache}
         missing = [k for k in keys if k not in found]
         if missing:
-            async for doc in self.identities.find({"_id": {"$in": missing}}):
-                found[doc["_id"]] = doc["customer_id"]
-                self._remember(doc["_id"], doc["customer_id"])
+            for key, doc in (await find_by_ids(self.identities, missing)).items():
+                found[key] = doc["customer_id"]
+                self._remember(key, doc["customer_id"])
         return found
 
     async def resolve(self, messages: list[ChannelMessagePosted], now: datetime) -> list[str]:
@@ -96,8 +97,7 @@ class IdentityDirectory:
                     raise
                 # Another replica created some of them first: theirs stand; resolve again.
                 known = await self._lookup(keys - set(created)) | {
-                    d["_id"]: d["customer_id"]
-                    async for d in self.identities.find({"_id": {"$in": list(created)}})
+                    key: d["customer_id"] for key, d in (await find_by_ids(self.identities, created)).items()
                 }
                 created = resolve_links(known, links)
                 if created:  # pragma: no cover - only if a conflicting insert vanished

@@ -19,7 +19,7 @@ from pymongo import ASCENDING, ReplaceOne
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
-from shared.runtime.store import bulk_write_chunked
+from shared.runtime.store import bulk_write_chunked, find_by_ids
 
 from services.metrics.kpis import CustomerKpiState, TrackedConversation
 
@@ -43,7 +43,7 @@ class KpiStore:
     async def load_customers(self, ids: Iterable[str]) -> dict[str, CustomerKpiState]:
         wanted = list(set(ids))
         states = {i: CustomerKpiState() for i in wanted}
-        async for doc in self.customers.find({"_id": {"$in": wanted}}):
+        for doc in (await find_by_ids(self.customers, wanted)).values():
             states[doc["_id"]] = CustomerKpiState(
                 conversations={k: TrackedConversation(**v) for k, v in doc.get("conversations", {}).items()},
                 last_resolved=doc.get("last_resolved"),
@@ -69,7 +69,7 @@ class KpiStore:
 
     # buckets -----------------------------------------------------------------------------
     async def load_buckets(self, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
-        return {d["_id"]: d async for d in self.buckets.find({"_id": {"$in": list(set(ids))}})}
+        return await find_by_ids(self.buckets, ids)
 
     async def save_buckets(self, docs: Iterable[dict[str, Any]]) -> None:
         ops = [ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in docs]

@@ -16,11 +16,13 @@ from prometheus_client import Histogram
 from shared.runtime.decoding import BatchReader, documented_payloads
 from shared.runtime.http import LATENCY_BUCKETS
 from shared.runtime.kafka import batch_subscriber_options, records_of
+from shared.runtime.owned_cache import OwnedStateCache
 from shared.runtime.service import Service, assemble, build_runtime
 from shared.settings import ServiceSettings
 from shared.teams import DirectoryWatcher
 
 from services.team_routing.handlers import PoolConsumer, PresenceForwarder
+from services.team_routing.pool import PoolState
 from services.team_routing.store import PoolStore
 
 
@@ -29,6 +31,7 @@ class TeamRoutingSettings(ServiceSettings):
     http_port: int = 8082
     teams_config: Path = Path("deploy/teams.yaml")
     teams_reload_interval_s: float = Field(default=5.0, gt=0)
+    state_cache_pools: int = Field(default=1_000, ge=0, description="Pools whose state stays in memory between batches (0: read every batch)")
 
 
 def create_service(settings: TeamRoutingSettings | None = None, *, span_processors: Sequence[SpanProcessor] = ()) -> Service:
@@ -36,12 +39,14 @@ def create_service(settings: TeamRoutingSettings | None = None, *, span_processo
     runtime = build_runtime(settings, span_processors=span_processors, description="Routing to home teams")
     directory = DirectoryWatcher(settings.teams_config)
     outbox = runtime.outbox("/hometeam/team-routing")
+    cache = OwnedStateCache[PoolState](settings.state_cache_pools)
     pools = PoolConsumer(
         BatchReader((ROUTING_COMMANDS,), runtime.dead_letters, settings.kafka_topic_prefix),
         PoolStore(runtime.db),
         outbox,
         directory,
         runtime.tracing,
+        cache=cache,
         latency=Histogram(
             "hometeam_routing_decision_latency_seconds",
             "From a customer message's publish on channel.inbound.v1 to its routing decision (new conversations).",
@@ -60,6 +65,7 @@ def create_service(settings: TeamRoutingSettings | None = None, *, span_processo
     @broker.subscriber(
         settings.topic(ROUTING_COMMANDS.name),
         **batch_subscriber_options(settings),
+        listener=cache.rebalance_listener(),
         title="team-routing:consume:routing.commands",
         description=ROUTING_COMMANDS.description,
     )

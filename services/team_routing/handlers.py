@@ -22,10 +22,11 @@ from shared.contracts.routing import RouteConversation, SetAgentPresence
 from shared.runtime.dead_letter import PoisonMessage
 from shared.runtime.decoding import BatchReader
 from shared.runtime.outbox import Outbox
+from shared.runtime.owned_cache import OwnedStateCache
 from shared.runtime.tracing import RecordTracer
 from shared.teams import DirectoryWatcher
 
-from services.team_routing.pool import Decision, Handoff, Output, apply_command, command_time, status_of
+from services.team_routing.pool import Decision, Handoff, Output, PoolState, apply_command, command_time, status_of
 from services.team_routing.store import PoolStore
 
 
@@ -39,7 +40,9 @@ class PoolConsumer:
         tracing: RecordTracer,
         latency: Histogram | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        cache: OwnedStateCache[PoolState] | None = None,
     ) -> None:
+        self.cache = cache if cache is not None else OwnedStateCache[PoolState](0)
         self.reader = reader
         self.store = store
         self.outbox = outbox
@@ -50,7 +53,9 @@ class PoolConsumer:
 
     async def handle(self, records: Sequence[ConsumerRecord]) -> None:
         incoming = await self.reader.read(records)
-        states = await self.store.load(i.envelope.subject for i in incoming)
+        pool_ids = list(dict.fromkeys(i.envelope.subject for i in incoming))
+        epoch = self.cache.epoch
+        states = await self.store.load(pool_ids, self.cache.take(pool_ids))
         directory = self.directory.current
         published: list[tuple[Any, list[Output]]] = []
         touched: dict[str, tuple[str, datetime]] = {}
@@ -86,6 +91,7 @@ class PoolConsumer:
         await self.outbox.flush()
         await self.reader.flush()
         await self.store.save(states.values())
+        self.cache.put_back(states, epoch)  # stored: kept in memory while this consumer owns the pools
         if self.latency is not None:
             # From the customer's message (its publish time, carried as requested_at) to the
             # decision being out and the pool state stored.

@@ -9,7 +9,7 @@ from typing import Any
 from pymongo import ReplaceOne
 from pymongo.asynchronous.database import AsyncDatabase
 
-from shared.runtime.store import bulk_write_chunked
+from shared.runtime.store import bulk_write_chunked, find_by_ids
 
 from shared.contracts.agents import Presence
 from shared.contracts.common import Channel, RoutingReason, WaitingOn
@@ -80,11 +80,14 @@ class PoolStore:
     def __init__(self, db: AsyncDatabase) -> None:
         self.pools = db["pools"]
 
-    async def load(self, pool_ids: Iterable[str]) -> dict[str, PoolState]:
-        ids = list(set(pool_ids))
-        states = {pid: PoolState(pool_id=pid) for pid in ids}
-        async for doc in self.pools.find({"_id": {"$in": ids}}):
-            states[doc["_id"]] = pool_from_doc(doc)
+    async def load(self, pool_ids: Iterable[str], cached: dict[str, PoolState] | None = None) -> dict[str, PoolState]:
+        """These pools' states: ``cached`` ones (kept since this consumer stored them) as they
+        are, the others read from the store (or new)."""
+        cached = cached or {}
+        ids = list(dict.fromkeys(pool_ids))
+        states = {pid: cached.get(pid) or PoolState(pool_id=pid) for pid in ids}
+        for pool_id, doc in (await find_by_ids(self.pools, [i for i in ids if i not in cached])).items():
+            states[pool_id] = pool_from_doc(doc)
         return states
 
     async def save(self, states: Iterable[PoolState]) -> None:

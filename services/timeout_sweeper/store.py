@@ -5,6 +5,10 @@ the consumer that owns the customer, and removed by the sweeper that fired it: n
 is ever updated by two writers, which FerretDB's non-isolated updates could not protect.
 A claim is a document whose unique ``_id`` (``<deadline>#<attempt>``) lets exactly one
 sweeper replica fire an attempt.
+
+A head (``deadline_heads``, ``_id`` = ``<kind>:<entity>``) names the current arming of each
+kind and entity, so superseding and "is it running" are reads and deletes by exact ``_id``
+(FerretDB answers only those from an index; any other filter scans the collection).
 """
 
 from __future__ import annotations
@@ -13,9 +17,11 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from pymongo import ASCENDING
+from pymongo import ASCENDING, DeleteOne, ReplaceOne
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, DuplicateKeyError
+
+from shared.runtime.store import bulk_write_chunked, find_by_ids
 
 from services.timeout_sweeper.deadlines import Arm, Change
 
@@ -26,6 +32,7 @@ class DeadlineStore:
     def __init__(self, db: AsyncDatabase) -> None:
         self.deadlines = db["deadlines"]
         self.claims = db["deadline_claims"]
+        self.heads = db["deadline_heads"]
 
     async def ensure_indexes(self) -> None:
         await self.deadlines.create_index([("due_at", ASCENDING)])
@@ -33,22 +40,36 @@ class DeadlineStore:
         await self.claims.create_index([("claimed_at", ASCENDING)])
 
     async def existing(self, kind: str, entities: Iterable[str]) -> set[str]:
-        ids = list(set(entities))
-        if not ids:
-            return set()
-        return {d["entity"] async for d in self.deadlines.find({"kind": kind, "entity": {"$in": ids}}, {"entity": 1})}
+        """The entities whose ``kind`` deadline is armed and not yet fired."""
+        heads = await find_by_ids(self.heads, {f"{kind}:{e}" for e in entities})
+        armed = await find_by_ids(self.deadlines, (h["current"] for h in heads.values()))
+        return {armed[h["current"]]["entity"] for h in heads.values() if h["current"] in armed}
 
     async def apply(self, net: dict[tuple[str, str], Change], now: datetime) -> None:
-        """Write a batch's net changes: drop superseded armings, insert the new ones."""
-        arms = [c for c in net.values() if isinstance(c, Arm)]
+        """Write a batch's net changes: drop superseded armings, insert the new ones, then
+        point the heads at them. A crash anywhere in between replays the batch to the same end:
+        the old arming is gone before a head stops naming it."""
+        heads = await find_by_ids(self.heads, (f"{kind}:{entity}" for kind, entity in net))
+        superseded: list[Any] = []
+        head_ops: list[Any] = []
         for (kind, entity), change in net.items():
+            head_id = f"{kind}:{entity}"
             keep = change.doc_id if isinstance(change, Arm) else None
-            query: dict[str, Any] = {"kind": kind, "entity": entity}
-            if keep:
-                query["_id"] = {"$ne": keep}
-            await self.deadlines.delete_many(query)
+            current = heads.get(head_id, {}).get("current")
+            if current is not None and current != keep:
+                superseded.append(DeleteOne({"_id": current}))
+            if keep is not None:
+                if current != keep:
+                    head_ops.append(ReplaceOne({"_id": head_id}, {"current": keep}, upsert=True))
+            elif head_id in heads:
+                head_ops.append(DeleteOne({"_id": head_id}))
+        if superseded:
+            await bulk_write_chunked(self.deadlines, superseded)
+        arms = [c for c in net.values() if isinstance(c, Arm)]
         if arms:
             await self.insert(arms, now)
+        if head_ops:
+            await bulk_write_chunked(self.heads, head_ops)
 
     async def insert(self, arms: list[Arm], now: datetime) -> None:
         docs = [
@@ -74,13 +95,11 @@ class DeadlineStore:
 
     async def recent_claims(self, claim_ids: list[str], since: datetime) -> set[str]:
         """Which of these claims were made after ``since`` (their holder may still be working)."""
-        if not claim_ids:
-            return set()
-        return {d["_id"] async for d in self.claims.find({"_id": {"$in": claim_ids}, "claimed_at": {"$gt": since}}, {"_id": 1})}
+        claims = await find_by_ids(self.claims, claim_ids)
+        return {i for i, d in claims.items() if d["claimed_at"] > since}
 
     async def done(self, deadline_ids: list[str]) -> None:
-        if deadline_ids:
-            await self.deadlines.delete_many({"_id": {"$in": deadline_ids}})
+        await bulk_write_chunked(self.deadlines, [DeleteOne({"_id": i}) for i in deadline_ids])
 
     async def forget_claims_before(self, when: datetime) -> None:
         await self.claims.delete_many({"claimed_at": {"$lt": when}})

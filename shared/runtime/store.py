@@ -7,7 +7,8 @@ document has a single writer (its key's partition owner), so read-modify-write i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from pymongo import AsyncMongoClient
@@ -51,3 +52,21 @@ async def bulk_write_chunked(collection: AsyncCollection, ops: Sequence[Any]) ->
     """``bulk_write`` in commands of at most ``MAX_WRITES_PER_COMMAND`` operations, in order."""
     for start in range(0, len(ops), MAX_WRITES_PER_COMMAND):
         await collection.bulk_write(list(ops[start : start + MAX_WRITES_PER_COMMAND]), ordered=False)
+
+
+# FerretDB 1.24 pushes only an exact ``{_id: <string>}`` filter down to SQLite (and, with the
+# lookup index deploy/ferretdb adds, answers it from an index); ``{_id: {"$in": [...]}}``
+# scans the whole collection. Point reads of a batch's documents therefore go as concurrent
+# exact-id reads, at most this many in flight (well under FerretDB's 100 pooled SQLite
+# connections per database). On MongoDB both forms use the _id index.
+MAX_CONCURRENT_READS = 32
+
+
+async def find_by_ids(collection: AsyncCollection, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """The documents with these ``_id`` values (absent ones are left out), by id."""
+    wanted = list(dict.fromkeys(ids))
+    found: dict[str, dict[str, Any]] = {}
+    for start in range(0, len(wanted), MAX_CONCURRENT_READS):
+        docs = await asyncio.gather(*(collection.find_one({"_id": i}) for i in wanted[start : start + MAX_CONCURRENT_READS]))
+        found.update((d["_id"], d) for d in docs if d is not None)
+    return found

@@ -66,3 +66,19 @@ async def ensure_topics(
             await asyncio.sleep(0.2)
     finally:
         await admin.close()
+
+
+async def delete_topics_with_prefix(bootstrap: str, prefix: str, client_options: dict[str, Any] | None = None) -> int:
+    """Delete every topic whose name starts with ``prefix`` (a test's or benchmark run's own
+    topics, so runs do not pile up partitions, files and disk on a long-lived broker)."""
+    if not prefix:
+        raise ValueError("refusing to delete every topic: give a prefix")
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="hometeam-topics", **(client_options or {}))
+    await admin.start()
+    try:
+        mine = [t for t in await admin.list_topics() if t.startswith(prefix)]
+        if mine:
+            await admin.delete_topics(mine, timeout_ms=30_000)
+        return len(mine)
+    finally:
+        await admin.close()
