@@ -13,8 +13,11 @@ package main
 import (
 	"context"
 	"database/sql"
+	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
+	"os"
 	"path/filepath"
 	"strings"
 	"time"
@@ -147,6 +150,12 @@ func collectionTables(ctx context.Context, db *sql.DB) ([]string, error) {
 func (k *idIndexKeeper) forget(file string) {
 	if db, ok := k.dbs[file]; ok {
 		_ = db.Close()
+		// Closing our connection after FerretDB removed the database can leave its -wal and
+		// -shm files behind; a later database of the same name must not find them.
+		if _, err := os.Stat(file); errors.Is(err, fs.ErrNotExist) {
+			_ = os.Remove(file + "-wal")
+			_ = os.Remove(file + "-shm")
+		}
 	}
 	delete(k.dbs, file)
 	delete(k.seen, file)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
+from typing import Any
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -14,11 +15,13 @@ from pydantic import Field
 from shared.contracts.registry import AGENT_PRESENCE, CONVERSATION_EVENTS, POOL_STATUS, SURVEY_RESPONSES
 from shared.runtime.decoding import BatchReader, documented_payloads
 from shared.runtime.kafka import batch_subscriber_options, client_security_options, records_of
+from shared.runtime.owned_cache import OwnedStateCache, invalidate_on_rebalance
 from shared.runtime.service import Service, assemble, build_runtime
 from shared.settings import ServiceSettings
 from shared.teams import DirectoryWatcher
 
 from services.metrics.api import kpi_routes
+from services.metrics.kpis import CustomerKpiState
 from services.metrics.handlers import (
     EventsConsumer,
     PoolStatusConsumer,
@@ -44,6 +47,9 @@ class MetricsSettings(ServiceSettings):
         default=15.0, ge=0, description="How often online agents' time and queues' oldest waits are refreshed; 0: only on events"
     )
     consumer_lag_interval_s: float = Field(default=15.0, ge=0, description="How often consumer lag is read; 0: never")
+    state_cache_customers: int = Field(
+        default=50_000, ge=0, description="Customers (and as many hourly buckets) kept in memory between batches; 0: none"
+    )
 
 
 def wall_clock() -> datetime:
@@ -64,7 +70,11 @@ def create_service(
     metrics.cost_per_hour.labels("standard").set(standard_cost if standard_cost is not None else settings.agent_cost_per_hour)
     credited: dict[str, datetime] = {}
     prefix = settings.kafka_topic_prefix
-    events = EventsConsumer(BatchReader(CUSTOMER_INPUTS, runtime.dead_letters, prefix), store, metrics)
+    customer_cache = OwnedStateCache[CustomerKpiState](settings.state_cache_customers)
+    bucket_cache = OwnedStateCache[dict[str, Any]](settings.state_cache_customers)
+    events = EventsConsumer(
+        BatchReader(CUSTOMER_INPUTS, runtime.dead_letters, prefix), store, metrics, customer_cache, bucket_cache
+    )
     presence = PresenceConsumer(BatchReader((AGENT_PRESENCE,), runtime.dead_letters, prefix), store, metrics, directory, credited)
     pools = PoolStatusConsumer(BatchReader((POOL_STATUS,), runtime.dead_letters, prefix), store, metrics, clock)
     runtime.on_startup.append(store.ensure_indexes)
@@ -90,6 +100,7 @@ def create_service(
     @broker.subscriber(
         *(settings.topic(t.name) for t in CUSTOMER_INPUTS),
         **batch_subscriber_options(settings),
+        listener=invalidate_on_rebalance(customer_cache, bucket_cache),
         title="metrics:consume:customer",
         description="Conversation lifecycle events and survey answers, keyed by customer.",
     )

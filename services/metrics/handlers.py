@@ -12,9 +12,10 @@ from aiokafka import ConsumerRecord
 from shared.contracts.agents import AgentPresenceChanged, Presence
 from shared.contracts.pools import PoolStatusChanged
 from shared.runtime.decoding import BatchReader
+from shared.runtime.owned_cache import OwnedStateCache
 from shared.teams import DirectoryWatcher
 
-from services.metrics.kpis import Fact, facts_for, hour_of
+from services.metrics.kpis import CustomerKpiState, Fact, facts_for, hour_of
 from services.metrics.prom import KpiMetrics
 from services.metrics.store import KpiStore, bucket_id
 
@@ -24,14 +25,28 @@ Clock = Callable[[], datetime]
 class EventsConsumer:
     """Turns conversation events and survey answers into hourly KPI buckets."""
 
-    def __init__(self, reader: BatchReader, store: KpiStore, metrics: KpiMetrics) -> None:
+    def __init__(
+        self,
+        reader: BatchReader,
+        store: KpiStore,
+        metrics: KpiMetrics,
+        customers: OwnedStateCache[CustomerKpiState] | None = None,
+        buckets: OwnedStateCache[dict[str, Any]] | None = None,
+    ) -> None:
         self.reader = reader
         self.store = store
         self.metrics = metrics
+        # Customers and buckets (one writer partition each) this consumer owns, kept between
+        # batches; dropped on a rebalance, and a failed batch's are never put back.
+        self.customers = customers if customers is not None else OwnedStateCache[CustomerKpiState](0)
+        self.buckets = buckets if buckets is not None else OwnedStateCache[dict[str, Any]](0)
 
     async def handle(self, records: Sequence[ConsumerRecord]) -> None:
         incoming = await self.reader.read(records)
-        states = await self.store.load_customers(i.payload.customer_id for i in incoming)
+        epoch = (self.customers.epoch, self.buckets.epoch)
+        customer_ids = list(dict.fromkeys(i.payload.customer_id for i in incoming))
+        cached = self.customers.take(customer_ids)
+        states = cached | await self.store.load_customers(c for c in customer_ids if c not in cached)
         pending: list[tuple[str, int, Fact]] = []  # (writer, offset, fact)
         for item in incoming:
             state = states[item.payload.customer_id]
@@ -43,7 +58,8 @@ class EventsConsumer:
             state.applied[writer] = item.offset
 
         ids = {bucket_id(hour_of(f.at), f.team, f.agent, w) for w, _, f in pending}
-        docs = await self.store.load_buckets(ids)
+        docs = self.buckets.take(ids)
+        docs |= await self.store.load_buckets(i for i in ids if i not in docs)
         counted: list[Fact] = []
         for writer, offset, fact in pending:
             doc_id = bucket_id(hour_of(fact.at), fact.team, fact.agent, writer)
@@ -63,6 +79,8 @@ class EventsConsumer:
         await self.reader.flush()
         await self.store.save_buckets(docs.values())
         await self.store.save_customers(states)
+        self.customers.put_back(states, epoch[0])
+        self.buckets.put_back(docs, epoch[1])
         for fact in counted:
             observe(self.metrics, fact)
 

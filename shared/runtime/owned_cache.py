@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 
@@ -61,15 +61,22 @@ class OwnedStateCache(Generic[V]):
             self._entries.popitem(last=False)
 
     def rebalance_listener(self) -> ConsumerRebalanceListener:
-        return _InvalidateOnRebalance(self)
+        return invalidate_on_rebalance(self)
+
+
+def invalidate_on_rebalance(*caches: OwnedStateCache[Any]) -> ConsumerRebalanceListener:
+    """A listener for the subscriber whose partitions own these caches' keys."""
+    return _InvalidateOnRebalance(caches)
 
 
 class _InvalidateOnRebalance(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, cache: OwnedStateCache[object]) -> None:
-        self.cache = cache
+    def __init__(self, caches: tuple[OwnedStateCache[Any], ...]) -> None:
+        self.caches = caches
 
     def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        self.cache.invalidate()
+        for cache in self.caches:
+            cache.invalidate()
 
     def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        self.cache.invalidate()
+        for cache in self.caches:
+            cache.invalidate()
