@@ -93,7 +93,7 @@ def choose_agent(
     """Pick the agent for a conversation of ``weight`` among a pool's ``agents``.
 
     ``known_agent_id`` must already be filtered by the relationship window."""
-    excluded = set(exclude)
+    excluded = set(exclude) if exclude else ()
     if current_agent_id and current_agent_id not in excluded:
         current = agents.get(current_agent_id)
         if current is not None and current.online:
@@ -102,22 +102,24 @@ def choose_agent(
         known = agents.get(known_agent_id)
         if known is not None and known.has_room(weight):
             return AgentChoice(known_agent_id, RoutingReason.KNOWN_AGENT)
+    # The least-loaded agent with room: load as a share of capacity (a 4-slot agent with 2 is
+    # as busy as an 8-slot with 4), then longest idle, then agent id. This loop runs over every
+    # agent of the pool for every decision, so it is written out without per-agent calls.
     best: AgentView | None = None
+    best_ratio = 0.0
     for agent in agents.values():
-        if agent.agent_id in excluded or not agent.has_room(weight):
+        if not agent.online:
             continue
-        if best is None or _less_loaded(agent, best):
-            best = agent
+        load, capacity = agent.load, agent.max_concurrency
+        if load + weight > capacity + 1e-9 or (excluded and agent.agent_id in excluded):
+            continue
+        ratio = load / capacity
+        if (
+            best is None
+            or ratio < best_ratio - 1e-9
+            or (ratio <= best_ratio + 1e-9 and (agent.idle_since, agent.agent_id) < (best.idle_since, best.agent_id))
+        ):
+            best, best_ratio = agent, ratio
     if best is None:
         return AgentChoice(None, RoutingReason.QUEUED)
     return AgentChoice(best.agent_id, RoutingReason.LEAST_LOADED)
-
-
-def _less_loaded(a: AgentView, b: AgentView) -> bool:
-    # Load as a share of capacity, so a 4-slot agent with 2 is as busy as an 8-slot with 4.
-    ra, rb = a.load / a.max_concurrency, b.load / b.max_concurrency
-    if abs(ra - rb) > 1e-9:
-        return ra < rb
-    if a.idle_since != b.idle_since:
-        return a.idle_since < b.idle_since
-    return a.agent_id < b.agent_id

@@ -282,3 +282,31 @@ MAX_DEPTH, MAX_WAIT = 20, timedelta(seconds=600)
 )
 def test_is_surging_at_or_above_either_threshold(depth: int, oldest_wait: timedelta | None, expected: bool) -> None:
     assert is_surging(depth, oldest_wait, MAX_DEPTH, MAX_WAIT) is expected
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_least_loaded_choice_matches_the_stated_order_on_random_pools(seed: int) -> None:
+    """The written-out loop in ``choose_agent`` picks what sorting by the stated order picks:
+    load share, then longest idle, then agent id, among online agents with room."""
+    import random
+
+    rng = random.Random(seed)
+    start = datetime(2026, 11, 23, 12, tzinfo=UTC)
+    agents = {
+        f"a{n:02d}": AgentView(
+            agent_id=f"a{n:02d}",
+            online=rng.random() < 0.8,
+            load=rng.choice((0, 0.5, 1, 2, 3, 4, 6)),
+            max_concurrency=rng.choice((2, 4, 6, 8)),
+            idle_since=start - timedelta(minutes=rng.choice((0, 5, 10))),
+        )
+        for n in range(rng.randrange(0, 12))
+    }
+    weight = rng.choice((0.5, 1.0))
+    exclude = {a for a in agents if rng.random() < 0.1}
+    eligible = [a for a in agents.values() if a.online and a.has_room(weight) and a.agent_id not in exclude]
+    eligible.sort(key=lambda a: (round(a.load / a.max_concurrency, 9), a.idle_since, a.agent_id))
+    expected = (
+        AgentChoice(eligible[0].agent_id, RoutingReason.LEAST_LOADED) if eligible else AgentChoice(None, RoutingReason.QUEUED)
+    )
+    assert choose_agent(agents, weight=weight, exclude=exclude) == expected
