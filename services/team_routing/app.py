@@ -16,13 +16,12 @@ from prometheus_client import Histogram
 from shared.runtime.decoding import BatchReader, documented_payloads
 from shared.runtime.http import LATENCY_BUCKETS
 from shared.runtime.kafka import batch_subscriber_options, records_of
-from shared.runtime.owned_cache import OwnedStateCache
+from shared.runtime.checkpoints import Checkpointed
 from shared.runtime.service import Service, assemble, build_runtime
 from shared.settings import ServiceSettings
 from shared.teams import DirectoryWatcher
 
 from services.team_routing.handlers import PoolConsumer, PresenceForwarder
-from services.team_routing.pool import PoolState
 from services.team_routing.store import PoolStore
 
 
@@ -31,7 +30,11 @@ class TeamRoutingSettings(ServiceSettings):
     http_port: int = 8082
     teams_config: Path = Path("deploy/teams.yaml")
     teams_reload_interval_s: float = Field(default=5.0, gt=0)
-    state_cache_pools: int = Field(default=1_000, ge=0, description="Pools whose state stays in memory between batches (0: read every batch)")
+    state_flush_interval_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="How often pool state is stored (kept in memory between; replayed from the last checkpoint after a crash)",
+    )
 
 
 def create_service(settings: TeamRoutingSettings | None = None, *, span_processors: Sequence[SpanProcessor] = ()) -> Service:
@@ -39,14 +42,13 @@ def create_service(settings: TeamRoutingSettings | None = None, *, span_processo
     runtime = build_runtime(settings, span_processors=span_processors, description="Routing to home teams")
     directory = DirectoryWatcher(settings.teams_config)
     outbox = runtime.outbox("/hometeam/team-routing")
-    cache = OwnedStateCache[PoolState](settings.state_cache_pools)
+    store = PoolStore(runtime.db)
     pools = PoolConsumer(
         BatchReader((ROUTING_COMMANDS,), runtime.dead_letters, settings.kafka_topic_prefix),
-        PoolStore(runtime.db),
+        store,
         outbox,
         directory,
         runtime.tracing,
-        cache=cache,
         latency=Histogram(
             "hometeam_routing_decision_latency_seconds",
             "From a customer message's publish on channel.inbound.v1 to its routing decision (new conversations).",
@@ -62,15 +64,25 @@ def create_service(settings: TeamRoutingSettings | None = None, *, span_processo
 
     runtime.document_publications(ROUTING_DECISIONS, ROUTING_COMMANDS, POOL_STATUS)
 
-    @broker.subscriber(
+    checkpointed = Checkpointed(
+        store.checkpoints,
+        store_state=pools.store_state,
+        drop_state=pools.drop_state,
+        interval_s=settings.state_flush_interval_s,
+        consumer=lambda: commands_subscriber.consumer,
+    )
+    runtime.background.append(checkpointed.flush_when_due)
+    commands_subscriber = broker.subscriber(
         settings.topic(ROUTING_COMMANDS.name),
         **batch_subscriber_options(settings),
-        listener=cache.rebalance_listener(),
+        listener=checkpointed.rebalance_listener(),
         title="team-routing:consume:routing.commands",
         description=ROUTING_COMMANDS.description,
     )
+
+    @commands_subscriber
     async def on_routing_commands(batch: documented_payloads(ROUTING_COMMANDS), message: KafkaMessage) -> None:  # type: ignore[valid-type]
-        await pools.handle(records_of(message))
+        await checkpointed.run_batch(records_of(message), pools.handle)
 
     @broker.subscriber(
         settings.topic(AGENT_PRESENCE.name),

@@ -1,8 +1,11 @@
 """Team-routing's consumers.
 
 ``PoolConsumer`` applies ``routing.commands.v1`` (keyed by pool) to pool state, one batch at a
-time: decode → load the batch's pools → apply each command not yet applied → publish the
-decisions and hand-offs → save the pools with their applied offsets → commit.
+time: decode → apply each command not yet applied to the pools in memory (read from the store
+the first time) → publish the decisions and hand-offs. The pools (with their applied offsets)
+are stored every ``state_flush_interval_s`` and a checkpoint after them; after a restart,
+a rebalance or a failed batch the consumer replays from the checkpoint
+(``shared.runtime.checkpoints``), repeating outputs only with the same ids.
 ``PresenceForwarder`` re-keys agent presence from agent id to the agent's pool.
 """
 
@@ -22,7 +25,6 @@ from shared.contracts.routing import RouteConversation, SetAgentPresence
 from shared.runtime.dead_letter import PoisonMessage
 from shared.runtime.decoding import BatchReader
 from shared.runtime.outbox import Outbox
-from shared.runtime.owned_cache import OwnedStateCache
 from shared.runtime.tracing import RecordTracer
 from shared.teams import DirectoryWatcher
 
@@ -40,9 +42,9 @@ class PoolConsumer:
         tracing: RecordTracer,
         latency: Histogram | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-        cache: OwnedStateCache[PoolState] | None = None,
     ) -> None:
-        self.cache = cache if cache is not None else OwnedStateCache[PoolState](0)
+        self.states: dict[str, PoolState] = {}  # the pools this consumer owns, in memory
+        self.dirty: set[str] = set()  # changed since last stored
         self.reader = reader
         self.store = store
         self.outbox = outbox
@@ -51,11 +53,23 @@ class PoolConsumer:
         self.latency = latency
         self.clock = clock
 
+    async def store_state(self) -> None:
+        if self.dirty:
+            await self.store.save([self.states[p] for p in self.dirty if p in self.states])
+            self.dirty.clear()
+
+    def drop_state(self) -> None:
+        self.states.clear()
+        self.dirty.clear()
+
     async def handle(self, records: Sequence[ConsumerRecord]) -> None:
+        """One batch; call under the checkpoint lock (``Checkpointed.run_batch``)."""
         incoming = await self.reader.read(records)
         pool_ids = list(dict.fromkeys(i.envelope.subject for i in incoming))
-        epoch = self.cache.epoch
-        states = await self.store.load(pool_ids, self.cache.take(pool_ids))
+        missing = [p for p in pool_ids if p not in self.states]
+        if missing:
+            self.states.update(await self.store.load(missing))
+        states = self.states
         directory = self.directory.current
         published: list[tuple[Any, list[Output]]] = []
         touched: dict[str, tuple[str, datetime]] = {}
@@ -70,6 +84,7 @@ class PoolConsumer:
                 await self.reader.reject(item.record, exc)
                 continue
             state.applied[applied_key] = item.offset
+            self.dirty.add(state.pool_id)
             published.append((item, outputs))
             touched[state.pool_id] = (item.envelope.id, command_time(item.payload))
 
@@ -90,11 +105,9 @@ class PoolConsumer:
             await self.outbox.send(POOL_STATUS.name, pool_id, status, id=derived_id(last_input, "status"), time=at)
         await self.outbox.flush()
         await self.reader.flush()
-        await self.store.save(states.values())
-        self.cache.put_back(states, epoch)  # stored: kept in memory while this consumer owns the pools
         if self.latency is not None:
             # From the customer's message (its publish time, carried as requested_at) to the
-            # decision being out and the pool state stored.
+            # decision being out (acknowledged by Kafka).
             now = self.clock()
             for item in incoming:
                 if isinstance(item.payload, RouteConversation) and item.payload.forced_pool is None:

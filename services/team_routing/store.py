@@ -79,14 +79,13 @@ def pool_from_doc(doc: dict[str, Any]) -> PoolState:
 class PoolStore:
     def __init__(self, db: AsyncDatabase) -> None:
         self.pools = db["pools"]
+        self.checkpoints = db["pool_checkpoints"]  # see shared.runtime.checkpoints
 
-    async def load(self, pool_ids: Iterable[str], cached: dict[str, PoolState] | None = None) -> dict[str, PoolState]:
-        """These pools' states: ``cached`` ones (kept since this consumer stored them) as they
-        are, the others read from the store (or new)."""
-        cached = cached or {}
+    async def load(self, pool_ids: Iterable[str]) -> dict[str, PoolState]:
+        """These pools' stored states (a pool never stored starts empty)."""
         ids = list(dict.fromkeys(pool_ids))
-        states = {pid: cached.get(pid) or PoolState(pool_id=pid) for pid in ids}
-        for pool_id, doc in (await find_by_ids(self.pools, [i for i in ids if i not in cached])).items():
+        states = {pid: PoolState(pool_id=pid) for pid in ids}
+        for pool_id, doc in (await find_by_ids(self.pools, ids)).items():
             states[pool_id] = pool_from_doc(doc)
         return states
 

@@ -152,8 +152,14 @@ async def test_kill_dash_nine_mid_stream_loses_and_duplicates_nothing(infra, tmp
             conversations = [d async for d in db["conversations"].find({})]
             assert len(conversations) == CUSTOMERS
             assert all(c["inbound_count"] == MESSAGES_PER_CUSTOMER for c in conversations)
-            pool = await db["pools"].find_one({"_id": "pnw"})
-            placements = [p["conversation_id"] for p in pool["placements"]]
+            # Team-routing stores pool state behind its decisions (every second, and replays
+            # from its checkpoint after a crash): wait for the stored pool to catch up.
+            async def pool_stored() -> list[str] | None:
+                pool = await db["pools"].find_one({"_id": "pnw"}) or {}
+                placements = [p["conversation_id"] for p in pool.get("placements", [])]
+                return placements if len(set(placements)) == CUSTOMERS else None
+
+            placements = await eventually(pool_stored, timeout_s=30, what=f"{CUSTOMERS} placements stored in pool pnw")
             assert len(placements) == len(set(placements)) == CUSTOMERS
             # Per-customer order kept.
             for conv in conversations:

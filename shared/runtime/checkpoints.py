@@ -1,0 +1,189 @@
+"""Write-behind state with checkpoints: a consumer that keeps its single-writer state in
+memory, stores it every so often instead of after every batch, and after a restart or a
+rebalance replays its input from the last checkpoint.
+
+A checkpoint (``<collection>``, ``_id`` = ``<topic>/<partition>``, ``offset``) says: every
+record of that partition up to ``offset`` is reflected in the stored state. It is written
+only after the state it covers. When the consumer gets partitions it resumes each one at its
+checkpoint + 1 (or at the beginning when there is none), whatever offsets the group
+committed, so records handled in memory but not yet stored are handled again. Replaying is
+safe because handling is deterministic and idempotent downstream: outputs derive their ids
+from the input record's position, so a replayed record repeats its outputs with the same ids
+(which receivers drop), and the stored state's applied offsets skip what it already holds.
+
+The same rewind happens when a batch fails: the in-memory state may hold effects of earlier
+batches that were never stored, so the only safe restart point is the checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from pymongo import ReplaceOne
+from pymongo.asynchronous.collection import AsyncCollection
+
+from shared.runtime.store import bulk_write_chunked, find_by_ids
+
+log = logging.getLogger(__name__)
+
+
+def partition_key(topic: str, partition: int) -> str:
+    return f"{topic}/{partition}"
+
+
+class Checkpointed:
+    """The bookkeeping around a write-behind consumer's state.
+
+    ``store_state`` writes whatever the consumer keeps dirty; ``drop_state`` forgets it all.
+    Batches run under ``lock`` (``batch``), and so does every flush, so a flush never sees a
+    half-handled batch (whose outputs are not out yet).
+    """
+
+    def __init__(
+        self,
+        checkpoints: AsyncCollection,
+        store_state: Callable[[], Awaitable[None]],
+        drop_state: Callable[[], None],
+        interval_s: float,
+        consumer: Callable[[], AIOKafkaConsumer | None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.checkpoints = checkpoints
+        self.store_state = store_state
+        self.drop_state = drop_state
+        self.interval_s = interval_s
+        self.consumer = consumer
+        self.clock = clock
+        self.lock = asyncio.Lock()
+        self.handled: dict[str, int] = {}  # partition → last offset handled in memory
+        self.stored: dict[str, int] = {}  # partition → last checkpoint written
+        self.unverified: set[TopicPartition] = set()  # must resume at the checkpoint first
+        self.last_flush = clock()
+
+    def note(self, records: Iterable[ConsumerRecord]) -> None:
+        for r in records:
+            key = partition_key(r.topic, r.partition)
+            if r.offset > self.handled.get(key, -1):
+                self.handled[key] = r.offset
+
+    @property
+    def due(self) -> bool:
+        return self.clock() - self.last_flush >= self.interval_s
+
+    async def flush(self) -> None:
+        """Store the state, then the checkpoints it covers. Call with ``lock`` held."""
+        await self.store_state()
+        moved = {k: v for k, v in self.handled.items() if self.stored.get(k) != v}
+        if moved:
+            await bulk_write_chunked(
+                self.checkpoints, [ReplaceOne({"_id": k}, {"offset": v}, upsert=True) for k, v in moved.items()]
+            )
+            self.stored.update(moved)
+        self.last_flush = self.clock()
+
+    async def flush_when_due(self) -> None:
+        """For a background task: store what idle time left unstored."""
+        while True:
+            await asyncio.sleep(self.interval_s)
+            if not self.due:
+                continue
+            async with self.lock:
+                try:
+                    await self.flush()
+                except Exception:  # the state stays in memory (and dirty): next time
+                    log.exception("storing state failed; retrying")
+
+    def rewind(self, partitions: Iterable[TopicPartition]) -> None:
+        """Drop the in-memory state; the next batch from ``partitions`` starts at their
+        checkpoints (``run_batch`` checks where each partition's records start, and seeks)."""
+        self.drop_state()
+        self.handled.clear()
+        self.stored.clear()
+        self.unverified.update(partitions)
+
+    async def _starts(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        """Where each partition must resume: its checkpoint + 1, or the log's beginning."""
+        consumer = self.consumer()
+        assert consumer is not None
+        marks = await find_by_ids(self.checkpoints, (partition_key(tp.topic, tp.partition) for tp in partitions))
+        beginnings = await consumer.beginning_offsets(partitions)
+        starts = {}
+        for tp in partitions:
+            mark = marks.get(partition_key(tp.topic, tp.partition))
+            # Records below the log's beginning are gone (retention): the stored state is all.
+            starts[tp] = max(beginnings[tp], mark["offset"] + 1 if mark else 0)
+            if mark:
+                self.stored[partition_key(tp.topic, tp.partition)] = mark["offset"]
+        return starts
+
+    async def _resume_at_checkpoints(self, records: list[ConsumerRecord]) -> list[ConsumerRecord]:
+        """The records of ``records`` that may be handled now. A partition not verified since
+        an assignment or a rewind is handled only if its records start exactly at its
+        checkpoint; otherwise the consumer seeks there and the partition's records of this
+        batch are dropped (they come again). Checking the records themselves, rather than
+        seeking inside the rebalance callback, cannot lose a race with the fetcher."""
+        firsts: dict[TopicPartition, int] = {}
+        for r in records:
+            tp = TopicPartition(r.topic, r.partition)
+            if tp in self.unverified and tp not in firsts:
+                firsts[tp] = r.offset
+        if not firsts:
+            return records
+        consumer = self.consumer()
+        if consumer is None:
+            return []
+        starts = await self._starts(list(firsts))
+        wrong = set()
+        for tp, first in firsts.items():
+            if first == starts[tp]:
+                self.unverified.discard(tp)
+            else:
+                consumer.seek(tp, starts[tp])
+                wrong.add(tp)
+        return [r for r in records if TopicPartition(r.topic, r.partition) not in wrong]
+
+    async def run_batch(self, records: Sequence[ConsumerRecord], handle: Callable[[list[ConsumerRecord]], Awaitable[Any]]) -> None:
+        """Handle one batch under the lock; store when due. A failure rewinds every assigned
+        partition to its checkpoint (and is logged, not raised: the framework's own retry
+        would seek to the failed batch's start, skipping the unstored batches before it)."""
+        async with self.lock:
+            try:
+                ready = await self._resume_at_checkpoints(list(records))
+                if ready:
+                    await handle(ready)
+                    self.note(ready)
+                if self.due:
+                    await self.flush()
+            except Exception:
+                log.exception("batch failed; replaying from the last checkpoint")
+                consumer = self.consumer()
+                self.rewind(consumer.assignment() if consumer is not None else ())
+                await asyncio.sleep(1.0)  # do not spin on a store that is down
+
+    def rebalance_listener(self) -> ConsumerRebalanceListener:
+        return _RewindOnAssignment(self)
+
+
+class _RewindOnAssignment(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, owner: Checkpointed) -> None:
+        self.owner = owner
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        # Store what can be stored so the next owner replays less; then forget it all.
+        async with self.owner.lock:
+            if revoked:
+                try:
+                    await self.owner.flush()
+                except Exception:
+                    log.exception("storing state before a rebalance failed; the next owner replays more")
+            self.owner.rewind(())
+            self.owner.unverified.difference_update(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        async with self.owner.lock:
+            self.owner.rewind(assigned)

@@ -1,0 +1,110 @@
+"""Write-behind with checkpoints on the real broker and store: state handled in memory but
+not stored when a consumer dies is rebuilt by replaying from the last checkpoint, whatever
+offsets the group committed; nothing is counted twice and nothing is lost."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from pymongo import AsyncMongoClient, ReplaceOne
+
+from shared.runtime.checkpoints import Checkpointed
+from shared.runtime.store import find_by_ids
+from tests.support import eventually
+
+KEYS = ("a", "b", "c")
+
+
+class Counts:
+    """A toy single-writer state: records per key, stored as ``{_id: key, n, applied}``."""
+
+    def __init__(self, db) -> None:  # type: ignore[no-untyped-def]
+        self.docs = db["counts"]
+        self.memory: dict[str, dict] = {}
+        self.fail_store = False
+        self.seen = 0
+
+    async def handle(self, records) -> None:  # type: ignore[no-untyped-def]
+        self.seen += len(records)
+        missing = [r.key.decode() for r in records if r.key.decode() not in self.memory]
+        stored = await find_by_ids(self.docs, missing)
+        for key in missing:
+            self.memory[key] = stored.get(key, {"_id": key, "n": 0, "applied": -1})
+        for r in records:
+            doc = self.memory[r.key.decode()]
+            if r.offset > doc["applied"]:  # the stored state may be ahead of the checkpoint
+                doc["n"] += 1
+                doc["applied"] = r.offset
+
+    async def store(self) -> None:
+        if self.fail_store:
+            raise RuntimeError("store unavailable")
+        if self.memory:
+            await self.docs.bulk_write([ReplaceOne({"_id": k}, d, upsert=True) for k, d in self.memory.items()])
+
+    def drop(self) -> None:
+        self.memory.clear()
+
+
+async def consume(infra, topic: str, group: str, counts: Counts, db, until: int, interval_s: float) -> Checkpointed:  # type: ignore[no-untyped-def]
+    consumer = AIOKafkaConsumer(bootstrap_servers=infra.kafka, group_id=group, enable_auto_commit=False, auto_offset_reset="earliest")
+    owner = Checkpointed(db["checkpoints"], counts.store, counts.drop, interval_s, consumer=lambda: consumer)
+    consumer.subscribe([topic], listener=owner.rebalance_listener())
+    await consumer.start()
+    counts.seen = 0
+    try:
+        while counts.seen < until:
+            batch = await consumer.getmany(timeout_ms=500, max_records=7)
+            for records in batch.values():
+                await owner.run_batch(records, counts.handle)
+                await consumer.commit()  # the group's committed offsets run ahead of the checkpoints
+    finally:
+        counts.fail_store = True  # dying: nothing more reaches the store (no flush on leave)
+        await consumer.stop()
+    return owner
+
+
+async def test_a_consumer_that_dies_between_checkpoints_is_replayed_from_the_last_one(infra, topic_prefix, mongo_db_name) -> None:
+    topic = f"{topic_prefix}routing.commands.v1"  # any topic of the fixture's; partition 0 only
+    producer = AIOKafkaProducer(bootstrap_servers=infra.kafka, acks="all", enable_idempotence=True)
+    await producer.start()
+    sent = Counter()
+    try:
+        for i in range(60):
+            key = KEYS[i % 3]
+            await producer.send_and_wait(topic, b"x", key=key.encode(), partition=0)
+            sent[key] += 1
+    finally:
+        await producer.stop()
+
+    client: AsyncMongoClient = AsyncMongoClient(infra.mongodb_url, tz_aware=True)
+    db = client[mongo_db_name]
+    group = f"{topic_prefix}group"
+    try:
+        # First life: stores and checkpoints after every batch, then dies. Second life: never
+        # stores (interval too long) and dies with what it handled only in memory.
+        first = Counts(db)
+        owner = await consume(infra, topic, group, first, db, until=21, interval_s=0.0)
+        checkpoint = await db["checkpoints"].find_one({"_id": f"{topic}/0"})
+        assert checkpoint is not None, owner.handled
+        covered = checkpoint["offset"] + 1  # records 0..offset are in the stored counts
+        assert sum([d["n"] async for d in db["counts"].find({})]) == covered
+        first.fail_store = False
+        await consume(infra, topic, group, first, db, until=21, interval_s=3600.0)
+        # The second life stored nothing, though the group committed what it consumed.
+        assert sum([d["n"] async for d in db["counts"].find({})]) == covered
+        assert await db["checkpoints"].find_one({"_id": f"{topic}/0"}) == checkpoint
+
+        # Second life: seeks back to the checkpoint, replays, and stores every record once.
+        second = Counts(db)
+        consumer_task = asyncio.create_task(consume(infra, topic, group, second, db, until=60 - covered, interval_s=0.0))
+
+        async def all_counted() -> bool:
+            return {d["_id"]: d["n"] async for d in db["counts"].find({})} == dict(sent)
+
+        await eventually(all_counted, timeout_s=60, what="every record counted exactly once")
+        await consumer_task
+    finally:
+        await client.close()
