@@ -6,7 +6,8 @@
 #      arrival rates through the five services, the raw Kafka pass-through baseline in the same
 #      run, JSON + PNG in bench-results/),
 #   2. the routing-decision micro-benchmark (python -m bench.routing_decision),
-#   3. the timeout-sweeper benchmark (python -m bench.sweeper).
+#   3. the timeout-sweeper benchmark (python -m bench.sweeper),
+#   4. the store's cost per operation (python -m bench.store_ops).
 # The memory benchmark with a million known customers is separate: python -m bench.memory.
 # Extra arguments go to bench.pipeline (e.g. scripts/bench.sh --rates 100,200 --duration 10).
 # See docs/benchmarks.md for what each number means.
@@ -35,14 +36,17 @@ trap cleanup EXIT
 started=$(date +%s)
 echo "bench: machine: $(nproc) CPUs, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), load average $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
-echo "== 1/3 pipeline: open-loop sweep and raw Kafka pass-through baseline (python -m bench.pipeline)"
+echo "== 1/4 pipeline: open-loop sweep and raw Kafka pass-through baseline (python -m bench.pipeline)"
 .venv/bin/python -m bench.pipeline --out bench-results "$@"
 echo
-echo "== 2/3 routing decision micro-benchmark (python -m bench.routing_decision)"
+echo "== 2/4 routing decision micro-benchmark (python -m bench.routing_decision)"
 .venv/bin/python -m bench.routing_decision
 echo
-echo "== 3/3 timeout-sweeper: due deadlines per minute (python -m bench.sweeper)"
+echo "== 3/4 timeout-sweeper: due deadlines per minute (python -m bench.sweeper)"
 .venv/bin/python -m bench.sweeper
+echo
+echo "== 4/4 store: cost per operation (python -m bench.store_ops)"
+.venv/bin/python -m bench.store_ops
 echo
 echo "bench: done in $(($(date +%s) - started)) s; load average now $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "bench: results and plot in $REPO_ROOT/bench-results/ (newest: $(ls -t bench-results/*.json 2>/dev/null | head -1))"

@@ -66,7 +66,7 @@ def create_service(settings: TeamRoutingSettings | None = None, *, span_processo
 
     checkpointed = Checkpointed(
         store.checkpoints,
-        store_state=pools.store_state,
+        snapshot_state=pools.snapshot_state,
         drop_state=pools.drop_state,
         interval_s=settings.state_flush_interval_s,
         consumer=lambda: commands_subscriber.consumer,

@@ -11,7 +11,7 @@ a rebalance or a failed batch the consumer replays from the checkpoint
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,7 +29,7 @@ from shared.runtime.tracing import RecordTracer
 from shared.teams import DirectoryWatcher
 
 from services.team_routing.pool import Decision, Handoff, Output, PoolState, apply_command, command_time, status_of
-from services.team_routing.store import PoolStore
+from services.team_routing.store import PoolStore, pool_to_doc
 
 
 class PoolConsumer:
@@ -53,10 +53,22 @@ class PoolConsumer:
         self.latency = latency
         self.clock = clock
 
-    async def store_state(self) -> None:
-        if self.dirty:
-            await self.store.save([self.states[p] for p in self.dirty if p in self.states])
-            self.dirty.clear()
+    def snapshot_state(self) -> Callable[[], Awaitable[None]] | None:
+        """The changed pools as documents now (under the batch lock), and how to store them."""
+        ids = [p for p in self.dirty if p in self.states]
+        self.dirty.clear()
+        if not ids:
+            return None
+        docs = [pool_to_doc(self.states[p]) for p in ids]
+
+        async def write() -> None:
+            try:
+                await self.store.save_docs(docs)
+            except BaseException:
+                self.dirty.update(ids)  # stored next time, with whatever they hold by then
+                raise
+
+        return write
 
     def drop_state(self) -> None:
         self.states.clear()

@@ -90,6 +90,9 @@ class PoolStore:
         return states
 
     async def save(self, states: Iterable[PoolState]) -> None:
-        ops = [ReplaceOne({"_id": s.pool_id}, pool_to_doc(s), upsert=True) for s in states]
+        await self.save_docs([pool_to_doc(s) for s in states])
+
+    async def save_docs(self, docs: Iterable[dict[str, Any]]) -> None:
+        ops = [ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in docs]
         if ops:
             await bulk_write_chunked(self.pools, ops)

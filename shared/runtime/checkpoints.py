@@ -39,22 +39,26 @@ def partition_key(topic: str, partition: int) -> str:
 class Checkpointed:
     """The bookkeeping around a write-behind consumer's state.
 
-    ``store_state`` writes whatever the consumer keeps dirty; ``drop_state`` forgets it all.
-    Batches run under ``lock`` (``batch``), and so does every flush, so a flush never sees a
-    half-handled batch (whose outputs are not out yet).
+    ``snapshot_state`` captures what the consumer keeps dirty (and forgets it is dirty) and
+    returns the coroutine function that stores that capture, or None; ``drop_state`` forgets
+    everything. Batches run under ``lock``, and so does every capture, so a capture never sees
+    a half-handled batch (whose outputs are not out yet). The capture is written outside the
+    lock, so batches go on meanwhile: one write at a time, the state before its checkpoint;
+    a failed write marks its capture dirty again (``restore``) and moves no checkpoint.
     """
 
     def __init__(
         self,
         checkpoints: AsyncCollection,
-        store_state: Callable[[], Awaitable[None]],
+        snapshot_state: Callable[[], Callable[[], Awaitable[None]] | None],
         drop_state: Callable[[], None],
         interval_s: float,
         consumer: Callable[[], AIOKafkaConsumer | None],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.checkpoints = checkpoints
-        self.store_state = store_state
+        self.snapshot_state = snapshot_state
+        self.writing: asyncio.Task[None] | None = None
         self.drop_state = drop_state
         self.interval_s = interval_s
         self.consumer = consumer
@@ -75,28 +79,42 @@ class Checkpointed:
     def due(self) -> bool:
         return self.clock() - self.last_flush >= self.interval_s
 
-    async def flush(self) -> None:
-        """Store the state, then the checkpoints it covers. Call with ``lock`` held."""
-        await self.store_state()
-        moved = {k: v for k, v in self.handled.items() if self.stored.get(k) != v}
-        if moved:
-            await bulk_write_chunked(
-                self.checkpoints, [ReplaceOne({"_id": k}, {"offset": v}, upsert=True) for k, v in moved.items()]
-            )
-            self.stored.update(moved)
+    def flush(self) -> None:
+        """Capture the state and the checkpoints it covers, and start storing them (unless
+        the previous capture is still being stored: then at the next chance). Call with
+        ``lock`` held."""
+        if self.writing is not None and not self.writing.done():
+            return
+        write = self.snapshot_state()
+        marks = {k: v for k, v in self.handled.items() if self.stored.get(k) != v}
         self.last_flush = self.clock()
+        if write is not None or marks:
+            self.writing = asyncio.create_task(self._store(write, marks))
+
+    async def _store(self, write: Callable[[], Awaitable[None]] | None, marks: dict[str, int]) -> None:
+        try:
+            if write is not None:
+                await write()
+            if marks:
+                await bulk_write_chunked(
+                    self.checkpoints, [ReplaceOne({"_id": k}, {"offset": v}, upsert=True) for k, v in marks.items()]
+                )
+                self.stored.update(marks)
+        except Exception:  # the capture's entities are dirty again (restore); no checkpoint moved
+            log.exception("storing state failed; retrying")
+
+    async def settle(self) -> None:
+        """Wait for the write in flight, if any."""
+        if self.writing is not None:
+            await asyncio.gather(self.writing, return_exceptions=True)
 
     async def flush_when_due(self) -> None:
         """For a background task: store what idle time left unstored."""
         while True:
             await asyncio.sleep(self.interval_s)
-            if not self.due:
-                continue
-            async with self.lock:
-                try:
-                    await self.flush()
-                except Exception:  # the state stays in memory (and dirty): next time
-                    log.exception("storing state failed; retrying")
+            if self.due:
+                async with self.lock:
+                    self.flush()
 
     def rewind(self, partitions: Iterable[TopicPartition]) -> None:
         """Drop the in-memory state; the next batch from ``partitions`` starts at their
@@ -158,7 +176,7 @@ class Checkpointed:
                     await handle(ready)
                     self.note(ready)
                 if self.due:
-                    await self.flush()
+                    self.flush()
             except Exception:
                 log.exception("batch failed; replaying from the last checkpoint")
                 consumer = self.consumer()
@@ -177,10 +195,11 @@ class _RewindOnAssignment(ConsumerRebalanceListener):  # type: ignore[misc]
         # Store what can be stored so the next owner replays less; then forget it all.
         async with self.owner.lock:
             if revoked:
-                try:
-                    await self.owner.flush()
-                except Exception:
-                    log.exception("storing state before a rebalance failed; the next owner replays more")
+                # Nothing of ours may land after the next owner's writes: finish, then store
+                # the rest now.
+                await self.owner.settle()
+                self.owner.flush()
+                await self.owner.settle()
             self.owner.rewind(())
             self.owner.unverified.difference_update(revoked)
 
