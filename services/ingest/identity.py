@@ -82,10 +82,34 @@ class IdentityDirectory:
                 self._remember(key, doc["customer_id"])
         return found
 
+    async def _create_unlinked(self, links: list[Link], now: datetime) -> None:
+        """Insert-first for messages that name only their own identity: creating an identity
+        that turns out to exist costs a duplicate-key answer, while reading one that does not
+        exist costs a point read (on FerretDB a point read costs about ten inserts). Created
+        identities go to the cache; those that existed are read by the caller as usual.
+        Identities a linking message names are left alone (their customer depends on both)."""
+        in_links = {k for link in links if link.linked for k in (link.own, link.linked)}
+        fresh = {link.own for link in links if link.linked is None and link.own not in self._cache and link.own not in in_links}
+        if not fresh:
+            return
+        docs = [{"_id": k, "customer_id": new_customer_id(), "created_at": now} for k in sorted(fresh)]
+        existed: set[str] = set()
+        try:
+            await self.identities.insert_many(docs, ordered=False)
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", [])
+            if any(e.get("code") != DUPLICATE_KEY for e in errors):
+                raise
+            existed = {docs[e["index"]]["_id"] for e in errors}
+        for doc in docs:
+            if doc["_id"] not in existed:
+                self._remember(doc["_id"], doc["customer_id"])
+
     async def resolve(self, messages: list[ChannelMessagePosted], now: datetime) -> list[str]:
         """The customer id of each message, creating identities for new addresses."""
         links = [links_of(m) for m in messages]
         keys = {k for link in links for k in (link.own, link.linked) if k}
+        await self._create_unlinked(links, now)
         known = await self._lookup(keys)
         created = resolve_links(known, links)
         if created:

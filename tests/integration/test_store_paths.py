@@ -104,3 +104,51 @@ async def test_sweeper_heads_supersede_and_cancel_armings(infra, mongo_db_name) 
         assert [d async for d in store.deadlines.find({"entity": "conv-1"})] == []
     finally:
         await client.close()
+
+
+class Commands(monitoring.CommandListener):
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        self.names.append(event.command_name)
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+async def test_identities_are_created_insert_first_and_existing_ones_still_win(infra, mongo_db_name) -> None:
+    from services.ingest.identity import IdentityDirectory
+    from shared.contracts.channel import ChannelMessagePosted
+
+    def sms(number: str, n: int) -> ChannelMessagePosted:
+        return ChannelMessagePosted(channel="sms", provider_message_id=f"SM{n}", address=number, text="hi", sent_at=datetime.now(UTC))
+
+    def app(account: str, phone: str) -> ChannelMessagePosted:
+        return ChannelMessagePosted(
+            channel="app", provider_message_id=f"APP{account}", address=account, text="hi", authenticated=True, linked_phone=phone, sent_at=datetime.now(UTC)
+        )
+
+    commands = Commands()
+    client: AsyncMongoClient = AsyncMongoClient(infra.mongodb_url, tz_aware=True, event_listeners=[commands])
+    try:
+        db = client[mongo_db_name]
+        first = IdentityDirectory(db)
+        created = await first.resolve([sms("+12065550001", 1), sms("+12065550002", 2), sms("+12065550001", 3)], datetime.now(UTC))
+        assert created[0] == created[2] != created[1]
+        assert "find" not in commands.names  # new addresses: one insert, no reads
+
+        # Another replica (an empty cache): the insert meets the stored identities, which win.
+        commands.names.clear()
+        again = await IdentityDirectory(db).resolve([sms("+12065550002", 4), sms("+12065550001", 5)], datetime.now(UTC))
+        assert again == [created[1], created[0]]
+        assert "find" in commands.names
+        # A linking message still joins the app account to the phone's customer.
+        linked = await IdentityDirectory(db).resolve([app("acct-1", "+12065550001")], datetime.now(UTC))
+        assert linked == [created[0]]
+        assert await db["identities"].count_documents({}) == 3
+    finally:
+        await client.close()
