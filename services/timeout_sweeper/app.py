@@ -15,6 +15,7 @@ from pydantic import Field
 from shared.contracts.registry import CONVERSATION_EVENTS, LIFECYCLE_COMMANDS, ROUTING_COMMANDS
 from shared.runtime.decoding import BatchReader, documented_payloads
 from shared.runtime.kafka import batch_subscriber_options, records_of
+from shared.runtime.owned_cache import OwnedStateCache
 from shared.runtime.service import Service, assemble, build_runtime
 from shared.settings import ServiceSettings
 from shared.teams import DirectoryWatcher
@@ -34,6 +35,9 @@ class TimeoutSweeperSettings(ServiceSettings):
     sweep_interval_s: float = Field(default=1.0, gt=0, description="Pause between sweeps when nothing is due")
     sweep_batch_size: int = Field(default=200, ge=1, le=10_000, description="Deadlines claimed per sweep")
     claim_lease_s: float = Field(default=30.0, gt=0, description="After this, a claim whose sweeper died is taken over")
+    state_cache_heads: int = Field(
+        default=100_000, ge=0, description="Deadline heads (current arming per kind and entity) kept in memory between batches"
+    )
 
 
 def wall_clock() -> datetime:
@@ -51,8 +55,9 @@ def create_service(
     directory = DirectoryWatcher(settings.teams_config)
     store = DeadlineStore(runtime.db)
     outbox = runtime.outbox("/hometeam/timeout-sweeper")
+    heads = OwnedStateCache[str](settings.state_cache_heads)
     tracker = DeadlineTracker(
-        BatchReader((CONVERSATION_EVENTS,), runtime.dead_letters, settings.kafka_topic_prefix), store, directory, clock
+        BatchReader((CONVERSATION_EVENTS,), runtime.dead_letters, settings.kafka_topic_prefix), store, directory, clock, heads
     )
     sweeper = Sweeper(
         store,
@@ -74,6 +79,7 @@ def create_service(
     @broker.subscriber(
         settings.topic(CONVERSATION_EVENTS.name),
         **batch_subscriber_options(settings),
+        listener=heads.rebalance_listener(),
         title="timeout-sweeper:consume:conversations.events",
         description=CONVERSATION_EVENTS.description,
     )

@@ -8,7 +8,9 @@ from datetime import datetime
 
 from aiokafka import ConsumerRecord
 
+from shared.contracts.conversations import ConversationOpened
 from shared.runtime.decoding import BatchReader
+from shared.runtime.owned_cache import OwnedStateCache
 from shared.teams import DirectoryWatcher
 
 from services.timeout_sweeper.deadlines import RESPONSE, Arm, Change, changes_for, collapse
@@ -16,7 +18,17 @@ from services.timeout_sweeper.store import DeadlineStore
 
 
 class DeadlineTracker:
-    def __init__(self, reader: BatchReader, store: DeadlineStore, directory: DirectoryWatcher, clock: Callable[[], datetime]) -> None:
+    def __init__(
+        self,
+        reader: BatchReader,
+        store: DeadlineStore,
+        directory: DirectoryWatcher,
+        clock: Callable[[], datetime],
+        heads: OwnedStateCache[str] | None = None,
+    ) -> None:
+        # Heads are written only by this consumer (events are keyed by customer), so what it
+        # last wrote stays true while it owns the partition: kept between batches, "" = none.
+        self.heads = heads if heads is not None else OwnedStateCache[str](0)
         self.reader = reader
         self.store = store
         self.directory = directory
@@ -29,15 +41,24 @@ class DeadlineTracker:
         for item in incoming:
             changes.extend(changes_for(item.payload, item.envelope.sequence or item.offset, directory))
         net = collapse(changes)
+        epoch = self.heads.epoch
+        known = self.heads.take(f"{kind}:{entity}" for kind, entity in net)
+        # A conversation opened in this batch has no deadlines yet: nothing to read. (On a
+        # replay its earlier armings are superseded when the later events replay.)
+        opened = {i.payload.conversation_id for i in incoming if isinstance(i.payload, ConversationOpened)}
+        for kind, entity in net:
+            if entity in opened:
+                known.setdefault(f"{kind}:{entity}", "")
         # "Only if absent" arms (the response clock of a customer's follow-up message) must not
         # restart a clock armed in an earlier batch.
         conditional = [k for k, c in net.items() if isinstance(c, Arm) and c.only_if_absent]
         if conditional:
-            running = await self.store.existing(RESPONSE, [entity for _, entity in conditional])
+            running = await self.store.existing(RESPONSE, [entity for _, entity in conditional], known)
             for key in conditional:
                 if key[1] in running:
                     del net[key]
         if net:
-            await self.store.apply(net, self.clock())
+            known |= await self.store.apply(net, self.clock(), known)
         await self.reader.flush()
+        self.heads.put_back(known, epoch)
 

@@ -39,30 +39,39 @@ class DeadlineStore:
         await self.deadlines.create_index([("kind", ASCENDING), ("entity", ASCENDING)])
         await self.claims.create_index([("claimed_at", ASCENDING)])
 
-    async def existing(self, kind: str, entities: Iterable[str]) -> set[str]:
-        """The entities whose ``kind`` deadline is armed and not yet fired."""
-        heads = await find_by_ids(self.heads, {f"{kind}:{e}" for e in entities})
-        armed = await find_by_ids(self.deadlines, (h["current"] for h in heads.values()))
-        return {armed[h["current"]]["entity"] for h in heads.values() if h["current"] in armed}
+    async def existing(self, kind: str, entities: Iterable[str], heads: dict[str, str] | None = None) -> set[str]:
+        """The entities whose ``kind`` deadline is armed and not yet fired. ``heads``: head id
+        → current arming ("" for none) already known; the others are read."""
+        known = dict(heads or {})
+        wanted = {f"{kind}:{e}" for e in entities}
+        read = await find_by_ids(self.heads, (h for h in wanted if h not in known))
+        known.update((h, read[h]["current"] if h in read else "") for h in wanted if h not in known)
+        current = [known[h] for h in wanted if known[h]]
+        armed = await find_by_ids(self.deadlines, current)
+        return {doc["entity"] for doc in armed.values()}
 
-    async def apply(self, net: dict[tuple[str, str], Change], now: datetime) -> None:
+    async def apply(self, net: dict[tuple[str, str], Change], now: datetime, heads: dict[str, str] | None = None) -> dict[str, str]:
         """Write a batch's net changes: drop superseded armings, insert the new ones, then
         point the heads at them. A crash anywhere in between replays the batch to the same end:
-        the old arming is gone before a head stops naming it."""
-        heads = await find_by_ids(self.heads, (f"{kind}:{entity}" for kind, entity in net))
+        the old arming is gone before a head stops naming it. ``heads``: head id → current
+        arming ("" for none) already known (the others are read); returns the heads after."""
+        known = dict(heads or {})
+        wanted = [f"{kind}:{entity}" for kind, entity in net]
+        read = await find_by_ids(self.heads, (h for h in wanted if h not in known))
+        known.update((h, read[h]["current"] if h in read else "") for h in wanted if h not in known)
         superseded: list[Any] = []
         head_ops: list[Any] = []
         for (kind, entity), change in net.items():
             head_id = f"{kind}:{entity}"
-            keep = change.doc_id if isinstance(change, Arm) else None
-            current = heads.get(head_id, {}).get("current")
-            if current is not None and current != keep:
+            keep = change.doc_id if isinstance(change, Arm) else ""
+            current = known[head_id]
+            if current and current != keep:
                 superseded.append(DeleteOne({"_id": current}))
-            if keep is not None:
-                if current != keep:
-                    head_ops.append(ReplaceOne({"_id": head_id}, {"current": keep}, upsert=True))
-            elif head_id in heads:
+            if keep and current != keep:
+                head_ops.append(ReplaceOne({"_id": head_id}, {"current": keep}, upsert=True))
+            elif not keep and current:
                 head_ops.append(DeleteOne({"_id": head_id}))
+            known[head_id] = keep
         if superseded:
             await bulk_write_chunked(self.deadlines, superseded)
         arms = [c for c in net.values() if isinstance(c, Arm)]
@@ -70,6 +79,7 @@ class DeadlineStore:
             await self.insert(arms, now)
         if head_ops:
             await bulk_write_chunked(self.heads, head_ops)
+        return {h: known[h] for h in wanted}
 
     async def insert(self, arms: list[Arm], now: datetime) -> None:
         docs = [

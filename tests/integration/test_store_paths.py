@@ -152,3 +152,23 @@ async def test_identities_are_created_insert_first_and_existing_ones_still_win(i
         assert await db["identities"].count_documents({}) == 3
     finally:
         await client.close()
+
+
+async def test_known_heads_are_not_read_again_and_apply_returns_them(infra, mongo_db_name) -> None:
+    commands = Commands()
+    client: AsyncMongoClient = AsyncMongoClient(infra.mongodb_url, tz_aware=True, event_listeners=[commands])
+    try:
+        store = DeadlineStore(client[mongo_db_name])
+        now = datetime.now(UTC)
+        first = Arm("response", "conv-9", now + timedelta(minutes=5), "0001", {})
+        second = Arm("response", "conv-9", now + timedelta(minutes=9), "0002", {})
+        heads = await store.apply({("response", "conv-9"): first}, now, {"response:conv-9": ""})
+        assert heads == {"response:conv-9": first.doc_id}
+        assert "find" not in commands.names  # a head known to be absent is not read
+        heads = await store.apply({("response", "conv-9"): second}, now, heads)
+        assert "find" not in commands.names
+        assert sorted([d["_id"] async for d in store.deadlines.find({"entity": "conv-9"})]) == [second.doc_id]
+        assert await store.existing("response", ["conv-9"], heads) == {"conv-9"}
+        assert await store.existing("response", ["conv-9"]) == {"conv-9"}  # read from the store: the same
+    finally:
+        await client.close()
