@@ -66,7 +66,12 @@ class ConversationConsumer:
         customer_ids = [i.payload.customer_id for i in incoming]
         conversation_ids = [i.payload.conversation_id for i in incoming if hasattr(i.payload, "conversation_id")]
         epoch = self.cache.epoch
-        loaded = await self.store.load(customer_ids, conversation_ids, self.cache.take(customer_ids))
+        # A customer ingest created for a message of this batch has nothing stored yet. (If
+        # this batch is a replay after a crash, what was stored for them came from this same
+        # batch and the records after it, which all replay too: rebuilding from nothing gives
+        # the same documents.)
+        absent = [i.payload.customer_id for i in incoming if isinstance(i.payload, CustomerMessageReceived) and i.payload.new_customer]
+        loaded = await self.store.load(customer_ids, conversation_ids, self.cache.take(customer_ids), absent)
 
         effects: list[tuple[CustomerRecords, Effects, Incoming[Any]]] = []
         lines: list[Line] = []

@@ -33,9 +33,13 @@ class InboundConsumer:
         incoming = await self.reader.read(records)
         if incoming:
             messages: list[ChannelMessagePosted] = [i.payload for i in incoming]
-            customers = await self.identities.resolve(messages, incoming[-1].envelope.time)
+            customers, created = await self.identities.resolve_batch(messages, incoming[-1].envelope.time)
             for item, customer_id in zip(incoming, customers, strict=True):
-                normalized = normalize(item.payload, customer_id, item.envelope.time)
+                # Only the first message of a customer created here says so: the ones after it
+                # find the customer stored (or in memory) by then.
+                new_customer = customer_id in created
+                created.discard(customer_id)
+                normalized = normalize(item.payload, customer_id, item.envelope.time, new_customer=new_customer)
                 with self.tracing.span(item.record, item.envelope.id):
                     await self.outbox.send(
                         MESSAGES_RECEIVED.name,

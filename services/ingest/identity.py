@@ -82,7 +82,7 @@ class IdentityDirectory:
                 self._remember(key, doc["customer_id"])
         return found
 
-    async def _create_unlinked(self, links: list[Link], now: datetime) -> None:
+    async def _create_unlinked(self, links: list[Link], now: datetime) -> set[str]:
         """Insert-first for messages that name only their own identity: creating an identity
         that turns out to exist costs a duplicate-key answer, while reading one that does not
         exist costs a point read (on FerretDB a point read costs about ten inserts). Created
@@ -91,7 +91,7 @@ class IdentityDirectory:
         in_links = {k for link in links if link.linked for k in (link.own, link.linked)}
         fresh = {link.own for link in links if link.linked is None and link.own not in self._cache and link.own not in in_links}
         if not fresh:
-            return
+            return set()
         docs = [{"_id": k, "customer_id": new_customer_id(), "created_at": now} for k in sorted(fresh)]
         existed: set[str] = set()
         try:
@@ -104,12 +104,18 @@ class IdentityDirectory:
         for doc in docs:
             if doc["_id"] not in existed:
                 self._remember(doc["_id"], doc["customer_id"])
+        return {doc["customer_id"] for doc in docs if doc["_id"] not in existed}
 
     async def resolve(self, messages: list[ChannelMessagePosted], now: datetime) -> list[str]:
         """The customer id of each message, creating identities for new addresses."""
+        return (await self.resolve_batch(messages, now))[0]
+
+    async def resolve_batch(self, messages: list[ChannelMessagePosted], now: datetime) -> tuple[list[str], set[str]]:
+        """The customer id of each message, creating identities for new addresses; and the
+        customers created by this call (their ids were minted here)."""
         links = [links_of(m) for m in messages]
         keys = {k for link in links for k in (link.own, link.linked) if k}
-        await self._create_unlinked(links, now)
+        minted = await self._create_unlinked(links, now)
         known = await self._lookup(keys)
         created = resolve_links(known, links)
         if created:
@@ -126,7 +132,10 @@ class IdentityDirectory:
                 created = resolve_links(known, links)
                 if created:  # pragma: no cover - only if a conflicting insert vanished
                     raise RuntimeError("identity insert race did not settle")
+            existing_customers = set(known.values())
             for key, customer in created.items():
                 self._remember(key, customer)
+                if customer not in existing_customers:
+                    minted.add(customer)
             known |= created
-        return [known[link.own] for link in links]
+        return [known[link.own] for link in links], minted

@@ -22,7 +22,7 @@ def address_key(channel: Channel | str, address: str) -> str:
     return hashlib.sha256(f"{Channel(channel).value}:{address}".encode()).hexdigest()[:32]
 
 
-def normalize(msg: ChannelMessagePosted, customer_id: str, received_at: datetime) -> CustomerMessageReceived:
+def normalize(msg: ChannelMessagePosted, customer_id: str, received_at: datetime, *, new_customer: bool = False) -> CustomerMessageReceived:
     return CustomerMessageReceived(
         message_id=message_id(msg.channel, msg.provider_message_id, msg.business_id),
         customer_id=customer_id,
@@ -36,4 +36,5 @@ def normalize(msg: ChannelMessagePosted, customer_id: str, received_at: datetime
         business_id=msg.business_id,
         authenticated=msg.authenticated,
         region=msg.region,
+        new_customer=new_customer,
     )

@@ -13,8 +13,10 @@ from shared.runtime.decoding import BatchReader
 from shared.runtime.owned_cache import OwnedStateCache
 from shared.teams import DirectoryWatcher
 
-from services.timeout_sweeper.deadlines import RESPONSE, Arm, Change, changes_for, collapse
+from services.timeout_sweeper.deadlines import INACTIVITY, RESPONSE, Arm, Change, changes_for, collapse
 from services.timeout_sweeper.store import DeadlineStore
+
+CONVERSATION_KINDS = (INACTIVITY, RESPONSE)  # the deadlines armed per conversation
 
 
 class DeadlineTracker:
@@ -46,9 +48,9 @@ class DeadlineTracker:
         # A conversation opened in this batch has no deadlines yet: nothing to read. (On a
         # replay its earlier armings are superseded when the later events replay.)
         opened = {i.payload.conversation_id for i in incoming if isinstance(i.payload, ConversationOpened)}
-        for kind, entity in net:
-            if entity in opened:
-                known.setdefault(f"{kind}:{entity}", "")
+        for conversation_id in opened:
+            for kind in CONVERSATION_KINDS:
+                known.setdefault(f"{kind}:{conversation_id}", "")
         # "Only if absent" arms (the response clock of a customer's follow-up message) must not
         # restart a clock armed in an earlier batch.
         conditional = [k for k, c in net.items() if isinstance(c, Arm) and c.only_if_absent]

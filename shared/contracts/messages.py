@@ -26,6 +26,13 @@ class CustomerMessageReceived(InboundModel):
     business_id: Identifier | None = None
     authenticated: bool = False
     region: RegionHints = RegionHints()
+    new_customer: bool = Field(
+        default=False,
+        description=(
+            "Ingest created this customer for this very message (the first of theirs it saw): nothing can be stored "
+            "for them yet, so consumers may skip looking them up. Later messages of the same customer carry false."
+        ),
+    )
 
 
 class DeliverMessage(InboundModel):

@@ -137,8 +137,11 @@ async def test_identities_are_created_insert_first_and_existing_ones_still_win(i
     try:
         db = client[mongo_db_name]
         first = IdentityDirectory(db)
-        created = await first.resolve([sms("+12065550001", 1), sms("+12065550002", 2), sms("+12065550001", 3)], datetime.now(UTC))
+        created, minted = await first.resolve_batch(
+            [sms("+12065550001", 1), sms("+12065550002", 2), sms("+12065550001", 3)], datetime.now(UTC)
+        )
         assert created[0] == created[2] != created[1]
+        assert minted == {created[0], created[1]}  # what ingest flags as new_customer
         assert "find" not in commands.names  # new addresses: one insert, no reads
 
         # Another replica (an empty cache): the insert meets the stored identities, which win.
@@ -147,9 +150,12 @@ async def test_identities_are_created_insert_first_and_existing_ones_still_win(i
         assert again == [created[1], created[0]]
         assert "find" in commands.names
         # A linking message still joins the app account to the phone's customer.
-        linked = await IdentityDirectory(db).resolve([app("acct-1", "+12065550001")], datetime.now(UTC))
-        assert linked == [created[0]]
-        assert await db["identities"].count_documents({}) == 3
+        linked, minted = await IdentityDirectory(db).resolve_batch([app("acct-1", "+12065550001")], datetime.now(UTC))
+        assert linked == [created[0]] and minted == set()
+        # An app account with a phone nobody knows: one new customer for both identities.
+        fresh, minted = await IdentityDirectory(db).resolve_batch([app("acct-2", "+12065550003")], datetime.now(UTC))
+        assert minted == {fresh[0]}
+        assert await db["identities"].count_documents({}) == 5
     finally:
         await client.close()
 

@@ -174,3 +174,54 @@ def test_address_key_is_stable_and_never_contains_the_address(channel, address):
         assert digits[-7:] not in key  # not even the subscriber number
     assert key != address_key(channel, address + "1")
     assert all(key != address_key(other, address) for other in Channel if other is not channel)
+
+
+async def test_only_the_first_message_of_a_customer_created_in_the_batch_is_flagged_new() -> None:
+    """Ingest's handler marks ``new_customer`` on the message that created the customer only:
+    a later message of the same batch may reach conversation-state in a later batch, when the
+    customer is stored, and must be looked up."""
+    from datetime import UTC, datetime
+
+    from aiokafka import ConsumerRecord
+
+    from services.ingest.handlers import InboundConsumer
+    from shared.contracts.channel import ChannelMessagePosted
+    from shared.runtime.decoding import Incoming
+
+    now = datetime(2026, 11, 23, 12, tzinfo=UTC)
+    posted = [
+        ChannelMessagePosted(channel="sms", provider_message_id=f"SM{n}", address=a, text="hi", sent_at=now)
+        for n, a in enumerate(["+12065550001", "+12065550001", "+12065550002"])
+    ]
+
+    class Reader:
+        async def read(self, records):  # type: ignore[no-untyped-def]
+            return [
+                Incoming(record=ConsumerRecord("t", 0, n, 0, 0, None, b"", None, 0, 0, []), envelope=type("E", (), {"id": f"e{n}", "time": now})(), payload=p)
+                for n, p in enumerate(posted)
+            ]
+
+        async def flush(self) -> None:
+            pass
+
+    class Identities:
+        async def resolve_batch(self, messages, at):  # type: ignore[no-untyped-def]
+            return ["cus_a", "cus_a", "cus_b"], {"cus_a"}
+
+    sent: list[tuple[str, bool]] = []
+
+    class Outbox:
+        async def send(self, topic, key, payload, **kwargs):  # type: ignore[no-untyped-def]
+            sent.append((payload.customer_id, payload.new_customer))
+
+        async def flush(self) -> None:
+            pass
+
+    class Tracing:
+        def span(self, record, envelope_id):  # type: ignore[no-untyped-def]
+            import contextlib
+
+            return contextlib.nullcontext()
+
+    await InboundConsumer(Reader(), Identities(), Outbox(), Tracing()).handle([])  # type: ignore[arg-type]
+    assert sent == [("cus_a", True), ("cus_a", False), ("cus_b", False)]
