@@ -46,7 +46,7 @@ class EventsConsumer:
         epoch = (self.customers.epoch, self.buckets.epoch)
         customer_ids = list(dict.fromkeys(i.payload.customer_id for i in incoming))
         cached = self.customers.take(customer_ids)
-        states = cached | await self.store.load_customers(c for c in customer_ids if c not in cached)
+        states = cached | await self.store.claim_or_load_customers(c for c in customer_ids if c not in cached)
         pending: list[tuple[str, int, Fact]] = []  # (writer, offset, fact)
         for item in incoming:
             state = states[item.payload.customer_id]

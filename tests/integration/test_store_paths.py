@@ -178,3 +178,24 @@ async def test_known_heads_are_not_read_again_and_apply_returns_them(infra, mong
         assert await store.existing("response", ["conv-9"]) == {"conv-9"}  # read from the store: the same
     finally:
         await client.close()
+
+
+async def test_metrics_claims_new_customers_insert_first_and_loads_existing_ones(infra, mongo_db_name) -> None:
+    from services.metrics.kpis import CustomerKpiState
+    from services.metrics.store import KpiStore
+
+    commands = Commands()
+    client: AsyncMongoClient = AsyncMongoClient(infra.mongodb_url, tz_aware=True, event_listeners=[commands])
+    try:
+        store = KpiStore(client[mongo_db_name])
+        states = await store.claim_or_load_customers(["cus_a", "cus_b"])
+        assert states == {"cus_a": CustomerKpiState(), "cus_b": CustomerKpiState()}
+        assert "find" not in commands.names  # new customers: one insert, no reads
+        states["cus_a"].applied["events/0"] = 7
+        await store.save_customers({"cus_a": states["cus_a"]})
+        again = await store.claim_or_load_customers(["cus_a", "cus_c"])
+        assert again["cus_a"].applied == {"events/0": 7}  # the stored state wins over the claim
+        assert again["cus_c"] == CustomerKpiState()
+        assert await store.customers.count_documents({}) == 3
+    finally:
+        await client.close()
