@@ -57,16 +57,25 @@ class EventsConsumer:
                 pending.append((writer, item.offset, fact))
             state.applied[writer] = item.offset
 
-        ids = {bucket_id(hour_of(f.at), f.team, f.agent, w) for w, _, f in pending}
-        docs = self.buckets.take(ids)
-        docs |= await self.store.load_buckets(i for i in ids if i not in docs)
+        empty = {
+            bucket_id(hour_of(f.at), f.team, f.agent, w): {
+                "_id": bucket_id(hour_of(f.at), f.team, f.agent, w),
+                "hour": hour_of(f.at),
+                "team": f.team,
+                "agent": f.agent,
+                "writer": w,
+                "counters": {},
+                "applied_offset": -1,
+            }
+            for w, _, f in pending
+        }
+        docs = self.buckets.take(empty)
+        docs |= await self.store.claim_or_load_buckets({i: d for i, d in empty.items() if i not in docs})
+        for doc in docs.values():
+            doc["last_offset"] = -1
         counted: list[Fact] = []
         for writer, offset, fact in pending:
-            doc_id = bucket_id(hour_of(fact.at), fact.team, fact.agent, writer)
-            doc = docs.setdefault(
-                doc_id,
-                {"_id": doc_id, "hour": hour_of(fact.at), "team": fact.team, "agent": fact.agent, "writer": writer, "counters": {}, "applied_offset": -1, "last_offset": -1},
-            )
+            doc = docs[bucket_id(hour_of(fact.at), fact.team, fact.agent, writer)]
             # A record counted into this bucket before a crash is not counted again.
             if offset <= doc["applied_offset"]:
                 continue

@@ -98,6 +98,26 @@ class KpiStore:
     async def load_buckets(self, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
         return await find_by_ids(self.buckets, ids)
 
+    async def claim_or_load_buckets(self, empty: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """These buckets, insert-first: each ``empty`` bucket (no counters, nothing applied:
+        the same as no bucket) is inserted; those that existed answer with a duplicate key and
+        are read. Returns every bucket by id."""
+        if not empty:
+            return {}
+        docs = list(empty.values())
+        existed: list[str] = []
+        try:
+            await self.buckets.insert_many([dict(d) for d in docs], ordered=False)
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", [])
+            if any(e.get("code") != DUPLICATE_KEY for e in errors):
+                raise
+            existed = [docs[e["index"]]["_id"] for e in errors]
+        found = {i: dict(d) for i, d in empty.items()}
+        if existed:
+            found |= await self.load_buckets(existed)
+        return found
+
     async def save_buckets(self, docs: Iterable[dict[str, Any]]) -> None:
         ops = [ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in docs]
         if ops:

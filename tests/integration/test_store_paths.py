@@ -199,3 +199,28 @@ async def test_metrics_claims_new_customers_insert_first_and_loads_existing_ones
         assert await store.customers.count_documents({}) == 3
     finally:
         await client.close()
+
+
+async def test_metrics_claims_new_buckets_insert_first_and_keeps_stored_counters(infra, mongo_db_name) -> None:
+    from services.metrics.store import KpiStore
+
+    commands = Commands()
+    client: AsyncMongoClient = AsyncMongoClient(infra.mongodb_url, tz_aware=True, event_listeners=[commands])
+    try:
+        store = KpiStore(client[mongo_db_name])
+        hour = datetime(2026, 11, 23, 12, tzinfo=UTC)
+
+        def empty(agent: str) -> dict:
+            return {"_id": f"b-{agent}", "hour": hour, "team": "pnw", "agent": agent, "writer": "w/0", "counters": {}, "applied_offset": -1}
+
+        docs = await store.claim_or_load_buckets({"b-ana": empty("ana")})
+        assert docs["b-ana"]["counters"] == {} and "find" not in commands.names
+        docs["b-ana"]["counters"]["messages"] = 3
+        docs["b-ana"]["applied_offset"] = 41
+        await store.save_buckets(docs.values())
+        again = await store.claim_or_load_buckets({"b-ana": empty("ana"), "b-ben": empty("ben")})
+        assert again["b-ana"]["counters"] == {"messages": 3} and again["b-ana"]["applied_offset"] == 41
+        assert again["b-ben"]["counters"] == {}
+        assert len(await store.buckets_between(hour, hour + timedelta(hours=1), "pnw")) == 2
+    finally:
+        await client.close()
