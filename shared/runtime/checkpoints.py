@@ -114,7 +114,10 @@ class Checkpointed:
             await asyncio.sleep(self.interval_s)
             if self.due:
                 async with self.lock:
-                    self.flush()
+                    try:
+                        self.flush()
+                    except Exception:  # this loop must outlive any one capture
+                        log.exception("capturing state failed; retrying")
 
     def rewind(self, partitions: Iterable[TopicPartition]) -> None:
         """Drop the in-memory state; the next batch from ``partitions`` starts at their
