@@ -18,7 +18,7 @@ from pymongo.errors import BulkWriteError
 
 from shared.contracts.channel import ChannelMessagePosted
 from shared.contracts.common import Channel
-from shared.runtime.store import find_by_ids
+from shared.runtime.store import find_by_ids, insert_absent
 
 DUPLICATE_KEY = 11000
 
@@ -93,14 +93,7 @@ class IdentityDirectory:
         if not fresh:
             return set()
         docs = [{"_id": k, "customer_id": new_customer_id(), "created_at": now} for k in sorted(fresh)]
-        existed: set[str] = set()
-        try:
-            await self.identities.insert_many(docs, ordered=False)
-        except BulkWriteError as exc:
-            errors = exc.details.get("writeErrors", [])
-            if any(e.get("code") != DUPLICATE_KEY for e in errors):
-                raise
-            existed = {docs[e["index"]]["_id"] for e in errors}
+        existed = await insert_absent(self.identities, docs)
         for doc in docs:
             if doc["_id"] not in existed:
                 self._remember(doc["_id"], doc["customer_id"])

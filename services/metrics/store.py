@@ -17,14 +17,11 @@ from typing import Any
 
 from pymongo import ASCENDING, ReplaceOne
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError, DuplicateKeyError
+from pymongo.errors import DuplicateKeyError
 
-from shared.runtime.store import bulk_write_chunked, find_by_ids
+from shared.runtime.store import bulk_write_chunked, find_by_ids, insert_absent
 
 from services.metrics.kpis import CustomerKpiState, TrackedConversation
-
-
-DUPLICATE_KEY = 11000
 
 
 def bucket_id(hour: datetime, team: str, agent: str, writer: str) -> str:
@@ -63,16 +60,9 @@ class KpiStore:
         wanted = list(dict.fromkeys(ids))
         if not wanted:
             return {}
-        existed: list[str] = []
-        try:
-            await self.customers.insert_many(
-                [{"_id": cid, "conversations": {}, "last_resolved": None, "applied": []} for cid in wanted], ordered=False
-            )
-        except BulkWriteError as exc:
-            errors = exc.details.get("writeErrors", [])
-            if any(e.get("code") != DUPLICATE_KEY for e in errors):
-                raise
-            existed = [wanted[e["index"]] for e in errors]
+        existed = await insert_absent(
+            self.customers, [{"_id": cid, "conversations": {}, "last_resolved": None, "applied": []} for cid in wanted]
+        )
         states = {cid: CustomerKpiState() for cid in wanted}
         if existed:
             states |= await self.load_customers(existed)
@@ -104,15 +94,7 @@ class KpiStore:
         are read. Returns every bucket by id."""
         if not empty:
             return {}
-        docs = list(empty.values())
-        existed: list[str] = []
-        try:
-            await self.buckets.insert_many([dict(d) for d in docs], ordered=False)
-        except BulkWriteError as exc:
-            errors = exc.details.get("writeErrors", [])
-            if any(e.get("code") != DUPLICATE_KEY for e in errors):
-                raise
-            existed = [docs[e["index"]]["_id"] for e in errors]
+        existed = await insert_absent(self.buckets, [dict(d) for d in empty.values()])
         found = {i: dict(d) for i, d in empty.items()}
         if existed:
             found |= await self.load_buckets(existed)
