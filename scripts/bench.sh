@@ -17,21 +17,8 @@ cd "$REPO_ROOT"
 
 bash scripts/bootstrap.sh
 
-started_stack=0
-if [[ -z "${KAFKA_BOOTSTRAP_SERVERS:-}" || -z "${MONGODB_URL:-}" ]]; then
-    if ! bash scripts/stack.sh status >/dev/null 2>&1; then
-        started_stack=1
-    fi
-    stack_env=$(bash scripts/stack.sh up)
-    eval "$(printf '%s\n' "$stack_env" | sed 's/^/export /')"
-fi
-
-cleanup() {
-    if ((started_stack)); then
-        bash scripts/stack.sh down >&2 || true
-    fi
-}
-trap cleanup EXIT
+# shellcheck source=lib/use_stack.sh
+source scripts/lib/use_stack.sh
 
 started=$(date +%s)
 echo "bench: machine: $(nproc) CPUs, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), load average $(cut -d' ' -f1-3 /proc/loadavg)"

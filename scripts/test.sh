@@ -10,21 +10,8 @@ bash scripts/bootstrap.sh
 bash scripts/tools.sh
 bash scripts/prometheus_tools.sh >/dev/null
 
-started_stack=0
-if [[ -z "${KAFKA_BOOTSTRAP_SERVERS:-}" || -z "${MONGODB_URL:-}" ]]; then
-    if ! bash scripts/stack.sh status >/dev/null 2>&1; then
-        started_stack=1
-    fi
-    stack_env=$(bash scripts/stack.sh up)
-    eval "$(printf '%s\n' "$stack_env" | sed 's/^/export /')"
-fi
-
-cleanup() {
-    if ((started_stack)); then
-        bash scripts/stack.sh down >&2 || true
-    fi
-}
-trap cleanup EXIT
+# shellcheck source=lib/use_stack.sh
+source scripts/lib/use_stack.sh
 
 export HOMETEAM_REQUIRE_INTEGRATION=1
 .venv/bin/python -m pytest "$@"

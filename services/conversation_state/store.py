@@ -10,13 +10,10 @@ from pymongo import ASCENDING, DESCENDING, ReplaceOne
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
-from shared.runtime.store import bulk_write_chunked, find_by_ids
+from shared.runtime.store import DUPLICATE_KEY, bulk_write_chunked, find_by_ids
 
 from services.conversation_state.lifecycle import CustomerRecords
 from services.conversation_state.model import Conversation, Customer, Line
-
-DUPLICATE_KEY = 11000
-
 
 class ConversationStore:
     def __init__(self, db: AsyncDatabase) -> None:

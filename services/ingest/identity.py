@@ -18,10 +18,7 @@ from pymongo.errors import BulkWriteError
 
 from shared.contracts.channel import ChannelMessagePosted
 from shared.contracts.common import Channel
-from shared.runtime.store import find_by_ids, insert_absent
-
-DUPLICATE_KEY = 11000
-
+from shared.runtime.store import DUPLICATE_KEY, find_by_ids, insert_absent
 
 def identity_key(channel: Channel | str, address: str) -> str:
     return f"{Channel(channel).value}:{address}"

@@ -89,9 +89,6 @@ class PoolStore:
             states[pool_id] = pool_from_doc(doc)
         return states
 
-    async def save(self, states: Iterable[PoolState]) -> None:
-        await self.save_docs([pool_to_doc(s) for s in states])
-
     async def save_docs(self, docs: Iterable[dict[str, Any]]) -> None:
         ops = [ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in docs]
         if ops:

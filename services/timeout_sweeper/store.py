@@ -21,12 +21,9 @@ from pymongo import ASCENDING, DeleteOne, ReplaceOne
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
-from shared.runtime.store import bulk_write_chunked, find_by_ids
+from shared.runtime.store import DUPLICATE_KEY, bulk_write_chunked, find_by_ids
 
 from services.timeout_sweeper.deadlines import Arm, Change
-
-DUPLICATE_KEY = 11000
-
 
 class DeadlineStore:
     def __init__(self, db: AsyncDatabase) -> None:
