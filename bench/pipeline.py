@@ -1481,8 +1481,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 print(table({"steps": [half_step]}).splitlines()[-1], file=sys.stderr, flush=True)
         pools = []
         async for doc in db["pools"].find({}):
-            placements = doc.get("placements", [])
-            pools.append({"pool": doc["_id"], "placements": len(placements), "waiting": sum(1 for p in placements if p.get("agent_id") is None)})
+            pools.append({"pool": doc["_id"], "placements": doc.get("assigned", 0) + doc.get("waiting", 0), "waiting": doc.get("waiting", 0)})
         result["pools_at_end"] = pools
         result["peak_rss_kb"] = procs.peaks()
         base = result["baseline"]["passthrough_rate"] or None

@@ -14,7 +14,8 @@
 # (19092), HOMETEAM_KAFKA_CONTROLLER_PORT (19093), HOMETEAM_MONGO_PORT (27027),
 # HOMETEAM_PYTHON (<repo>/.venv/bin/python), HOMETEAM_KAFKA_HEAP_OPTS (-Xms256m -Xmx768m),
 # HOMETEAM_KAFKA_START_TIMEOUT (120 s), HOMETEAM_MONGO_START_TIMEOUT (60 s), HOMETEAM_STOP_TIMEOUT
-# (30 s before SIGKILL).
+# (30 s before SIGKILL), HOMETEAM_FERRET_DEBUG_ADDR (unset; host:port to serve FerretDB's Go
+# pprof profiles, for profiling the store under `make bench`).
 #
 # Progress goes to stderr; only the env lines go to stdout. Processes are only ever stopped by
 # the pids this script recorded, after checking /proc/<pid>/cmdline is what it started.
@@ -389,7 +390,8 @@ start_ferret() {
     FERRET_LOG_OFFSET=$(log_offset "$FERRET_LOG")
     printf '\n===== %s stack.sh: starting ferretdb =====\n' "$(date -Is)" >>"$FERRET_LOG"
     (cd "$STATE_DIR/ferretdb" && launch "$FERRET_LOG" "$FERRET_BIN" \
-        -listen-addr "127.0.0.1:$MONGO_PORT" -data-dir "$FERRET_DATA" -log-level warn &&
+        -listen-addr "127.0.0.1:$MONGO_PORT" -data-dir "$FERRET_DATA" -log-level warn \
+        ${HOMETEAM_FERRET_DEBUG_ADDR:+-debug-addr "$HOMETEAM_FERRET_DEBUG_ADDR"} &&
         printf '%s\n' "$LAUNCHED_PID" >"$PID_DIR/ferretdb.pid")
     pid=$(<"$PID_DIR/ferretdb.pid")
     log "ferretdb: started pid $pid (log $FERRET_LOG)"

@@ -11,6 +11,8 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"net/http"
+	_ "net/http/pprof" // served only when -debug-addr is set
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -29,6 +31,8 @@ func main() {
 			"crash and is synced at checkpoints; a power loss can lose the last commits)")
 	indexInterval := flag.Duration("id-index-interval", 500*time.Millisecond,
 		"how often new collections get their _id lookup index (see idindex.go)")
+	debugAddr := flag.String("debug-addr", "",
+		"if set, serve Go's pprof profiles on this address (e.g. 127.0.0.1:8089/debug/pprof/)")
 	flag.Parse()
 
 	abs, err := filepath.Abs(*dataDir)
@@ -59,6 +63,15 @@ func main() {
 	defer stop()
 
 	go newIDIndexKeeper(abs, logger).run(ctx, *indexInterval)
+
+	if *debugAddr != "" {
+		go func() {
+			logger.Warn("pprof listening", "addr", *debugAddr)
+			if err := http.ListenAndServe(*debugAddr, nil); err != nil {
+				logger.Error("pprof listener failed", "error", err)
+			}
+		}()
+	}
 
 	logger.Warn("ferretdb listening", "addr", *addr, "data_dir", abs)
 	if err := db.Run(ctx); err != nil {

@@ -35,6 +35,12 @@ class TimeoutSweeperSettings(ServiceSettings):
     sweep_interval_s: float = Field(default=1.0, gt=0, description="Pause between sweeps when nothing is due")
     sweep_batch_size: int = Field(default=200, ge=1, le=10_000, description="Deadlines claimed per sweep")
     claim_lease_s: float = Field(default=30.0, gt=0, description="After this, a claim whose sweeper died is taken over")
+    sweep_read_ahead_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="How far ahead, and how often, the sweep reads due deadlines from the store (a deadline armed by "
+        "another replica less than this far ahead can fire this late)",
+    )
     state_cache_heads: int = Field(
         default=100_000, ge=0, description="Deadline heads (current arming per kind and entity) kept in memory between batches"
     )
@@ -68,6 +74,7 @@ def create_service(
         registry=runtime.registry,
         batch_size=settings.sweep_batch_size,
         lease=timedelta(seconds=settings.claim_lease_s),
+        read_ahead=timedelta(seconds=settings.sweep_read_ahead_s),
     )
     runtime.on_startup.append(store.ensure_indexes)
     runtime.background.append(lambda: directory.watch(settings.teams_reload_interval_s))

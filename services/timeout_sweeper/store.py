@@ -13,7 +13,7 @@ kind and entity, so superseding and "is it running" are reads and deletes by exa
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 
@@ -25,11 +25,14 @@ from shared.runtime.store import DUPLICATE_KEY, bulk_write_chunked, find_by_ids
 
 from services.timeout_sweeper.deadlines import Arm, Change
 
+
 class DeadlineStore:
     def __init__(self, db: AsyncDatabase) -> None:
         self.deadlines = db["deadlines"]
         self.claims = db["deadline_claims"]
         self.heads = db["deadline_heads"]
+        # Told (id, due_at) of every deadline this process stored (the sweep's read-ahead).
+        self.armed_listeners: list[Callable[[Iterable[tuple[str, datetime]]], None]] = []
 
     async def ensure_indexes(self) -> None:
         await self.deadlines.create_index([("due_at", ASCENDING)])
@@ -88,10 +91,19 @@ class DeadlineStore:
         except BulkWriteError as exc:  # already armed (a replay, or another replica's hours row)
             if any(e.get("code") != DUPLICATE_KEY for e in exc.details.get("writeErrors", [])):
                 raise
+        armed = [(d["_id"], d["due_at"]) for d in docs]
+        for listener in self.armed_listeners:
+            listener(armed)
 
-    async def due(self, now: datetime, limit: int) -> list[dict[str, Any]]:
-        cursor = self.deadlines.find({"due_at": {"$lte": now}}).sort([("due_at", ASCENDING), ("_id", ASCENDING)]).limit(limit)
+    async def due(self, until: datetime, limit: int) -> list[dict[str, Any]]:
+        """The first ``limit`` deadlines due at or before ``until``, earliest first. A range
+        query: the store may scan the whole collection for it (FerretDB does)."""
+        cursor = self.deadlines.find({"due_at": {"$lte": until}}).sort([("due_at", ASCENDING), ("_id", ASCENDING)]).limit(limit)
         return [d async for d in cursor]
+
+    async def get(self, deadline_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """These deadlines as stored now (fired or superseded ones are absent)."""
+        return await find_by_ids(self.deadlines, deadline_ids)
 
     async def claim(self, deadline_id: str, attempt: int, owner: str, now: datetime) -> bool:
         try:

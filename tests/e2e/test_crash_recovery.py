@@ -19,11 +19,18 @@ import yaml
 from pymongo import AsyncMongoClient
 
 from services.ingest.normalize import address_key
+from services.team_routing.pool import Placement
+from services.team_routing.store import decode_placements
 from shared.contracts.agents import AgentPresenceChanged, Presence
 from shared.contracts.channel import ChannelMessagePosted
 from shared.runtime.topics import ensure_topics
 from tests.e2e.conftest import DAY, EVERY_DAY
 from tests.support import KafkaProbe, eventually, free_port
+
+
+def stored_placements(pool: dict) -> list[Placement]:
+    """Every placement row of a stored pool document (duplicates kept: the test looks for them)."""
+    return decode_placements(pool["placements"]) if pool.get("placements") else []
 
 REPO = Path(__file__).resolve().parents[2]
 CUSTOMERS = 30
@@ -145,7 +152,7 @@ async def test_kill_dash_nine_mid_stream_loses_and_duplicates_nothing(infra, tmp
                 stored = await db["messages"].count_documents({})
                 unassigned = [(c["_id"][:8], c.get("team_id"), c["status"]) async for c in db["conversations"].find({"agent_id": None})]
                 pool = await db["pools"].find_one({"_id": "pnw"}) or {}
-                placed = {p["conversation_id"][:8]: p.get("agent_id") for p in pool.get("placements", [])}
+                placed = {p.conversation_id[:8]: p.agent_id for p in stored_placements(pool)}
                 raise AssertionError(f"{exc}: {stored} stored; unassigned {unassigned}; pool placements {placed}") from exc
 
             # Nothing done twice in the store: one conversation per customer, each message once.
@@ -156,7 +163,7 @@ async def test_kill_dash_nine_mid_stream_loses_and_duplicates_nothing(infra, tmp
             # from its checkpoint after a crash): wait for the stored pool to catch up.
             async def pool_stored() -> list[str] | None:
                 pool = await db["pools"].find_one({"_id": "pnw"}) or {}
-                placements = [p["conversation_id"] for p in pool.get("placements", [])]
+                placements = [p.conversation_id for p in stored_placements(pool)]
                 return placements if len(set(placements)) == CUSTOMERS else None
 
             placements = await eventually(pool_stored, timeout_s=30, what=f"{CUSTOMERS} placements stored in pool pnw")

@@ -1,0 +1,92 @@
+"""The sweep's read-ahead: which deadlines it hands out when, and when it must read the store again."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from services.timeout_sweeper.sweep import ReadAhead
+
+T = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
+S = timedelta(seconds=1)
+
+
+class Monotonic:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def docs(*pairs: tuple[str, int]) -> list[dict]:
+    return [{"_id": i, "due_at": T + n * S} for i, n in pairs]
+
+
+def make() -> tuple[ReadAhead, Monotonic]:
+    mono = Monotonic()
+    return ReadAhead(10 * S, mono), mono
+
+
+def test_must_read_before_the_first_read_and_after_forget() -> None:
+    ahead, _ = make()
+    assert ahead.must_read(T)
+    ahead.loaded(T, [], complete=True)
+    assert not ahead.must_read(T + 9 * S)
+    ahead.forget()
+    assert ahead.must_read(T)
+
+
+@pytest.mark.parametrize(
+    ("clock_s", "real_s", "read"),
+    [
+        (0, 0, False),
+        (9, 9, False),
+        (10, 0, True),  # the window passed on the service clock
+        (0, 10, True),  # a standing (test) clock: real time decides
+    ],
+)
+def test_reads_again_when_the_window_passes(clock_s: int, real_s: int, read: bool) -> None:
+    ahead, mono = make()
+    ahead.loaded(T, [], complete=True)
+    mono.t += real_s
+    assert ahead.must_read(T + clock_s * S) is read
+
+
+def test_hands_out_due_deadlines_earliest_first_up_to_the_limit() -> None:
+    ahead, _ = make()
+    ahead.loaded(T, docs(("b", 2), ("a", 2), ("c", 5), ("d", 9)), complete=True)
+    assert ahead.take_due(T + S, 10) == []
+    assert ahead.take_due(T + 5 * S, 2) == ["a", "b"]
+    assert ahead.take_due(T + 5 * S, 2) == ["c"]
+    assert ahead.take_due(T + 20 * S, 10) == ["d"]
+    assert ahead.take_due(T + 20 * S, 10) == []
+
+
+def test_armed_deadlines_join_only_inside_the_covered_window() -> None:
+    ahead, _ = make()
+    ahead.note([("early", T + S)])  # before any read: the first read finds it
+    assert ahead.take_due(T + 20 * S, 10) == []
+    ahead.loaded(T, [], complete=True)
+    ahead.note([("soon", T + 3 * S), ("later", T + 11 * S)])  # later: beyond the window, read next time
+    assert ahead.take_due(T + 20 * S, 10) == ["soon"]
+
+
+def test_a_moved_deadline_is_handed_out_at_its_new_time_once() -> None:
+    ahead, _ = make()
+    ahead.loaded(T, docs(("x", 2)), complete=True)
+    ahead.note([("x", T + 6 * S)])  # seen again with a later due time
+    assert ahead.take_due(T + 3 * S, 10) == []
+    ahead.note([("x", T + 6 * S)])  # noting the same time twice queues it once
+    assert ahead.take_due(T + 6 * S, 10) == ["x"]
+    assert ahead.take_due(T + 6 * S, 10) == []
+
+
+def test_an_incomplete_read_covers_only_up_to_its_last_deadline() -> None:
+    ahead, _ = make()
+    ahead.loaded(T, docs(("a", 1), ("b", 4)), complete=False)  # the read hit its limit
+    assert ahead.covered_until == T + 4 * S
+    ahead.note([("c", T + 5 * S)])  # not covered: the next read brings it
+    assert ahead.must_read(T + 4 * S)
+    assert ahead.take_due(T + 9 * S, 10) == ["a", "b"]
