@@ -13,6 +13,7 @@ from opentelemetry.sdk.trace import SpanProcessor
 from pydantic import Field
 
 from shared.contracts.registry import AGENT_PRESENCE, CONVERSATION_EVENTS, POOL_STATUS, SURVEY_RESPONSES
+from shared.runtime.checkpoints import Checkpointed
 from shared.runtime.decoding import BatchReader, documented_payloads
 from shared.runtime.kafka import batch_subscriber_options, client_security_options, records_of
 from shared.runtime.owned_cache import OwnedStateCache, invalidate_on_rebalance
@@ -49,6 +50,9 @@ class MetricsSettings(ServiceSettings):
     consumer_lag_interval_s: float = Field(default=15.0, ge=0, description="How often consumer lag is read; 0: never")
     state_cache_customers: int = Field(
         default=50_000, ge=0, description="Customers (and as many hourly buckets) kept in memory between batches; 0: none"
+    )
+    state_flush_interval_s: float = Field(
+        default=1.0, gt=0, description="How often the latest pool statuses are stored (replayed from the last checkpoint after a crash)"
     )
 
 
@@ -116,14 +120,25 @@ def create_service(
     async def on_presence(batch: documented_payloads(AGENT_PRESENCE), message: KafkaMessage) -> None:  # type: ignore[valid-type]
         await presence.handle(records_of(message))
 
-    @broker.subscriber(
+    pool_checkpoints = Checkpointed(
+        store.pool_checkpoints,
+        snapshot_state=pools.snapshot_state,
+        drop_state=pools.drop_state,
+        interval_s=settings.state_flush_interval_s,
+        consumer=lambda: pools_subscriber.consumer,
+    )
+    runtime.background.append(pool_checkpoints.flush_when_due)
+    pools_subscriber = broker.subscriber(
         settings.topic(POOL_STATUS.name),
         **batch_subscriber_options(settings, group_suffix=".pools"),
+        listener=pool_checkpoints.rebalance_listener(),
         title="metrics:consume:pools.status",
         description=POOL_STATUS.description,
     )
+
+    @pools_subscriber
     async def on_pool_status(batch: documented_payloads(POOL_STATUS), message: KafkaMessage) -> None:  # type: ignore[valid-type]
-        await pools.handle(records_of(message))
+        await pool_checkpoints.run_batch(records_of(message), pools.handle)
 
     return assemble(
         runtime,

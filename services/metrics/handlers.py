@@ -3,7 +3,7 @@ agent presence (staffed time) and pool status (queues and staffing)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -166,21 +166,44 @@ async def credit_staffed_time(store: KpiStore, metrics: KpiMetrics, credited: di
 
 
 class PoolStatusConsumer:
+    """Each pool's latest status: gauges at once, the stored copy (``kpi_pools``, for /kpis and
+    the oldest-wait refresh) behind a checkpoint (``shared.runtime.checkpoints``): a status only
+    replaces the one before it, so one write per pool per flush keeps the store current without
+    a write per record (team-routing publishes one per batch that changes a pool)."""
+
     def __init__(self, reader: BatchReader, store: KpiStore, metrics: KpiMetrics, clock: Clock) -> None:
         self.reader = reader
         self.store = store
         self.metrics = metrics
         self.clock = clock
+        self.unstored: dict[str, dict[str, Any]] = {}  # pool → latest status not yet stored
 
     async def handle(self, records: Sequence[ConsumerRecord]) -> None:
-        latest: dict[str, PoolStatusChanged] = {}
+        """One batch; call under the checkpoint lock (``Checkpointed.run_batch``)."""
         for item in await self.reader.read(records):
-            latest[item.payload.pool_id] = item.payload
-        for pool_id, status in latest.items():
-            doc: dict[str, Any] = {"_id": pool_id, **status.model_dump(mode="python")}
-            await self.store.save_pool(doc)
+            status = item.payload
+            self.unstored[status.pool_id] = {"_id": status.pool_id, **status.model_dump(mode="python")}
             set_pool_gauges(self.metrics, status, self.clock())
         await self.reader.flush()
+
+    def snapshot_state(self) -> Callable[[], Awaitable[None]] | None:
+        docs = list(self.unstored.values())
+        self.unstored.clear()
+        if not docs:
+            return None
+
+        async def write() -> None:
+            try:
+                await self.store.save_pools(docs)
+            except BaseException:
+                for doc in docs:  # stored next time, unless a newer status came meanwhile
+                    self.unstored.setdefault(doc["_id"], doc)
+                raise
+
+        return write
+
+    def drop_state(self) -> None:
+        self.unstored.clear()
 
 
 def set_pool_gauges(metrics: KpiMetrics, status: PoolStatusChanged, now: datetime) -> None:

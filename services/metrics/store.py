@@ -5,7 +5,8 @@
 - ``kpi_customers``: per-customer tracking needed to derive facts (turns, first response,
   repeat contacts), with applied offsets;
 - ``kpi_presence``: agents' staffed intervals (online until offline);
-- ``kpi_pools``: each pool's latest queue and staffing.
+- ``kpi_pools``: each pool's latest queue and staffing, stored behind checkpoints
+  (``kpi_pool_checkpoints``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class KpiStore:
         self.customers = db["kpi_customers"]
         self.presence = db["kpi_presence"]
         self.pools = db["kpi_pools"]
+        self.pool_checkpoints = db["kpi_pool_checkpoints"]  # see shared.runtime.checkpoints
 
     async def ensure_indexes(self) -> None:
         await self.buckets.create_index([("hour", ASCENDING), ("team", ASCENDING)])
@@ -131,8 +133,10 @@ class KpiStore:
         return [d async for d in self.presence.find({"end": None})]
 
     # pools -------------------------------------------------------------------------------
-    async def save_pool(self, doc: dict[str, Any]) -> None:
-        await self.pools.replace_one({"_id": doc["_id"]}, doc, upsert=True)
+    async def save_pools(self, docs: Iterable[dict[str, Any]]) -> None:
+        ops = [ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in docs]
+        if ops:
+            await bulk_write_chunked(self.pools, ops)
 
     async def all_pools(self) -> list[dict[str, Any]]:
         return [d async for d in self.pools.find({})]

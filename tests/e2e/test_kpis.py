@@ -3,6 +3,7 @@ scraped by a real Prometheus server, in PromQL; see test_prometheus_kpis)."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
@@ -198,6 +199,34 @@ def assert_ground_truth(body: dict[str, Any]) -> None:
     assert standard["first_response_seconds_avg"] == pytest.approx(300.0)
 
 
+async def latest_pool_statuses(day: Day) -> dict[str, dict[str, Any]]:
+    """The last status team-routing published for each pool (one partition per pool key)."""
+    latest: dict[str, dict[str, Any]] = {}
+    for record in sorted(await day.probe.records("pools.status.v1"), key=lambda r: (r.partition, r.offset)):
+        status = json.loads(record.value)["data"]
+        latest[status["pool_id"]] = status
+    return latest
+
+
+async def pools_shown_when_current(day: Day, http: httpx.AsyncClient) -> dict[str, Any]:
+    """/kpis shows every pool as its latest status says (stored behind a checkpoint: eventually)."""
+    expected = {
+        pool: (s["queue_depth"], s["agents_online"], s["capacity_online"], s["load"], s["surging"], datetime.fromisoformat(s["at"]))
+        for pool, s in (await latest_pool_statuses(day)).items()
+    }
+    assert expected, "team-routing published no pool status"
+
+    async def probe() -> dict[str, Any] | None:
+        pools = (await http.get("/kpis", params={"from": T.isoformat(), "to": (T + timedelta(hours=4)).isoformat()})).json()["pools"]
+        shown = {
+            pool: (p["queue_depth"], p["agents_online"], p["capacity_online"], p["load"], p["surging"], datetime.fromisoformat(p["as_of"]))
+            for pool, p in pools.items()
+        }
+        return pools if shown == expected else None
+
+    return await eventually(probe, timeout_s=30, what=f"/kpis pools equal to the latest statuses {expected}")
+
+
 async def test_a_scripted_day_gives_exactly_the_expected_kpis_and_they_survive_a_restart(day: Day):
     async with running(metrics_service(day)) as http:
         await play_the_day(day)
@@ -208,12 +237,14 @@ async def test_a_scripted_day_gives_exactly_the_expected_kpis_and_they_survive_a
         assert sum(v["closed"] for k, v in per_agent.items() if k.startswith("kpi/")) == 3
         exposed = (await http.get("/metrics")).text
         assert 'hometeam_repeat_contacts_total{team="kpi"} 1.0' in exposed, "\n".join(l for l in exposed.splitlines() if "repeat" in l)
+        await pools_shown_when_current(day, http)
 
     # A restart of the metrics service: the JSON API still shows the same numbers.
     async with running(metrics_service(day)) as http:
         body = (await http.get("/kpis", params={"from": T.isoformat(), "to": (T + timedelta(hours=4)).isoformat()})).json()
         assert_ground_truth(body)
         assert (await http.get("/kpis", params={"from": "yesterday"})).status_code == 400
+        await pools_shown_when_current(day, http)
 
 
 PROMQL_EXPECTED = {
