@@ -7,10 +7,11 @@ from collections.abc import Iterable
 from typing import Any
 
 from pymongo import ASCENDING, DESCENDING, ReplaceOne
+from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
-from shared.runtime.store import DUPLICATE_KEY, bulk_write_chunked, find_by_ids
+from shared.runtime.store import DUPLICATE_KEY, bulk_write_chunked, find_by_ids, insert_absent
 
 from services.conversation_state.lifecycle import CustomerRecords
 from services.conversation_state.model import Conversation, Customer, Line
@@ -60,34 +61,45 @@ class ConversationStore:
     async def save(self, records: Iterable[CustomerRecords], lines: list[Line]) -> None:
         """Write lines first, then conversations, then customers (which carry the applied
         offsets): a crash in between replays the batch and every write repeats harmlessly.
-        Documents equal to what was last stored are not written again."""
+        Documents equal to what was last stored are not written again. Documents never
+        stored nor read (a new customer, a conversation opened in this batch) are inserted,
+        all in one command per collection: on FerretDB a replace costs a transaction per
+        document. One that exists after all (a replay after a crash) is replaced."""
         if lines:
             try:
                 await self.messages.insert_many([line.to_doc() for line in lines], ordered=False)
             except BulkWriteError as exc:
                 if any(e.get("code") != DUPLICATE_KEY for e in exc.details.get("writeErrors", [])):
                     raise
-        conv_ops: list[Any] = []
-        customer_ops: list[Any] = []
-        written: list[tuple[CustomerRecords, str, dict[str, Any]]] = []
+        # (document, stored or read before?) per collection
+        conversations: list[tuple[dict[str, Any], bool]] = []
+        customers: list[tuple[dict[str, Any], bool]] = []
+        written: list[tuple[CustomerRecords, dict[str, Any]]] = []
         for r in records:
             if r.customer is None:
                 continue
             for conv in r.conversations.values():
                 doc = conv.to_doc()
                 if r.stored.get(conv.id) != doc:
-                    conv_ops.append(ReplaceOne({"_id": conv.id}, doc, upsert=True))
-                    written.append((r, conv.id, doc))
+                    conversations.append((doc, conv.id in r.stored))
+                    written.append((r, doc))
             doc = r.customer.to_doc()
             if r.stored.get(r.customer.id) != doc:
-                customer_ops.append(ReplaceOne({"_id": r.customer.id}, doc, upsert=True))
-                written.append((r, r.customer.id, doc))
-        if conv_ops:
-            await bulk_write_chunked(self.conversations, conv_ops)
-        if customer_ops:
-            await bulk_write_chunked(self.customers, customer_ops)
-        for r, doc_id, doc in written:
-            r.stored[doc_id] = doc
+                customers.append((doc, r.customer.id in r.stored))
+                written.append((r, doc))
+        await _upsert(self.conversations, conversations)
+        await _upsert(self.customers, customers)
+        for r, doc in written:
+            r.stored[doc["_id"]] = doc
+
+
+async def _upsert(collection: AsyncCollection, docs: list[tuple[dict[str, Any], bool]]) -> None:
+    """Store documents: insert the ones never stored or read before (and replace those of
+    them that turn out to exist), replace the others."""
+    existed = await insert_absent(collection, [dict(d) for d, known in docs if not known])
+    ops = [ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d, known in docs if known or d["_id"] in existed]
+    if ops:
+        await bulk_write_chunked(collection, ops)
 
 
 def keep_current(records: CustomerRecords) -> CustomerRecords:

@@ -21,7 +21,7 @@ from pymongo import ASCENDING, DeleteOne, ReplaceOne
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
-from shared.runtime.store import DUPLICATE_KEY, bulk_write_chunked, find_by_ids
+from shared.runtime.store import DUPLICATE_KEY, bulk_write_chunked, find_by_ids, insert_absent
 
 from services.timeout_sweeper.deadlines import Arm, Change
 
@@ -61,13 +61,16 @@ class DeadlineStore:
         known.update((h, read[h]["current"] if h in read else "") for h in wanted if h not in known)
         superseded: list[Any] = []
         head_ops: list[Any] = []
+        new_heads: list[dict[str, Any]] = []  # none stored: inserted (cheaper than an upsert)
         for (kind, entity), change in net.items():
             head_id = f"{kind}:{entity}"
             keep = change.doc_id if isinstance(change, Arm) else ""
             current = known[head_id]
             if current and current != keep:
                 superseded.append(DeleteOne({"_id": current}))
-            if keep and current != keep:
+            if keep and not current:
+                new_heads.append({"_id": head_id, "current": keep})
+            elif keep and current != keep:
                 head_ops.append(ReplaceOne({"_id": head_id}, {"current": keep}, upsert=True))
             elif not keep and current:
                 head_ops.append(DeleteOne({"_id": head_id}))
@@ -77,6 +80,9 @@ class DeadlineStore:
         arms = [c for c in net.values() if isinstance(c, Arm)]
         if arms:
             await self.insert(arms, now)
+        # A head that exists after all (a replay after a crash stored it) is replaced.
+        existed = await insert_absent(self.heads, [dict(h) for h in new_heads])
+        head_ops += [ReplaceOne({"_id": h["_id"]}, {"current": h["current"]}, upsert=True) for h in new_heads if h["_id"] in existed]
         if head_ops:
             await bulk_write_chunked(self.heads, head_ops)
         return {h: known[h] for h in wanted}

@@ -25,10 +25,13 @@ pytestmark = pytest.mark.integration
 class Writes(monitoring.CommandListener):
     def __init__(self) -> None:
         self.updates: list[str] = []
+        self.inserts: list[str] = []
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
         if event.command_name == "update":
             self.updates.extend(u["q"]["_id"] for u in event.command["updates"])
+        if event.command_name == "insert":
+            self.inserts.extend(d["_id"] for d in event.command["documents"])
 
     def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
         pass
@@ -69,16 +72,38 @@ async def test_only_changed_conversation_documents_are_written_again(infra, mong
         now = datetime.now(UTC)
         records = CustomerRecords(customer=Customer(id="cus_1", home_team_id="pnw-seattle", home_team_source="area_code", created_at=now))
         await store.save([records], [])
-        assert writes.updates == ["cus_1"]
+        assert (writes.inserts, writes.updates) == (["cus_1"], [])  # new: inserted
         await store.save([records], [])  # unchanged: nothing to write
-        assert writes.updates == ["cus_1"]
+        assert (writes.inserts, writes.updates) == (["cus_1"], [])
         records.customer.seq += 1
         await store.save([records], [])
-        assert writes.updates == ["cus_1", "cus_1"]
+        assert (writes.inserts, writes.updates) == (["cus_1"], ["cus_1"])  # stored before: replaced
         loaded = await store.load(["cus_1"], [])
         assert loaded["cus_1"].customer.seq == 1
         await store.save(loaded.values(), [])  # read back unchanged: not written either
-        assert writes.updates == ["cus_1", "cus_1"]
+        assert (writes.inserts, writes.updates) == (["cus_1"], ["cus_1"])
+    finally:
+        await client.close()
+
+
+async def test_a_document_believed_new_that_exists_is_replaced(infra, mongo_db_name) -> None:
+    """A replay after a crash: the records are rebuilt as new, but the first attempt stored them."""
+    writes = Writes()
+    client: AsyncMongoClient = AsyncMongoClient(infra.mongodb_url, tz_aware=True, event_listeners=[writes])
+    try:
+        store = ConversationStore(client[mongo_db_name])
+        now = datetime.now(UTC)
+
+        def fresh(seq: int) -> CustomerRecords:
+            customer = Customer(id="cus_2", home_team_id="pnw-seattle", home_team_source="area_code", created_at=now, seq=seq)
+            return CustomerRecords(customer=customer)
+
+        await store.save([fresh(1)], [])
+        await store.save([fresh(2), CustomerRecords(customer=Customer(id="cus_3", home_team_id="x", home_team_source="y", created_at=now))], [])
+        assert writes.inserts == ["cus_2", "cus_2", "cus_3"]
+        assert writes.updates == ["cus_2"]  # only the one that existed
+        stored = await store.load(["cus_2", "cus_3"], [])
+        assert (stored["cus_2"].customer.seq, stored["cus_3"].customer.home_team_id) == (2, "x")
     finally:
         await client.close()
 
@@ -176,6 +201,24 @@ async def test_known_heads_are_not_read_again_and_apply_returns_them(infra, mong
         assert sorted([d["_id"] async for d in store.deadlines.find({"entity": "conv-9"})]) == [second.doc_id]
         assert await store.existing("response", ["conv-9"], heads) == {"conv-9"}
         assert await store.existing("response", ["conv-9"]) == {"conv-9"}  # read from the store: the same
+    finally:
+        await client.close()
+
+
+async def test_a_new_head_is_inserted_and_one_that_exists_after_all_is_replaced(infra, mongo_db_name) -> None:
+    writes = Writes()
+    client: AsyncMongoClient = AsyncMongoClient(infra.mongodb_url, tz_aware=True, event_listeners=[writes])
+    try:
+        store = DeadlineStore(client[mongo_db_name])
+        now = datetime.now(UTC)
+        first = Arm("response", "conv-7", now + timedelta(minutes=5), "0001", {})
+        again = Arm("response", "conv-7", now + timedelta(minutes=5), "0002", {})
+        await store.apply({("response", "conv-7"): first}, now)
+        assert "response:conv-7" in writes.inserts and "response:conv-7" not in writes.updates
+        # Believed absent (e.g. a replay that rebuilt its state as new) but stored: replaced.
+        await store.apply({("response", "conv-7"): again}, now, {"response:conv-7": ""})
+        assert writes.updates.count("response:conv-7") == 1
+        assert (await store.heads.find_one({"_id": "response:conv-7"}))["current"] == again.doc_id
     finally:
         await client.close()
 
