@@ -102,11 +102,15 @@ class System:
         return found[0]["data"]["customer_id"]
 
     async def read_when(self, path: str, ready: Any, timeout_s: float = 30.0) -> dict[str, Any]:
-        """GET a read-API path until ``ready(body)`` holds: events go out before the store
-        write, so the read API can lag an event by a batch."""
+        """GET a read-API path until it answers and ``ready(body)`` holds: events go out
+        before the store write, so the read API can lag an event by a batch (and answer 404
+        for a conversation not stored yet)."""
 
         async def probe() -> dict[str, Any] | None:
-            body = (await self.state_http.get(path)).json()
+            response = await self.state_http.get(path)
+            if response.status_code == 404:
+                return None  # not stored yet
+            body = response.json()
             return body if ready(body) else None
 
         return await eventually(probe, timeout_s, f"{path} to catch up")

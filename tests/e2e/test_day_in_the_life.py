@@ -166,11 +166,8 @@ async def test_duplicate_provider_ids_are_processed_once(system: System):
     await system.events(customer, "MessageAdded", count=2)
     conversation = (await system.events(customer, "ConversationOpened"))[0]["data"]["conversation_id"]
 
-    async def transcript() -> list[str] | None:
-        body = (await system.state_http.get(f"/conversations/{conversation}")).json()
-        return [line["text"] for line in body["transcript"]] if body["transcript_total"] >= 2 else None
-
-    assert await eventually(transcript) == ["once", "twice"]
+    body = await system.read_when(f"/conversations/{conversation}", lambda b: b["transcript_total"] >= 2)
+    assert [line["text"] for line in body["transcript"]] == ["once", "twice"]
     added = [e for e in await system.probe.envelopes("conversations.events.v1") if e["subject"] == customer and e["type"] == "hometeam.MessageAdded"]
     assert len({e["data"]["message_id"] for e in added}) == 2
 
