@@ -13,7 +13,7 @@ from opentelemetry.sdk.trace import SpanProcessor
 from pydantic import Field
 
 from shared.contracts.registry import AGENT_PRESENCE, CONVERSATION_EVENTS, POOL_STATUS, SURVEY_RESPONSES
-from shared.runtime.checkpoints import Checkpointed
+from shared.runtime.checkpoints import CheckpointMetrics, Checkpointed
 from shared.runtime.decoding import BatchReader, documented_payloads
 from shared.runtime.kafka import batch_subscriber_options, client_security_options, records_of
 from shared.runtime.owned_cache import OwnedStateCache, invalidate_on_rebalance
@@ -126,6 +126,7 @@ def create_service(
         drop_state=pools.drop_state,
         interval_s=settings.state_flush_interval_s,
         consumer=lambda: pools_subscriber.consumer,
+        metrics=CheckpointMetrics(runtime.registry, "pool_status"),
     )
     runtime.background.append(pool_checkpoints.flush_when_due)
     pools_subscriber = broker.subscriber(

@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from pymongo import ReplaceOne
 from pymongo.asynchronous.collection import AsyncCollection
 
@@ -34,6 +35,34 @@ log = logging.getLogger(__name__)
 
 def partition_key(topic: str, partition: int) -> str:
     return f"{topic}/{partition}"
+
+
+class CheckpointMetrics:
+    """How far a write-behind state is from the store (for the StateNotStored alert)."""
+
+    def __init__(self, registry: CollectorRegistry, state: str) -> None:
+        self.unstored = Gauge(
+            "hometeam_state_unstored_records",
+            "Records handled in memory that no stored checkpoint covers yet (what a crash now would replay).",
+            ["state"],
+            registry=registry,
+        ).labels(state)
+        self.stored_at = Gauge(
+            "hometeam_state_stored_timestamp_seconds",
+            "When the state was last stored with its checkpoints, or found to have nothing to store (Unix time).",
+            ["state"],
+            registry=registry,
+        ).labels(state)
+        self.failures = Counter(
+            "hometeam_state_store_failures_total", "Failed attempts to store the state or its checkpoints.", ["state"], registry=registry
+        ).labels(state)
+        self.rewinds = Counter(
+            "hometeam_state_rewinds_total",
+            "Times the in-memory state was dropped to replay from the checkpoints (rebalance, failed batch).",
+            ["state"],
+            registry=registry,
+        ).labels(state)
+        self.stored_at.set_to_current_time()
 
 
 class Checkpointed:
@@ -55,8 +84,10 @@ class Checkpointed:
         interval_s: float,
         consumer: Callable[[], AIOKafkaConsumer | None],
         clock: Callable[[], float] = time.monotonic,
+        metrics: CheckpointMetrics | None = None,
     ) -> None:
         self.checkpoints = checkpoints
+        self.metrics = metrics
         self.snapshot_state = snapshot_state
         self.writing: asyncio.Task[None] | None = None
         self.drop_state = drop_state
@@ -66,6 +97,7 @@ class Checkpointed:
         self.lock = asyncio.Lock()
         self.handled: dict[str, int] = {}  # partition → last offset handled in memory
         self.stored: dict[str, int] = {}  # partition → last checkpoint written
+        self.first: dict[str, int] = {}  # partition → first offset handled since the last rewind
         self.unverified: set[TopicPartition] = set()  # must resume at the checkpoint first
         self.last_flush = clock()
 
@@ -74,6 +106,16 @@ class Checkpointed:
             key = partition_key(r.topic, r.partition)
             if r.offset > self.handled.get(key, -1):
                 self.handled[key] = r.offset
+            self.first.setdefault(key, r.offset)
+        self._report()
+
+    def unstored(self) -> int:
+        """Records handled in memory that no stored checkpoint covers."""
+        return sum(max(0, last - self.stored.get(key, self.first.get(key, last + 1) - 1)) for key, last in self.handled.items())
+
+    def _report(self) -> None:
+        if self.metrics is not None:
+            self.metrics.unstored.set(self.unstored())
 
     @property
     def due(self) -> bool:
@@ -90,6 +132,8 @@ class Checkpointed:
         self.last_flush = self.clock()
         if write is not None or marks:
             self.writing = asyncio.create_task(self._store(write, marks))
+        elif self.metrics is not None:
+            self.metrics.stored_at.set_to_current_time()  # nothing to store: the store is current
 
     async def _store(self, write: Callable[[], Awaitable[None]] | None, marks: dict[str, int]) -> None:
         try:
@@ -102,6 +146,12 @@ class Checkpointed:
                 self.stored.update(marks)
         except Exception:  # the capture's entities are dirty again (restore); no checkpoint moved
             log.exception("storing state failed; retrying")
+            if self.metrics is not None:
+                self.metrics.failures.inc()
+            return
+        if self.metrics is not None:
+            self.metrics.stored_at.set_to_current_time()
+            self._report()
 
     async def settle(self) -> None:
         """Wait for the write in flight, if any."""
@@ -125,7 +175,11 @@ class Checkpointed:
         self.drop_state()
         self.handled.clear()
         self.stored.clear()
+        self.first.clear()
         self.unverified.update(partitions)
+        if self.metrics is not None:
+            self.metrics.rewinds.inc()
+            self._report()
 
     async def _starts(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
         """Where each partition must resume: its checkpoint + 1, or the log's beginning."""

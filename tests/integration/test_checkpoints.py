@@ -118,3 +118,53 @@ async def test_a_consumer_that_dies_between_checkpoints_is_replayed_from_the_las
         await consumer_task
     finally:
         await client.close()
+
+
+async def test_checkpoint_metrics_show_what_a_crash_would_replay_and_failed_stores(mongo_db_name, infra) -> None:
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry
+
+    from shared.runtime.checkpoints import CheckpointMetrics
+
+    client: AsyncMongoClient = AsyncMongoClient(infra.mongodb_url, tz_aware=True)
+    db = client[mongo_db_name]
+    registry = CollectorRegistry()
+    state = Counts(db)
+    owner = Checkpointed(db["checkpoints"], state.snapshot, state.drop, 0.0, consumer=lambda: None, metrics=CheckpointMetrics(registry, "counts"))
+
+    def sample(name: str) -> float:
+        value = registry.get_sample_value(name, {"state": "counts"})
+        assert value is not None, name
+        return value
+
+    def records(partition: int, offsets: range) -> list[SimpleNamespace]:
+        return [SimpleNamespace(topic="t", partition=partition, offset=o, key=b"a") for o in offsets]
+
+    try:
+        started = sample("hometeam_state_stored_timestamp_seconds")
+        owner.note(records(0, range(10, 15)))  # five records of partition 0, first at offset 10
+        owner.note(records(1, range(0, 3)))
+        assert sample("hometeam_state_unstored_records") == 8
+        await asyncio.sleep(0.01)
+        async with owner.lock:
+            owner.flush()
+        await owner.settle()
+        assert sample("hometeam_state_unstored_records") == 0
+        assert sample("hometeam_state_stored_timestamp_seconds") > started
+        stored_at = sample("hometeam_state_stored_timestamp_seconds")
+
+        state.fail_store = True
+        owner.note(records(0, range(15, 17)))
+        async with owner.lock:
+            owner.flush()
+        await owner.settle()
+        assert sample("hometeam_state_store_failures_total") == 1
+        assert sample("hometeam_state_unstored_records") == 2
+        assert sample("hometeam_state_stored_timestamp_seconds") == stored_at
+
+        owner.rewind(())
+        assert sample("hometeam_state_rewinds_total") == 1
+        assert sample("hometeam_state_unstored_records") == 0
+    finally:
+        await client.close()

@@ -249,6 +249,7 @@ def test_alerts_have_severity_summary_and_description() -> None:
         "DeadLetterRate",
         "ServiceDown",
         "DeadlinesOverdue",
+        "StateNotStored",
     }
     for name, rule in alerts.items():
         assert rule["labels"]["severity"] in {"warning", "critical"}, name
@@ -256,7 +257,7 @@ def test_alerts_have_severity_summary_and_description() -> None:
         # labels only: bounded ids, never a customer, phone number or text
         for text in rule["annotations"].values():
             for label in re.findall(r"\$labels\.(\w+)", text):
-                assert label in {"pool", "team", "group", "topic", "job", "instance", "reason", "kind"}, (name, label)
+                assert label in {"pool", "team", "group", "topic", "job", "instance", "reason", "kind", "state"}, (name, label)
 
 
 # --------------------------------------------------------------------------- Grafana
