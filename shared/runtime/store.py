@@ -8,6 +8,7 @@ document has a single writer (its key's partition owner), so read-modify-write i
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -57,16 +58,41 @@ async def bulk_write_chunked(collection: AsyncCollection, ops: Sequence[Any]) ->
 
 # FerretDB 1.24 pushes only an exact ``{_id: <string>}`` filter down to SQLite (and, with the
 # lookup index deploy/ferretdb adds, answers it from an index); ``{_id: {"$in": [...]}}``
-# scans the whole collection. Point reads of a batch's documents therefore go as concurrent
-# exact-id reads, at most this many in flight (well under FerretDB's 100 pooled SQLite
-# connections per database). On MongoDB both forms use the _id index.
+# scans the whole collection. Against FerretDB, point reads of a batch's documents therefore
+# go as concurrent exact-id reads, at most this many in flight (well under FerretDB's 100
+# pooled SQLite connections per database). MongoDB answers ``$in`` from the _id index, in
+# one round trip per IN_CHUNK ids.
 MAX_CONCURRENT_READS = 32
+IN_CHUNK = 500
+_point_reads: weakref.WeakKeyDictionary[AsyncMongoClient, bool] = weakref.WeakKeyDictionary()
+
+
+def needs_point_reads(build_info: dict[str, Any]) -> bool:
+    """Whether this server (its ``buildInfo``) must be asked one ``_id`` at a time: FerretDB
+    (which reports ``ferretdbVersion``) scans for ``$in``; MongoDB does not."""
+    return "ferretdbVersion" in build_info or "ferretdbFeatures" in build_info
+
+
+async def _uses_point_reads(collection: AsyncCollection) -> bool:
+    client = collection.database.client
+    known = _point_reads.get(client)
+    if known is None:
+        known = needs_point_reads(await collection.database.command("buildInfo"))
+        _point_reads[client] = known
+    return known
 
 
 async def find_by_ids(collection: AsyncCollection, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
     """The documents with these ``_id`` values (absent ones are left out), by id."""
     wanted = list(dict.fromkeys(ids))
     found: dict[str, dict[str, Any]] = {}
+    if not wanted:
+        return found
+    if not await _uses_point_reads(collection):
+        for start in range(0, len(wanted), IN_CHUNK):
+            async for doc in collection.find({"_id": {"$in": wanted[start : start + IN_CHUNK]}}):
+                found[doc["_id"]] = doc
+        return found
     for start in range(0, len(wanted), MAX_CONCURRENT_READS):
         docs = await asyncio.gather(*(collection.find_one({"_id": i}) for i in wanted[start : start + MAX_CONCURRENT_READS]))
         found.update((d["_id"], d) for d in docs if d is not None)
