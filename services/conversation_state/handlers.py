@@ -36,6 +36,36 @@ from services.conversation_state.model import Line
 from services.conversation_state.store import ConversationStore, keep_current
 
 
+class OpeningsFirst:
+    """Holds back a routing decision for a conversation not known when its turn comes, with
+    every later record of its customer from its partition (so offsets still only grow per
+    customer and partition); the consumer applies what was held after the rest of the batch.
+
+    A decision always follows the message that opened its conversation, but a batch that mixes
+    topics can hold both the other way round: after a crash, the replayed message and the
+    decision team-routing made meanwhile arrive together, in partition order. Applied first,
+    the decision would find no conversation and release the placement, and the re-sent route
+    request would be decided again (a second assignment). Held back, it finds the
+    conversation; one for a conversation that never opens is applied last, and released, as
+    before.
+    """
+
+    def __init__(self) -> None:
+        self.held: list[Incoming[Any]] = []
+        self._keys: set[tuple[str, str, int]] = set()  # (customer, topic, partition) held back
+
+    def hold(self, item: Incoming[Any], known: Callable[[str, str], bool]) -> bool:
+        """Hold ``item`` back? ``known(customer, conversation)``: does that conversation exist now?"""
+        key = (item.payload.customer_id, item.record.topic, item.record.partition)
+        if key not in self._keys and not (
+            isinstance(item.payload, ConversationRouted) and not known(item.payload.customer_id, item.payload.conversation_id)
+        ):
+            return False
+        self._keys.add(key)
+        self.held.append(item)
+        return True
+
+
 class ConversationConsumer:
     def __init__(
         self,
@@ -75,21 +105,13 @@ class ConversationConsumer:
 
         effects: list[tuple[CustomerRecords, Effects, Incoming[Any]]] = []
         lines: list[Line] = []
+        openings_first = OpeningsFirst()
+        known = lambda customer, conversation: conversation in loaded[customer].conversations  # noqa: E731
         for item in incoming:
-            records = loaded[item.payload.customer_id]
-            applied_key = f"{item.record.topic}/{item.record.partition}"
-            if records.customer is not None and records.customer.applied.get(applied_key, -1) >= item.offset:
-                continue  # applied before a crash or rebalance: its effects are already out
-            fx = Effects(item.envelope.id)
-            payload = item.payload
-            if lifecycle.already_applied(records, payload):
-                self._mark_applied(records, applied_key, item.offset)
-                continue  # sent again: a provider retry, a desktop resend, a republished decision
-            self._apply(records, payload, fx)
-            lifecycle.remember_applied(records, payload)
-            self._mark_applied(records, applied_key, item.offset)
-            lines.extend(fx.lines)
-            effects.append((records, fx, item))
+            if not openings_first.hold(item, known):
+                self._apply_record(loaded[item.payload.customer_id], item, effects, lines)
+        for item in openings_first.held:
+            self._apply_record(loaded[item.payload.customer_id], item, effects, lines)
 
         for records, fx, item in effects:
             with self.tracing.span(item.record, item.envelope.id):
@@ -106,6 +128,27 @@ class ConversationConsumer:
             for line in lines:
                 if line.direction is Direction.INBOUND:
                     self.latency.observe(max(0.0, (now - line.at).total_seconds()))
+
+    def _apply_record(
+        self,
+        records: CustomerRecords,
+        item: Incoming[Any],
+        effects: list[tuple[CustomerRecords, Effects, Incoming[Any]]],
+        lines: list[Line],
+    ) -> None:
+        applied_key = f"{item.record.topic}/{item.record.partition}"
+        if records.customer is not None and records.customer.applied.get(applied_key, -1) >= item.offset:
+            return  # applied before a crash or rebalance: its effects are already out
+        fx = Effects(item.envelope.id)
+        payload = item.payload
+        if lifecycle.already_applied(records, payload):
+            self._mark_applied(records, applied_key, item.offset)
+            return  # sent again: a provider retry, a desktop resend, a republished decision
+        self._apply(records, payload, fx)
+        lifecycle.remember_applied(records, payload)
+        self._mark_applied(records, applied_key, item.offset)
+        lines.extend(fx.lines)
+        effects.append((records, fx, item))
 
     def _apply(self, records: CustomerRecords, payload: Any, fx: Effects) -> None:
         if isinstance(payload, CustomerMessageReceived):

@@ -90,7 +90,7 @@ def create_service(
             while True:
                 now = clock()
                 await credit_staffed_time(store, metrics, credited, now)
-                await refresh_oldest_wait(store, metrics, now)
+                await refresh_oldest_wait(store, metrics, now, pools.latest)
                 await asyncio.sleep(settings.staffed_time_interval_s)
 
         runtime.background.append(tick_staffed_time)

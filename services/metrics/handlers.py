@@ -177,12 +177,13 @@ class PoolStatusConsumer:
         self.metrics = metrics
         self.clock = clock
         self.unstored: dict[str, dict[str, Any]] = {}  # pool → latest status not yet stored
+        self.latest: dict[str, dict[str, Any]] = {}  # pool → latest status seen (stored or not)
 
     async def handle(self, records: Sequence[ConsumerRecord]) -> None:
         """One batch; call under the checkpoint lock (``Checkpointed.run_batch``)."""
         for item in await self.reader.read(records):
             status = item.payload
-            self.unstored[status.pool_id] = {"_id": status.pool_id, **status.model_dump(mode="python")}
+            self.unstored[status.pool_id] = self.latest[status.pool_id] = {"_id": status.pool_id, **status.model_dump(mode="python")}
             set_pool_gauges(self.metrics, status, self.clock())
         await self.reader.flush()
 
@@ -217,9 +218,10 @@ def set_pool_gauges(metrics: KpiMetrics, status: PoolStatusChanged, now: datetim
     metrics.surging.labels(pool).set(1 if status.surging else 0)
 
 
-async def refresh_oldest_wait(store: KpiStore, metrics: KpiMetrics, now: datetime) -> None:
+async def refresh_oldest_wait(store: KpiStore, metrics: KpiMetrics, now: datetime, seen: dict[str, dict[str, Any]] | None = None) -> None:
     """Keep each queue's oldest wait growing between status changes (a stuck queue must
-    still trip the alert)."""
-    for pool in await store.all_pools():
+    still trip the alert). ``seen``: statuses newer than the stored ones (stored behind)."""
+    pools = {p["_id"]: p for p in await store.all_pools()} | (seen or {})
+    for pool in pools.values():
         since = pool.get("oldest_waiting_since")
         metrics.oldest_wait.labels(pool["_id"]).set(max(0.0, (now - since).total_seconds()) if since else 0.0)

@@ -120,17 +120,49 @@ def pool_to_doc(state: PoolState) -> dict[str, Any]:
     }
 
 
+def _placements_v0(rows: list[dict[str, Any]]) -> list[Placement]:
+    """Placements as stored before PLACEMENTS_FORMAT: an array of subdocuments (read so an
+    upgrade resumes from the pools the previous version stored; the next flush rewrites them)."""
+    return [
+        Placement(
+            conversation_id=p["conversation_id"],
+            customer_id=p["customer_id"],
+            agent_id=p.get("agent_id"),
+            waiting_on=WaitingOn(p["waiting_on"]),
+            priority=p.get("priority", 0),
+            enqueued_at=p["enqueued_at"],
+            pool_reason=RoutingReason(p["pool_reason"]),
+            known_agent_id=p.get("known_agent_id"),
+            known_agent_served_at=p.get("known_agent_served_at"),
+            assigned_at=p.get("assigned_at"),
+            home_team_id=p.get("home_team_id"),
+            channel=Channel(p.get("channel", "app")),
+            opted_out=p.get("opted_out", False),
+        )
+        for p in rows
+    ]
+
+
+def stored_placements(doc: dict[str, Any]) -> list[Placement]:
+    """Every placement row of a stored pool document, in either layout."""
+    stored = doc.get("placements")
+    if not stored:
+        return []
+    if "placements_format" not in doc and isinstance(stored, list):
+        return _placements_v0(stored)
+    if doc.get("placements_format") != PLACEMENTS_FORMAT:
+        raise ValueError(f"pool {doc['_id']}: unknown placements format {doc.get('placements_format')!r}")
+    return decode_placements(stored)
+
+
 def pool_from_doc(doc: dict[str, Any]) -> PoolState:
-    if doc.get("placements_format", PLACEMENTS_FORMAT) != PLACEMENTS_FORMAT:
-        raise ValueError(f"pool {doc['_id']}: unknown placements format {doc['placements_format']!r}")
-    blob = doc.get("placements")
     return PoolState(
         pool_id=doc["_id"],
         agents={
             a: AgentPresenceState(presence=Presence(s["presence"]), idle_since=s["idle_since"])
             for a, s in doc.get("agents", {}).items()
         },
-        placements={p.conversation_id: p for p in (decode_placements(blob) if blob else [])},
+        placements={p.conversation_id: p for p in stored_placements(doc)},
         applied={a["key"]: a["offset"] for a in doc.get("applied", [])},
         surging=doc.get("surging", False),
     )

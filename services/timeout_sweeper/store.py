@@ -80,8 +80,15 @@ class DeadlineStore:
         arms = [c for c in net.values() if isinstance(c, Arm)]
         if arms:
             await self.insert(arms, now)
-        # A head that exists after all (a replay after a crash stored it) is replaced.
+        # A head that exists after all (a replay after a crash stored it) is replaced, after
+        # the arming it names, if another, is dropped.
         existed = await insert_absent(self.heads, [dict(h) for h in new_heads])
+        if existed:
+            stored = await find_by_ids(self.heads, existed)
+            keep = {h["_id"]: h["current"] for h in new_heads}
+            stale = [DeleteOne({"_id": d["current"]}) for i, d in stored.items() if d.get("current") and d["current"] != keep[i]]
+            if stale:
+                await bulk_write_chunked(self.deadlines, stale)
         head_ops += [ReplaceOne({"_id": h["_id"]}, {"current": h["current"]}, upsert=True) for h in new_heads if h["_id"] in existed]
         if head_ops:
             await bulk_write_chunked(self.heads, head_ops)

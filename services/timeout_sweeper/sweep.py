@@ -52,6 +52,12 @@ class ReadAhead:
         self.read_monotonic = 0.0
         self.heap: list[tuple[datetime, str]] = []
         self.queued: dict[str, datetime] = {}
+        self.reading: list[tuple[str, datetime]] | None = None  # noted while a read is in flight
+
+    def begin_read(self) -> None:
+        """A read starts: what is noted until ``loaded`` is kept whatever its due time (the
+        read may have passed it already, and the window moves when the read lands)."""
+        self.reading = []
 
     def must_read(self, now: datetime) -> bool:
         """Read again: never read, the read window has passed (by the service's clock), or a
@@ -72,10 +78,19 @@ class ReadAhead:
         self.covered_until = until
         self.next_read_at = until if complete else min(until, now + self.horizon)
         self.read_monotonic = self.monotonic()
+        noted_meanwhile, self.reading = self.reading or [], None
         self.note((d["_id"], d["due_at"]) for d in docs)
+        self.note(noted_meanwhile)
+
+    def has_due(self, now: datetime, count: int) -> bool:
+        """At least ``count`` queued deadlines are due (cheap upper bound: heap entries)."""
+        return len(self.heap) >= count and sum(1 for due_at, _ in self.heap if due_at <= now) >= count
 
     def note(self, deadlines: Iterable[tuple[str, datetime]]) -> None:
         """Deadlines stored or seen: those inside the covered window join the queue."""
+        deadlines = [(i, _millis(due_at)) for i, due_at in deadlines]
+        if self.reading is not None:
+            self.reading.extend(deadlines)
         if self.covered_until is None:
             return
         for deadline_id, due_at in deadlines:
@@ -95,8 +110,14 @@ class ReadAhead:
 
     def forget(self) -> None:
         self.covered_until = self.next_read_at = None
+        self.reading = None
         self.heap.clear()
         self.queued.clear()
+
+
+def _millis(value: datetime) -> datetime:
+    """The store keeps milliseconds: a deadline noted when armed and read back compare equal."""
+    return value.replace(microsecond=value.microsecond // 1000 * 1000)
 
 
 class Sweeper:
@@ -155,7 +176,9 @@ class Sweeper:
             raise
 
     async def _due(self, now: datetime) -> list[dict[str, Any]]:
-        if self.ahead.must_read(now):
+        # While a backlog larger than one read drains, what is queued fires first anyway.
+        if self.ahead.must_read(now) and not self.ahead.has_due(now, self.batch_size):
+            self.ahead.begin_read()
             docs = await self.store.due(self.ahead.window(now), self.read_limit)
             self.ahead.loaded(now, docs, complete=len(docs) < self.read_limit)
         ids = self.ahead.take_due(now, self.batch_size)

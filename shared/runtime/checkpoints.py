@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
@@ -38,30 +39,41 @@ def partition_key(topic: str, partition: int) -> str:
 
 
 class CheckpointMetrics:
-    """How far a write-behind state is from the store (for the StateNotStored alert)."""
+    """How far a write-behind state is from the store (for the StateNotStored alert). Several
+    states of one service share the metric families, labelled by ``state``."""
+
+    _families: weakref.WeakKeyDictionary[CollectorRegistry, tuple[Gauge, Gauge, Counter, Counter]] = weakref.WeakKeyDictionary()
 
     def __init__(self, registry: CollectorRegistry, state: str) -> None:
-        self.unstored = Gauge(
-            "hometeam_state_unstored_records",
-            "Records handled in memory that no stored checkpoint covers yet (what a crash now would replay).",
-            ["state"],
-            registry=registry,
-        ).labels(state)
-        self.stored_at = Gauge(
-            "hometeam_state_stored_timestamp_seconds",
-            "When the state was last stored with its checkpoints, or found to have nothing to store (Unix time).",
-            ["state"],
-            registry=registry,
-        ).labels(state)
-        self.failures = Counter(
-            "hometeam_state_store_failures_total", "Failed attempts to store the state or its checkpoints.", ["state"], registry=registry
-        ).labels(state)
-        self.rewinds = Counter(
-            "hometeam_state_rewinds_total",
-            "Times the in-memory state was dropped to replay from the checkpoints (rebalance, failed batch).",
-            ["state"],
-            registry=registry,
-        ).labels(state)
+        families = self._families.get(registry)
+        if families is None:
+            families = (
+                Gauge(
+                    "hometeam_state_unstored_records",
+                    "Records handled in memory that no stored checkpoint covers yet (what a crash now would replay).",
+                    ["state"],
+                    registry=registry,
+                ),
+                Gauge(
+                    "hometeam_state_stored_timestamp_seconds",
+                    "When the state was last stored with its checkpoints, or found to have nothing to store (Unix time).",
+                    ["state"],
+                    registry=registry,
+                ),
+                Counter("hometeam_state_store_failures_total", "Failed attempts to store the state or its checkpoints.", ["state"], registry=registry),
+                Counter(
+                    "hometeam_state_rewinds_total",
+                    "Times the in-memory state was dropped to replay from the checkpoints (rebalance, failed batch).",
+                    ["state"],
+                    registry=registry,
+                ),
+            )
+            self._families[registry] = families
+        unstored, stored_at, failures, rewinds = families
+        self.unstored = unstored.labels(state)
+        self.stored_at = stored_at.labels(state)
+        self.failures = failures.labels(state)
+        self.rewinds = rewinds.labels(state)
         self.stored_at.set_to_current_time()
 
 
@@ -218,6 +230,7 @@ class Checkpointed:
             if first == starts[tp]:
                 self.unverified.discard(tp)
             else:
+                log.info("%s/%s: resuming at offset %s (after the checkpoint), not %s", tp.topic, tp.partition, starts[tp], first)
                 consumer.seek(tp, starts[tp])
                 wrong.add(tp)
         return [r for r in records if TopicPartition(r.topic, r.partition) not in wrong]

@@ -64,7 +64,7 @@ async def bulk_write_chunked(collection: AsyncCollection, ops: Sequence[Any]) ->
 # one round trip per IN_CHUNK ids.
 MAX_CONCURRENT_READS = 32
 IN_CHUNK = 500
-_point_reads: weakref.WeakKeyDictionary[AsyncMongoClient, bool] = weakref.WeakKeyDictionary()
+_point_reads: dict[int, bool] = {}  # id(client) → answer (clients compare equal by address)
 
 
 def needs_point_reads(build_info: dict[str, Any]) -> bool:
@@ -75,10 +75,11 @@ def needs_point_reads(build_info: dict[str, Any]) -> bool:
 
 async def _uses_point_reads(collection: AsyncCollection) -> bool:
     client = collection.database.client
-    known = _point_reads.get(client)
+    known = _point_reads.get(id(client))
     if known is None:
         known = needs_point_reads(await collection.database.command("buildInfo"))
-        _point_reads[client] = known
+        _point_reads[id(client)] = known
+        weakref.finalize(client, _point_reads.pop, id(client), None)
     return known
 
 

@@ -26,7 +26,7 @@ from services.team_routing.app import TeamRoutingSettings
 from services.team_routing.app import create_service as team_routing
 from shared.contracts.agents import AgentPresenceChanged, Presence
 from shared.contracts.channel import ChannelMessagePosted
-from shared.runtime.topics import ensure_topics
+from shared.runtime.topics import delete_topics_with_prefix, ensure_topics
 from tests.support import KafkaProbe, eventually, running, service_settings
 
 EVERY_DAY = {d: ["08:00-20:00"] for d in ("mon", "tue", "wed", "thu", "fri", "sat", "sun")}
@@ -132,6 +132,7 @@ async def system(infra, tmp_path_factory) -> AsyncIterator[System]:
     config.write_text(yaml.safe_dump(TEAMS))
     common = {"teams_config": config}
     async with AsyncExitStack() as stack:
+        stack.push_async_callback(delete_topics_with_prefix, infra.kafka, prefix)  # a run leaves no partitions behind
         probe = await stack.enter_async_context(KafkaProbe(infra.kafka, prefix))
         ingest_http = await stack.enter_async_context(
             running(

@@ -19,18 +19,12 @@ import yaml
 from pymongo import AsyncMongoClient
 
 from services.ingest.normalize import address_key
-from services.team_routing.pool import Placement
-from services.team_routing.store import decode_placements
+from services.team_routing.store import stored_placements
 from shared.contracts.agents import AgentPresenceChanged, Presence
 from shared.contracts.channel import ChannelMessagePosted
-from shared.runtime.topics import ensure_topics
+from shared.runtime.topics import delete_topics_with_prefix, ensure_topics
 from tests.e2e.conftest import DAY, EVERY_DAY
 from tests.support import KafkaProbe, eventually, free_port
-
-
-def stored_placements(pool: dict) -> list[Placement]:
-    """Every placement row of a stored pool document (duplicates kept: the test looks for them)."""
-    return decode_placements(pool["placements"]) if pool.get("placements") else []
 
 REPO = Path(__file__).resolve().parents[2]
 CUSTOMERS = 30
@@ -108,7 +102,7 @@ async def test_kill_dash_nine_mid_stream_loses_and_duplicates_nothing(infra, tmp
         "KAFKA_TOPIC_PREFIX": prefix,
         "KAFKA_GROUP_PREFIX": f"crash-{run}",
         "TEAMS_CONFIG": str(config),
-        "LOG_LEVEL": "WARNING",
+        "LOG_LEVEL": "INFO",
         "CONSUMER_BATCH_MAX_RECORDS": "20",
         "PYTHONPATH": str(REPO),
     }
@@ -166,7 +160,17 @@ async def test_kill_dash_nine_mid_stream_loses_and_duplicates_nothing(infra, tmp
                 placements = [p.conversation_id for p in stored_placements(pool)]
                 return placements if len(set(placements)) == CUSTOMERS else None
 
-            placements = await eventually(pool_stored, timeout_s=30, what=f"{CUSTOMERS} placements stored in pool pnw")
+            try:
+                placements = await eventually(pool_stored, timeout_s=30, what=f"{CUSTOMERS} placements stored in pool pnw")
+            except AssertionError as exc:
+                pool = await db["pools"].find_one({"_id": "pnw"}) or {}
+                stored_ids = {p.conversation_id for p in stored_placements(pool)}
+                missing = [(c["_id"][:8], c.get("team_id"), c.get("agent_id")) for c in conversations if c["_id"] not in stored_ids]
+                marks = [d async for d in db["pool_checkpoints"].find({})]
+                raise AssertionError(
+                    f"{exc}: pool pnw stores {len(stored_ids)} placements, applied {pool.get('applied')}; "
+                    f"checkpoints {marks}; not stored: {missing}"
+                ) from exc
             assert len(placements) == len(set(placements)) == CUSTOMERS
             # Per-customer order kept.
             for conv in conversations:
@@ -190,3 +194,4 @@ async def test_kill_dash_nine_mid_stream_loses_and_duplicates_nothing(infra, tmp
             p.stop()
         await client.drop_database(db_name)
         await client.close()
+        await delete_topics_with_prefix(infra.kafka, prefix)

@@ -27,7 +27,7 @@ from services.team_routing.app import TeamRoutingSettings
 from services.team_routing.app import create_service as team_routing
 from shared.contracts.agents import AgentPresenceChanged, Presence, ReplyToCustomer, ResolveConversation
 from shared.contracts.surveys import SurveyAnswered
-from shared.runtime.topics import ensure_topics
+from shared.runtime.topics import delete_topics_with_prefix, ensure_topics
 from tests.e2e.conftest import DAY, System
 from tests.support import KafkaProbe, eventually, running, service_settings
 
@@ -154,6 +154,7 @@ async def day(infra, tmp_path) -> AsyncIterator[Day]:
     config = tmp_path / "teams.yaml"
     config.write_text(yaml.safe_dump(TEAMS))
     async with AsyncExitStack() as stack:
+        stack.push_async_callback(delete_topics_with_prefix, infra.kafka, prefix)  # a run leaves no partitions behind
         probe = await stack.enter_async_context(KafkaProbe(infra.kafka, prefix))
         ingest_http = await stack.enter_async_context(running(ingest(service_settings(IngestSettings, infra, prefix, db_name))))
         await stack.enter_async_context(running(team_routing(service_settings(TeamRoutingSettings, infra, prefix, db_name, teams_config=config))))

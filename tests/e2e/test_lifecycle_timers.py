@@ -25,7 +25,7 @@ from services.timeout_sweeper.app import TimeoutSweeperSettings
 from services.timeout_sweeper.app import create_service as timeout_sweeper
 from shared.contracts.agents import AgentPresenceChanged, Presence, ReplyToCustomer, ResolveConversation
 from shared.contracts.customers import ScheduleCallback
-from shared.runtime.topics import ensure_topics
+from shared.runtime.topics import delete_topics_with_prefix, ensure_topics
 from tests.e2e.conftest import DAY, EVERY_DAY, System
 from tests.support import KafkaProbe, eventually, running, service_settings
 
@@ -109,6 +109,7 @@ async def timers(infra, tmp_path) -> AsyncIterator[Timers]:
     config = tmp_path / "teams.yaml"
     config.write_text(yaml.safe_dump(TEAMS))
     async with AsyncExitStack() as stack:
+        stack.push_async_callback(delete_topics_with_prefix, infra.kafka, prefix)  # a run leaves no partitions behind
         probe = await stack.enter_async_context(KafkaProbe(infra.kafka, prefix))
         ingest_http = await stack.enter_async_context(running(ingest(service_settings(IngestSettings, infra, prefix, db_name))))
         await stack.enter_async_context(running(team_routing(service_settings(TeamRoutingSettings, infra, prefix, db_name, teams_config=config))))

@@ -166,5 +166,8 @@ async def test_checkpoint_metrics_show_what_a_crash_would_replay_and_failed_stor
         owner.rewind(())
         assert sample("hometeam_state_rewinds_total") == 1
         assert sample("hometeam_state_unstored_records") == 0
+        # A second state of the same service shares the families.
+        CheckpointMetrics(registry, "other").rewinds.inc()
+        assert registry.get_sample_value("hometeam_state_rewinds_total", {"state": "other"}) == 1
     finally:
         await client.close()

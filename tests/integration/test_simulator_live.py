@@ -29,7 +29,7 @@ from services.metrics.app import MetricsSettings
 from services.metrics.app import create_service as metrics
 from services.team_routing.app import TeamRoutingSettings
 from services.team_routing.app import create_service as team_routing
-from shared.runtime.topics import ensure_topics
+from shared.runtime.topics import delete_topics_with_prefix, ensure_topics
 from shared.teams import WEEKDAYS, parse_directory
 from tests.support import KafkaProbe, eventually, running, service_settings
 from tools.live import EventFeed, collect, render
@@ -105,6 +105,7 @@ async def demo(infra, tmp_path_factory) -> AsyncIterator[Demo]:
     config.write_text(yaml.safe_dump(TEAMS))
     common = {"teams_config": config}
     async with AsyncExitStack() as stack:
+        stack.push_async_callback(delete_topics_with_prefix, infra.kafka, prefix)  # a run leaves no partitions behind
         client: AsyncMongoClient = AsyncMongoClient(infra.mongodb_url)
         stack.push_async_callback(client.close)
         stack.push_async_callback(client.drop_database, db_name)

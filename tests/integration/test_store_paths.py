@@ -61,9 +61,9 @@ async def test_a_point_read_does_not_scan_the_collection(infra, mongo_db_name) -
         found = await find_by_ids(docs, ["k000001", "missing", "k019998", "k000001"])
         assert sorted(found) == ["k000001", "k019998"]
         # Detected once per client: FerretDB reports its version in buildInfo.
-        assert _point_reads[client] is ("ferretdbVersion" in await client.admin.command("buildInfo"))
+        assert _point_reads[id(client)] is ("ferretdbVersion" in await client.admin.command("buildInfo"))
         # The form MongoDB gets (one $in) answers the same, here too (slowly: FerretDB scans).
-        _point_reads[client] = False
+        _point_reads[id(client)] = False
         assert await find_by_ids(docs, ["k000001", "missing", "k019998", "k000001"]) == found
     finally:
         await client.close()
@@ -224,6 +224,8 @@ async def test_a_new_head_is_inserted_and_one_that_exists_after_all_is_replaced(
         await store.apply({("response", "conv-7"): again}, now, {"response:conv-7": ""})
         assert writes.updates.count("response:conv-7") == 1
         assert (await store.heads.find_one({"_id": "response:conv-7"}))["current"] == again.doc_id
+        # ... and the arming it named before is gone: only the current one can fire.
+        assert sorted([d["_id"] async for d in store.deadlines.find({"entity": "conv-7"})]) == [again.doc_id]
     finally:
         await client.close()
 

@@ -60,6 +60,38 @@ def test_pool_round_trips_through_its_document() -> None:
     assert back == state
 
 
+def test_a_pool_stored_by_the_previous_version_is_read() -> None:
+    """Before the blob, placements were an array of subdocuments (datetimes as BSON dates)."""
+    old = {
+        "_id": "pnw",
+        "agents": {"a-1": {"presence": "online", "idle_since": T}},
+        "placements": [
+            {
+                "conversation_id": p.conversation_id,
+                "customer_id": p.customer_id,
+                "agent_id": p.agent_id,
+                "waiting_on": p.waiting_on.value,
+                "priority": p.priority,
+                "enqueued_at": p.enqueued_at,
+                "pool_reason": p.pool_reason.value,
+                "known_agent_id": p.known_agent_id,
+                "known_agent_served_at": p.known_agent_served_at,
+                "assigned_at": p.assigned_at,
+                "home_team_id": p.home_team_id,
+                "channel": p.channel.value,
+                "opted_out": p.opted_out,
+            }
+            for p in PLACEMENTS
+        ],
+        "applied": [{"key": "routing.commands.v1/3", "offset": 41}],
+        "surging": False,
+    }
+    state = pool_from_doc(old)
+    assert state.placements == {p.conversation_id: p for p in PLACEMENTS}
+    assert state.applied == {"routing.commands.v1/3": 41}
+    assert pool_from_doc(pool_to_doc(state)) == state  # and the next flush writes the blob
+
+
 def test_empty_pool_round_trips() -> None:
     state = PoolState(pool_id="std")
     assert pool_from_doc(pool_to_doc(state)) == state

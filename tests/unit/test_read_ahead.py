@@ -90,3 +90,35 @@ def test_an_incomplete_read_covers_only_up_to_its_last_deadline() -> None:
     ahead.note([("c", T + 5 * S)])  # not covered: the next read brings it
     assert ahead.must_read(T + 4 * S)
     assert ahead.take_due(T + 9 * S, 10) == ["a", "b"]
+
+
+def test_a_deadline_armed_while_a_read_is_in_flight_is_not_missed() -> None:
+    ahead, _ = make()
+    ahead.loaded(T, [], complete=True)  # covers up to T + 10 s
+    ahead.begin_read()  # the next read, for the window up to T + 20 s, is in flight ...
+    ahead.note([("armed", T + 13 * S)])  # ... when this process arms a deadline past the old window
+    ahead.loaded(T + 10 * S, [], complete=True)  # the read did not see it
+    assert ahead.take_due(T + 13 * S, 10) == ["armed"]
+
+
+def test_a_failed_read_leaves_nothing_half_read() -> None:
+    ahead, _ = make()
+    ahead.begin_read()
+    ahead.forget()  # the read raised
+    ahead.note([("x", T + S)])
+    assert ahead.must_read(T) and ahead.take_due(T + 5 * S, 10) == []
+
+
+def test_has_due_counts_only_due_entries() -> None:
+    ahead, _ = make()
+    ahead.loaded(T, docs(("a", 1), ("b", 2), ("c", 8)), complete=True)
+    assert ahead.has_due(T + 2 * S, 2) and not ahead.has_due(T + 2 * S, 3)
+
+
+def test_an_armed_deadline_and_its_stored_copy_queue_once() -> None:
+    """The store keeps milliseconds; the arming process knows microseconds."""
+    ahead, _ = make()
+    ahead.loaded(T, [], complete=True)
+    ahead.note([("x", T + timedelta(seconds=2, microseconds=123_456))])
+    ahead.note([("x", T + timedelta(seconds=2, microseconds=123_000))])
+    assert len(ahead.heap) == 1 and ahead.take_due(T + 3 * S, 10) == ["x"]
