@@ -122,11 +122,20 @@ class KafkaProbe:
 
 
 def free_port() -> int:
-    import socket
+    return free_ports(1)[0]
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: all held open while they are chosen (ports chosen one after
+    another can repeat, and two services given one port half-start)."""
+    import socket
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 @asynccontextmanager

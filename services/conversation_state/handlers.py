@@ -96,12 +96,12 @@ class ConversationConsumer:
         customer_ids = [i.payload.customer_id for i in incoming]
         conversation_ids = [i.payload.conversation_id for i in incoming if hasattr(i.payload, "conversation_id")]
         epoch = self.cache.epoch
-        # A customer ingest created for a message of this batch has nothing stored yet. (If
-        # this batch is a replay after a crash, what was stored for them came from this same
-        # batch and the records after it, which all replay too: rebuilding from nothing gives
-        # the same documents.)
-        absent = [i.payload.customer_id for i in incoming if isinstance(i.payload, CustomerMessageReceived) and i.payload.new_customer]
-        loaded = await self.store.load(customer_ids, conversation_ids, self.cache.take(customer_ids), absent)
+        # Every customer not in memory is read, even one ingest flags as new_customer: after a
+        # crash this consumer replays its five topics in a different interleaving, and a
+        # routing decision for the customer's conversation may have been applied and stored
+        # (and committed) before the replayed first message comes round again. Rebuilding that
+        # customer from nothing would drop the decision (seen in the crash test).
+        loaded = await self.store.load(customer_ids, conversation_ids, self.cache.take(customer_ids))
 
         effects: list[tuple[CustomerRecords, Effects, Incoming[Any]]] = []
         lines: list[Line] = []

@@ -32,17 +32,14 @@ class ConversationStore:
         customer_ids: Iterable[str],
         conversation_ids: Iterable[str],
         cached: dict[str, CustomerRecords] | None = None,
-        absent: Iterable[str] = (),
     ) -> dict[str, CustomerRecords]:
         """The records of these customers, with their open and last conversations and any
         other conversation named in the batch. ``cached`` records (kept since this consumer
-        stored them) are used as they are; ``absent`` customers are known to have nothing
-        stored (created by ingest for a message of this batch); only the rest is read."""
+        stored them) are used as they are; the rest is read."""
         cached = cached or {}
         ids = list(dict.fromkeys(customer_ids))
         records = {cid: cached.get(cid) or CustomerRecords(customer=None) for cid in ids}
-        skip = set(cached) | set(absent)
-        missing = [cid for cid in ids if cid not in skip]
+        missing = [cid for cid in ids if cid not in cached]
         wanted = set(conversation_ids)
         for doc in (await find_by_ids(self.customers, missing)).values():
             customer = Customer.from_doc(doc)

@@ -29,8 +29,10 @@ class CustomerMessageReceived(InboundModel):
     new_customer: bool = Field(
         default=False,
         description=(
-            "Ingest created this customer for this very message (the first of theirs it saw): nothing can be stored "
-            "for them yet, so consumers may skip looking them up. Later messages of the same customer carry false."
+            "Ingest created this customer for this very message (the first of theirs it saw); later messages of the "
+            "same customer carry false. Informational: a consumer that replays several topics after a crash may "
+            "already hold state for this customer from its other inputs, so it must not read the flag as "
+            "'nothing is stored for them'."
         ),
     )
 

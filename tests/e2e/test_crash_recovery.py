@@ -4,6 +4,7 @@ nothing and duplicates nothing once it is back (real broker, real store, real pr
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -24,7 +25,7 @@ from shared.contracts.agents import AgentPresenceChanged, Presence
 from shared.contracts.channel import ChannelMessagePosted
 from shared.runtime.topics import delete_topics_with_prefix, ensure_topics
 from tests.e2e.conftest import DAY, EVERY_DAY
-from tests.support import KafkaProbe, eventually, free_port
+from tests.support import KafkaProbe, eventually, free_ports
 
 REPO = Path(__file__).resolve().parents[2]
 CUSTOMERS = 30
@@ -53,6 +54,8 @@ class Process:
                 return False
 
         await eventually(probe, timeout_s=60, what=f"{self.module} ready")
+        await asyncio.sleep(0.3)  # a process that could not bind its port stops right after startup
+        assert self.proc is not None and self.proc.poll() is None, f"{self.module} exited after startup; see {self.log}"
 
     def kill9(self) -> None:
         assert self.proc is not None
@@ -106,7 +109,8 @@ async def test_kill_dash_nine_mid_stream_loses_and_duplicates_nothing(infra, tmp
         "CONSUMER_BATCH_MAX_RECORDS": "20",
         "PYTHONPATH": str(REPO),
     }
-    processes = {m: Process(m, {**base_env, "HTTP_PORT": str(free_port())}, tmp_path / f"{m}.log") for m in SERVICES}
+    ports = free_ports(len(SERVICES))
+    processes = {m: Process(m, {**base_env, "HTTP_PORT": str(port)}, tmp_path / f"{m}.log") for m, port in zip(SERVICES, ports)}
     client: AsyncMongoClient = AsyncMongoClient(infra.mongodb_url, tz_aware=True)
     db = client[db_name]
     try:
@@ -147,7 +151,25 @@ async def test_kill_dash_nine_mid_stream_loses_and_duplicates_nothing(infra, tmp
                 unassigned = [(c["_id"][:8], c.get("team_id"), c["status"]) async for c in db["conversations"].find({"agent_id": None})]
                 pool = await db["pools"].find_one({"_id": "pnw"}) or {}
                 placed = {p.conversation_id[:8]: p.agent_id for p in stored_placements(pool)}
-                raise AssertionError(f"{exc}: {stored} stored; unassigned {unassigned}; pool placements {placed}") from exc
+                # What conversation-state was given for the first unassigned one (offsets, order).
+                trail: list[str] = []
+                first = await db["conversations"].find_one({"agent_id": None})
+                if first is not None:
+                    customer = first["customer_id"]
+                    for topic in ("messages.received.v1", "routing.decisions.v1", "conversations.events.v1", "routing.commands.v1"):
+                        for r in await probe.records(topic):
+                            env = json.loads(r.value)
+                            if env["data"].get("customer_id") == customer or env.get("subject") == customer:
+                                data = env["data"]
+                                trail.append(
+                                    f"{topic}@{r.partition}/{r.offset} {env['type'].split('.')[-1]} id={env['id'][:8]} "
+                                    f"new={data.get('new_customer')} conv={str(data.get('conversation_id'))[:8]} agent={data.get('agent_id')}"
+                                )
+                    customer_doc = await db["customers"].find_one({"_id": customer}) or {}
+                    trail.append(f"customer doc applied={customer_doc.get('applied')} seq={customer_doc.get('seq')}")
+                raise AssertionError(
+                    f"{exc}: {stored} stored; unassigned {unassigned}; pool placements {placed}; trail of the first:\n" + "\n".join(trail)
+                ) from exc
 
             # Nothing done twice in the store: one conversation per customer, each message once.
             conversations = [d async for d in db["conversations"].find({})]
