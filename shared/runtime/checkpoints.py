@@ -171,15 +171,42 @@ class Checkpointed:
             await asyncio.gather(self.writing, return_exceptions=True)
 
     async def flush_when_due(self) -> None:
-        """For a background task: store what idle time left unstored."""
+        """For a background task: start replays that wait for no record, and store what idle
+        time left unstored."""
         while True:
             await asyncio.sleep(self.interval_s)
+            try:
+                await self.resume_unverified()
+            except Exception:  # this loop must outlive any one failure
+                log.exception("resuming at the checkpoints failed; retrying")
             if self.due:
                 async with self.lock:
                     try:
                         self.flush()
                     except Exception:  # this loop must outlive any one capture
                         log.exception("capturing state failed; retrying")
+
+    async def resume_unverified(self) -> None:
+        """Seek every assigned partition not yet verified to its checkpoint + 1 now, without
+        waiting for a record of it: a partition whose group offset is already at the end of
+        its log gets no record until new input arrives, and its replay (the state handled in
+        memory by the consumer that died) would wait until then. The records that follow are
+        still checked in ``run_batch`` (a fetch already under way may deliver the old
+        position's records first: they are dropped and sought again)."""
+        consumer = self.consumer()
+        if consumer is None or not self.unverified:
+            return
+        async with self.lock:
+            assigned = consumer.assignment()
+            partitions = [tp for tp in self.unverified if tp in assigned]
+            if not partitions:
+                return
+            starts = await self._starts(partitions)
+            for tp in partitions:
+                position = await consumer.position(tp)
+                if position != starts[tp]:
+                    log.info("%s/%s: resuming at offset %s (after the checkpoint), not %s", tp.topic, tp.partition, starts[tp], position)
+                    consumer.seek(tp, starts[tp])
 
     def rewind(self, partitions: Iterable[TopicPartition]) -> None:
         """Drop the in-memory state; the next batch from ``partitions`` starts at their

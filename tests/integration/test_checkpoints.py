@@ -171,3 +171,46 @@ async def test_checkpoint_metrics_show_what_a_crash_would_replay_and_failed_stor
         assert registry.get_sample_value("hometeam_state_rewinds_total", {"state": "other"}) == 1
     finally:
         await client.close()
+
+
+async def test_a_partition_with_nothing_new_after_a_crash_is_still_replayed(infra, topic_prefix, mongo_db_name) -> None:
+    """The group committed everything, nothing was stored, and no record comes after the
+    restart: the replay must not wait for new input (team-routing after a kill -9 once the
+    customers had stopped writing)."""
+    topic = f"{topic_prefix}routing.commands.v1"
+    producer = AIOKafkaProducer(bootstrap_servers=infra.kafka, acks="all", enable_idempotence=True)
+    await producer.start()
+    try:
+        for i in range(12):
+            await producer.send_and_wait(topic, b"x", key=KEYS[i % 3].encode(), partition=0)
+    finally:
+        await producer.stop()
+    client: AsyncMongoClient = AsyncMongoClient(infra.mongodb_url, tz_aware=True)
+    db = client[mongo_db_name]
+    group = f"{topic_prefix}idle"
+    try:
+        # First life: handles all 12 in memory, stores nothing, the group commits all 12.
+        await consume(infra, topic, group, Counts(db), db, until=12, interval_s=3600.0, last_flush=False)
+        assert await db["counts"].count_documents({}) == 0
+
+        second = Counts(db)
+        consumer = AIOKafkaConsumer(bootstrap_servers=infra.kafka, group_id=group, enable_auto_commit=False, auto_offset_reset="earliest")
+        owner = Checkpointed(db["checkpoints"], second.snapshot, second.drop, 0.0, consumer=lambda: consumer)
+        consumer.subscribe([topic], listener=owner.rebalance_listener())
+        await consumer.start()
+        try:
+            async def replayed() -> bool:
+                batch = await consumer.getmany(timeout_ms=200, max_records=7)
+                for records in batch.values():
+                    await owner.run_batch(records, second.handle)
+                    await consumer.commit()
+                if not batch:
+                    await owner.resume_unverified()  # what the service's background loop does
+                await owner.settle()
+                return sum([d["n"] async for d in db["counts"].find({})]) == 12
+
+            await eventually(replayed, timeout_s=30, what="the 12 records replayed and stored")
+        finally:
+            await consumer.stop()
+    finally:
+        await client.close()
