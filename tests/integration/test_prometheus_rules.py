@@ -338,6 +338,8 @@ def test_dashboard_shows_every_kpi_and_health_signal() -> None:
         "faststream_received_processed_messages_total",
         "faststream_received_processed_messages_exceptions_total",
         "hometeam_deadlines_fired_total",
+        "hometeam_state_stored_timestamp_seconds",
+        "hometeam_state_unstored_records",
         "hometeam_deadline_lateness_seconds_bucket",
     ):
         assert name in used, f"the dashboard does not show {name}"
