@@ -13,7 +13,7 @@ from opentelemetry.sdk.trace import SpanProcessor
 from pydantic import Field
 
 from shared.contracts.registry import AGENT_PRESENCE, CONVERSATION_EVENTS, POOL_STATUS, SURVEY_RESPONSES
-from shared.runtime.checkpoints import CheckpointMetrics, Checkpointed
+from shared.runtime.checkpoints import checkpointed_subscriber
 from shared.runtime.decoding import BatchReader, documented_payloads
 from shared.runtime.kafka import batch_subscriber_options, client_security_options, records_of
 from shared.runtime.owned_cache import OwnedStateCache, invalidate_on_rebalance
@@ -120,19 +120,14 @@ def create_service(
     async def on_presence(batch: documented_payloads(AGENT_PRESENCE), message: KafkaMessage) -> None:  # type: ignore[valid-type]
         await presence.handle(records_of(message))
 
-    pool_checkpoints = Checkpointed(
+    pool_checkpoints, pools_subscriber = checkpointed_subscriber(
+        runtime,
         store.pool_checkpoints,
-        snapshot_state=pools.snapshot_state,
-        drop_state=pools.drop_state,
-        interval_s=settings.state_flush_interval_s,
-        consumer=lambda: pools_subscriber.consumer,
-        metrics=CheckpointMetrics(runtime.registry, "pool_status"),
-    )
-    runtime.background.append(pool_checkpoints.flush_when_due)
-    pools_subscriber = broker.subscriber(
+        "pool_status",
+        pools,
+        settings.state_flush_interval_s,
         settings.topic(POOL_STATUS.name),
         **batch_subscriber_options(settings, group_suffix=".pools"),
-        listener=pool_checkpoints.rebalance_listener(),
         title="metrics:consume:pools.status",
         description=POOL_STATUS.description,
     )

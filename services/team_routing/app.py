@@ -16,7 +16,7 @@ from prometheus_client import Histogram
 from shared.runtime.decoding import BatchReader, documented_payloads
 from shared.runtime.http import LATENCY_BUCKETS
 from shared.runtime.kafka import batch_subscriber_options, records_of
-from shared.runtime.checkpoints import CheckpointMetrics, Checkpointed
+from shared.runtime.checkpoints import checkpointed_subscriber
 from shared.runtime.service import Service, assemble, build_runtime
 from shared.settings import ServiceSettings
 from shared.teams import DirectoryWatcher
@@ -64,19 +64,14 @@ def create_service(settings: TeamRoutingSettings | None = None, *, span_processo
 
     runtime.document_publications(ROUTING_DECISIONS, ROUTING_COMMANDS, POOL_STATUS)
 
-    checkpointed = Checkpointed(
+    checkpointed, commands_subscriber = checkpointed_subscriber(
+        runtime,
         store.checkpoints,
-        snapshot_state=pools.snapshot_state,
-        drop_state=pools.drop_state,
-        interval_s=settings.state_flush_interval_s,
-        consumer=lambda: commands_subscriber.consumer,
-        metrics=CheckpointMetrics(runtime.registry, "pools"),
-    )
-    runtime.background.append(checkpointed.flush_when_due)
-    commands_subscriber = broker.subscriber(
+        "pools",
+        pools,
+        settings.state_flush_interval_s,
         settings.topic(ROUTING_COMMANDS.name),
         **batch_subscriber_options(settings),
-        listener=checkpointed.rebalance_listener(),
         title="team-routing:consume:routing.commands",
         description=ROUTING_COMMANDS.description,
     )

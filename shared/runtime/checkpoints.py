@@ -22,7 +22,7 @@ import logging
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -303,3 +303,29 @@ class _RewindOnAssignment(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         async with self.owner.lock:
             self.owner.rewind(assigned)
+
+
+class WriteBehindState(Protocol):
+    def snapshot_state(self) -> Callable[[], Awaitable[None]] | None: ...
+
+    def drop_state(self) -> None: ...
+
+
+def checkpointed_subscriber(
+    runtime: Any, checkpoints: AsyncCollection, state_name: str, state: WriteBehindState, interval_s: float, *topics: str, **options: Any
+) -> tuple[Checkpointed, Any]:
+    """A service's write-behind consumer of ``topics``: its ``Checkpointed`` (metrics labelled
+    ``state_name``, the background loop that flushes and resumes registered with the service)
+    and the broker subscriber whose rebalances rewind it. Handlers call ``run_batch``."""
+    subscriber: Any = None
+    owner = Checkpointed(
+        checkpoints,
+        snapshot_state=state.snapshot_state,
+        drop_state=state.drop_state,
+        interval_s=interval_s,
+        consumer=lambda: subscriber.consumer if subscriber is not None else None,
+        metrics=CheckpointMetrics(runtime.registry, state_name),
+    )
+    runtime.background.append(owner.flush_when_due)
+    subscriber = runtime.broker.subscriber(*topics, listener=owner.rebalance_listener(), **options)
+    return owner, subscriber
