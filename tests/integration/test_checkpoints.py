@@ -53,11 +53,32 @@ class Counts:
         self.memory.clear()
 
 
-async def consume(infra, topic: str, group: str, counts: Counts, db, until: int, interval_s: float, last_flush: bool = True) -> Checkpointed:  # type: ignore[no-untyped-def]
+async def subscribed(infra, topic: str, group: str, counts: Counts, db, interval_s: float) -> tuple[AIOKafkaConsumer, Checkpointed]:  # type: ignore[no-untyped-def]
+    """A started group consumer of ``topic`` with its ``Checkpointed`` over ``counts``."""
     consumer = AIOKafkaConsumer(bootstrap_servers=infra.kafka, group_id=group, enable_auto_commit=False, auto_offset_reset="earliest")
     owner = Checkpointed(db["checkpoints"], counts.snapshot, counts.drop, interval_s, consumer=lambda: consumer)
     consumer.subscribe([topic], listener=owner.rebalance_listener())
     await consumer.start()
+    return consumer, owner
+
+
+async def produce(infra, topic: str, count: int) -> Counter:  # type: ignore[no-untyped-def]
+    """``count`` records to partition 0, keyed a, b, c in turn; how many per key."""
+    producer = AIOKafkaProducer(bootstrap_servers=infra.kafka, acks="all", enable_idempotence=True)
+    await producer.start()
+    sent: Counter = Counter()
+    try:
+        for i in range(count):
+            key = KEYS[i % 3]
+            await producer.send_and_wait(topic, b"x", key=key.encode(), partition=0)
+            sent[key] += 1
+    finally:
+        await producer.stop()
+    return sent
+
+
+async def consume(infra, topic: str, group: str, counts: Counts, db, until: int, interval_s: float, last_flush: bool = True) -> Checkpointed:  # type: ignore[no-untyped-def]
+    consumer, owner = await subscribed(infra, topic, group, counts, db, interval_s)
     counts.seen = 0
     try:
         while counts.seen < until:
@@ -78,16 +99,7 @@ async def consume(infra, topic: str, group: str, counts: Counts, db, until: int,
 
 async def test_a_consumer_that_dies_between_checkpoints_is_replayed_from_the_last_one(infra, topic_prefix, mongo_db_name) -> None:
     topic = f"{topic_prefix}routing.commands.v1"  # any topic of the fixture's; partition 0 only
-    producer = AIOKafkaProducer(bootstrap_servers=infra.kafka, acks="all", enable_idempotence=True)
-    await producer.start()
-    sent = Counter()
-    try:
-        for i in range(60):
-            key = KEYS[i % 3]
-            await producer.send_and_wait(topic, b"x", key=key.encode(), partition=0)
-            sent[key] += 1
-    finally:
-        await producer.stop()
+    sent = await produce(infra, topic, 60)
 
     client: AsyncMongoClient = AsyncMongoClient(infra.mongodb_url, tz_aware=True)
     db = client[mongo_db_name]
@@ -178,13 +190,7 @@ async def test_a_partition_with_nothing_new_after_a_crash_is_still_replayed(infr
     restart: the replay must not wait for new input (team-routing after a kill -9 once the
     customers had stopped writing)."""
     topic = f"{topic_prefix}routing.commands.v1"
-    producer = AIOKafkaProducer(bootstrap_servers=infra.kafka, acks="all", enable_idempotence=True)
-    await producer.start()
-    try:
-        for i in range(12):
-            await producer.send_and_wait(topic, b"x", key=KEYS[i % 3].encode(), partition=0)
-    finally:
-        await producer.stop()
+    await produce(infra, topic, 12)
     client: AsyncMongoClient = AsyncMongoClient(infra.mongodb_url, tz_aware=True)
     db = client[mongo_db_name]
     group = f"{topic_prefix}idle"
@@ -194,10 +200,7 @@ async def test_a_partition_with_nothing_new_after_a_crash_is_still_replayed(infr
         assert await db["counts"].count_documents({}) == 0
 
         second = Counts(db)
-        consumer = AIOKafkaConsumer(bootstrap_servers=infra.kafka, group_id=group, enable_auto_commit=False, auto_offset_reset="earliest")
-        owner = Checkpointed(db["checkpoints"], second.snapshot, second.drop, 0.0, consumer=lambda: consumer)
-        consumer.subscribe([topic], listener=owner.rebalance_listener())
-        await consumer.start()
+        consumer, owner = await subscribed(infra, topic, group, second, db, 0.0)
         try:
             async def replayed() -> bool:
                 batch = await consumer.getmany(timeout_ms=200, max_records=7)
