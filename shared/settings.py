@@ -41,6 +41,10 @@ class ServiceSettings(BaseSettings):
     )
     consumer_batch_max_records: int = Field(default=500, ge=1, le=10_000)
     consumer_batch_timeout_ms: int = Field(default=20, ge=1, le=5_000)
+    consumer_fetch_min_bytes: int = Field(
+        default=1, ge=1, le=1_048_576, description="The broker answers a fetch once this much is there (or after the max wait)"
+    )
+    consumer_fetch_max_wait_ms: int = Field(default=500, ge=0, le=5_000, description="Longest the broker holds a fetch for the min bytes")
     producer_linger_ms: int = Field(default=5, ge=0, le=1_000)
 
     # Store

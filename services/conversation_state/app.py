@@ -84,6 +84,7 @@ def create_service(
         tracing=runtime.tracing,
         directory=directory,
         cache=cache,
+        partition_ends=lambda partitions: subscriber.consumer.end_offsets(partitions),
         latency=Histogram(
             "hometeam_message_stored_latency_seconds",
             "From a customer message's publish on channel.inbound.v1 to its stored conversation update.",
@@ -103,13 +104,15 @@ def create_service(
 
     runtime.document_publications(CONVERSATION_EVENTS, ROUTING_COMMANDS, MESSAGES_OUTBOUND)
 
-    @broker.subscriber(
+    subscriber = broker.subscriber(
         *(settings.topic(t.name) for t in INPUTS),
         **batch_subscriber_options(settings),
         listener=cache.rebalance_listener(),
         title="conversation-state:consume",
         description="Customer messages, agent actions, routing decisions and customer commands, keyed by customer.",
     )
+
+    @subscriber
     async def on_customer_records(batch: documented_payloads(*INPUTS), message: KafkaMessage) -> None:  # type: ignore[valid-type]
         await consumer.handle(records_of(message))
 

@@ -9,12 +9,12 @@ sequence numbers), never lose them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
-from aiokafka import ConsumerRecord
+from aiokafka import ConsumerRecord, TopicPartition
 from prometheus_client import Histogram
 
 from shared.contracts.agents import ReplyToCustomer, ResolveConversation, TransferConversation
@@ -66,6 +66,45 @@ class OpeningsFirst:
         return True
 
 
+PartitionEnds = Callable[[list[TopicPartition]], Awaitable[dict[TopicPartition, int]]]
+
+
+class FreshRecords:
+    """Which customers of a batch are new for certain, so nothing needs to be read for them.
+
+    Ingest flags the first message of a customer it creates (``new_customer``), and
+    conversation-state only creates customers from messages, so for such a message nothing
+    can be stored yet: unless it is a replay. After a crash or a rebalance the new owner
+    handles again what the previous one handled but did not commit, in a different
+    interleaving of its five topics: a routing decision for the customer's conversation may
+    have been applied and stored before the replayed first message comes round again, and
+    rebuilding that customer from nothing would drop it (seen in the crash test). So the flag
+    counts only on a record at or past the end its partition had when this consumer first
+    looked after taking it (``partition_ends``): anything before may be a replay and is read.
+    The boundaries are forgotten whenever the state cache is invalidated (a rebalance)."""
+
+    def __init__(self, partition_ends: PartitionEnds | None) -> None:
+        self.partition_ends = partition_ends
+        self.boundaries: dict[TopicPartition, int] = {}
+        self.epoch: int | None = None
+
+    async def new_customers(self, incoming: Sequence[Incoming[Any]], epoch: int) -> set[str]:
+        flagged = [i for i in incoming if isinstance(i.payload, CustomerMessageReceived) and i.payload.new_customer]
+        if not flagged or self.partition_ends is None:
+            return set()
+        if epoch != self.epoch:
+            self.boundaries.clear()
+            self.epoch = epoch
+        unknown = list({TopicPartition(i.record.topic, i.record.partition) for i in flagged} - self.boundaries.keys())
+        if unknown:
+            self.boundaries.update(await self.partition_ends(unknown))
+        return {
+            i.payload.customer_id
+            for i in flagged
+            if i.record.offset >= self.boundaries.get(TopicPartition(i.record.topic, i.record.partition), float("inf"))
+        }
+
+
 class ConversationConsumer:
     def __init__(
         self,
@@ -78,8 +117,10 @@ class ConversationConsumer:
         latency: Histogram | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         cache: OwnedStateCache[CustomerRecords] | None = None,
+        partition_ends: PartitionEnds | None = None,
     ) -> None:
         self.cache = cache if cache is not None else OwnedStateCache[CustomerRecords](0)
+        self.fresh = FreshRecords(partition_ends)
         self.reader = reader
         self.store = store
         self.outbox = outbox
@@ -96,12 +137,9 @@ class ConversationConsumer:
         customer_ids = [i.payload.customer_id for i in incoming]
         conversation_ids = [i.payload.conversation_id for i in incoming if hasattr(i.payload, "conversation_id")]
         epoch = self.cache.epoch
-        # Every customer not in memory is read, even one ingest flags as new_customer: after a
-        # crash this consumer replays its five topics in a different interleaving, and a
-        # routing decision for the customer's conversation may have been applied and stored
-        # (and committed) before the replayed first message comes round again. Rebuilding that
-        # customer from nothing would drop the decision (seen in the crash test).
-        loaded = await self.store.load(customer_ids, conversation_ids, self.cache.take(customer_ids))
+        cached = self.cache.take(customer_ids)
+        new = await self.fresh.new_customers(incoming, epoch) - cached.keys()
+        loaded = await self.store.load(customer_ids, conversation_ids, cached, new=new)
 
         effects: list[tuple[CustomerRecords, Effects, Incoming[Any]]] = []
         lines: list[Line] = []

@@ -32,14 +32,16 @@ class ConversationStore:
         customer_ids: Iterable[str],
         conversation_ids: Iterable[str],
         cached: dict[str, CustomerRecords] | None = None,
+        new: set[str] | frozenset[str] = frozenset(),
     ) -> dict[str, CustomerRecords]:
         """The records of these customers, with their open and last conversations and any
         other conversation named in the batch. ``cached`` records (kept since this consumer
-        stored them) are used as they are; the rest is read."""
+        stored them) are used as they are; ``new`` customers (known to have nothing stored)
+        start empty; the rest is read."""
         cached = cached or {}
         ids = list(dict.fromkeys(customer_ids))
         records = {cid: cached.get(cid) or CustomerRecords(customer=None) for cid in ids}
-        missing = [cid for cid in ids if cid not in cached]
+        missing = [cid for cid in ids if cid not in cached and cid not in new]
         wanted = set(conversation_ids)
         for doc in (await find_by_ids(self.customers, missing)).values():
             customer = Customer.from_doc(doc)

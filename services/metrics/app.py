@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from typing import Any
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -16,13 +15,11 @@ from shared.contracts.registry import AGENT_PRESENCE, CONVERSATION_EVENTS, POOL_
 from shared.runtime.checkpoints import checkpointed_subscriber
 from shared.runtime.decoding import BatchReader, documented_payloads
 from shared.runtime.kafka import batch_subscriber_options, client_security_options, records_of
-from shared.runtime.owned_cache import OwnedStateCache, invalidate_on_rebalance
 from shared.runtime.service import Service, assemble, build_runtime
 from shared.settings import ServiceSettings
 from shared.teams import DirectoryWatcher
 
 from services.metrics.api import kpi_routes
-from services.metrics.kpis import CustomerKpiState
 from services.metrics.handlers import (
     EventsConsumer,
     PoolStatusConsumer,
@@ -49,10 +46,10 @@ class MetricsSettings(ServiceSettings):
     )
     consumer_lag_interval_s: float = Field(default=15.0, ge=0, description="How often consumer lag is read; 0: never")
     state_cache_customers: int = Field(
-        default=50_000, ge=0, description="Customers (and as many hourly buckets) kept in memory between batches; 0: none"
+        default=50_000, ge=0, description="Stored customers (and as many hourly buckets) kept in memory between batches; 0: none"
     )
     state_flush_interval_s: float = Field(
-        default=1.0, gt=0, description="How often the latest pool statuses are stored (replayed from the last checkpoint after a crash)"
+        default=1.0, gt=0, description="How often customer KPI state, hourly buckets and the latest pool statuses are stored (replayed from the last checkpoint after a crash)"
     )
 
 
@@ -74,10 +71,8 @@ def create_service(
     metrics.cost_per_hour.labels("standard").set(standard_cost if standard_cost is not None else settings.agent_cost_per_hour)
     credited: dict[str, datetime] = {}
     prefix = settings.kafka_topic_prefix
-    customer_cache = OwnedStateCache[CustomerKpiState](settings.state_cache_customers)
-    bucket_cache = OwnedStateCache[dict[str, Any]](settings.state_cache_customers)
     events = EventsConsumer(
-        BatchReader(CUSTOMER_INPUTS, runtime.dead_letters, prefix), store, metrics, customer_cache, bucket_cache
+        BatchReader(CUSTOMER_INPUTS, runtime.dead_letters, prefix), store, metrics, settings.state_cache_customers
     )
     presence = PresenceConsumer(BatchReader((AGENT_PRESENCE,), runtime.dead_letters, prefix), store, metrics, directory, credited)
     pools = PoolStatusConsumer(BatchReader((POOL_STATUS,), runtime.dead_letters, prefix), store, metrics, clock)
@@ -101,15 +96,21 @@ def create_service(
         )
     broker = runtime.broker
 
-    @broker.subscriber(
+    event_checkpoints, events_subscriber = checkpointed_subscriber(
+        runtime,
+        store.event_checkpoints,
+        "kpi_events",
+        events,
+        settings.state_flush_interval_s,
         *(settings.topic(t.name) for t in CUSTOMER_INPUTS),
         **batch_subscriber_options(settings),
-        listener=invalidate_on_rebalance(customer_cache, bucket_cache),
         title="metrics:consume:customer",
         description="Conversation lifecycle events and survey answers, keyed by customer.",
     )
+
+    @events_subscriber
     async def on_customer_records(batch: documented_payloads(*CUSTOMER_INPUTS), message: KafkaMessage) -> None:  # type: ignore[valid-type]
-        await events.handle(records_of(message))
+        await event_checkpoints.run_batch(records_of(message), events.handle)
 
     @broker.subscriber(
         settings.topic(AGENT_PRESENCE.name),

@@ -3,6 +3,7 @@ agent presence (staffed time) and pool status (queues and staffing)."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any
@@ -12,86 +13,137 @@ from aiokafka import ConsumerRecord
 from shared.contracts.agents import AgentPresenceChanged, Presence
 from shared.contracts.pools import PoolStatusChanged
 from shared.runtime.decoding import BatchReader
-from shared.runtime.owned_cache import OwnedStateCache
 from shared.teams import DirectoryWatcher
 
 from services.metrics.kpis import CustomerKpiState, Fact, facts_for, hour_of
 from services.metrics.prom import KpiMetrics
-from services.metrics.store import KpiStore, bucket_id
+from services.metrics.store import KpiStore, bucket_id, customer_doc
 
 Clock = Callable[[], datetime]
 
 
 class EventsConsumer:
-    """Turns conversation events and survey answers into hourly KPI buckets."""
+    """Turns conversation events and survey answers into hourly KPI buckets.
 
-    def __init__(
-        self,
-        reader: BatchReader,
-        store: KpiStore,
-        metrics: KpiMetrics,
-        customers: OwnedStateCache[CustomerKpiState] | None = None,
-        buckets: OwnedStateCache[dict[str, Any]] | None = None,
-    ) -> None:
+    The customers' tracking state and the buckets this consumer owns stay in memory and are
+    stored behind checkpoints (``shared.runtime.checkpoints``): a customer or bucket changed
+    by several batches between two stores is written once, and a new one is inserted once
+    instead of inserted and then replaced. After a crash or rebalance the consumer replays
+    from the last checkpoint; stored applied offsets (per customer, per bucket) skip what the
+    store already holds, and the Prometheus metrics reflect each record at most once per
+    process (``observed``)."""
+
+    def __init__(self, reader: BatchReader, store: KpiStore, metrics: KpiMetrics, max_clean: int = 50_000) -> None:
         self.reader = reader
         self.store = store
         self.metrics = metrics
-        # Customers and buckets (one writer partition each) this consumer owns, kept between
-        # batches; dropped on a rebalance, and a failed batch's are never put back.
-        self.customers = customers if customers is not None else OwnedStateCache[CustomerKpiState](0)
-        self.buckets = buckets if buckets is not None else OwnedStateCache[dict[str, Any]](0)
+        self.max_clean = max_clean  # stored entries kept in memory (least recently used go first)
+        self.customers: OrderedDict[str, CustomerKpiState] = OrderedDict()
+        self.buckets: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.dirty_customers: set[str] = set()
+        self.dirty_buckets: set[str] = set()
+        # writer → last offset reflected in this process's Prometheus metrics; kept across
+        # rewinds so that replayed records are not counted there twice.
+        self.observed: dict[str, int] = {}
 
     async def handle(self, records: Sequence[ConsumerRecord]) -> None:
+        """One batch; call under the checkpoint lock (``Checkpointed.run_batch``)."""
         incoming = await self.reader.read(records)
-        epoch = (self.customers.epoch, self.buckets.epoch)
         customer_ids = list(dict.fromkeys(i.payload.customer_id for i in incoming))
-        cached = self.customers.take(customer_ids)
-        states = cached | await self.store.claim_or_load_customers(c for c in customer_ids if c not in cached)
+        missing = [c for c in customer_ids if c not in self.customers]
+        if missing:
+            self.customers.update(await self.store.claim_or_load_customers(missing))
+        states = self.customers
         pending: list[tuple[str, int, Fact]] = []  # (writer, offset, fact)
         for item in incoming:
-            state = states[item.payload.customer_id]
+            customer_id = item.payload.customer_id
+            state = states[customer_id]
+            states.move_to_end(customer_id)
             writer = f"{_topic_tag(item.record.topic)}/{item.record.partition}"
             if state.applied.get(writer, -1) >= item.offset:
                 continue
             for fact in facts_for(item.payload, state):
                 pending.append((writer, item.offset, fact))
             state.applied[writer] = item.offset
+            self.dirty_customers.add(customer_id)
 
-        empty = {
-            bucket_id(hour_of(f.at), f.team, f.agent, w): {
-                "_id": bucket_id(hour_of(f.at), f.team, f.agent, w),
-                "hour": hour_of(f.at),
-                "team": f.team,
-                "agent": f.agent,
-                "writer": w,
-                "counters": {},
-                "applied_offset": -1,
-            }
-            for w, _, f in pending
+        ids = {bucket_id(hour_of(f.at), f.team, f.agent, w): (w, f) for w, _, f in pending}
+        absent = {
+            i: {"_id": i, "hour": hour_of(f.at), "team": f.team, "agent": f.agent, "writer": w, "counters": {}, "applied_offset": -1}
+            for i, (w, f) in ids.items()
+            if i not in self.buckets
         }
-        docs = self.buckets.take(empty)
-        docs |= await self.store.claim_or_load_buckets({i: d for i, d in empty.items() if i not in docs})
-        for doc in docs.values():
-            doc["last_offset"] = -1
-        counted: list[Fact] = []
+        if absent:
+            self.buckets.update(await self.store.claim_or_load_buckets(absent))
+        counted: list[tuple[str, int, Fact]] = []
+        batch_marks: dict[str, int] = {}  # bucket → last offset counted into it by this batch
         for writer, offset, fact in pending:
-            doc = docs[bucket_id(hour_of(fact.at), fact.team, fact.agent, writer)]
-            # A record counted into this bucket before a crash is not counted again.
+            key = bucket_id(hour_of(fact.at), fact.team, fact.agent, writer)
+            doc = self.buckets[key]
+            # A record counted into this bucket before (stored before a crash) is not counted again.
             if offset <= doc["applied_offset"]:
                 continue
             doc["counters"][fact.counter] = doc["counters"].get(fact.counter, 0) + fact.amount
-            doc["last_offset"] = max(doc["last_offset"], offset)
-            counted.append(fact)
-        for doc in docs.values():
-            doc["applied_offset"] = max(doc["applied_offset"], doc.pop("last_offset", -1))
-            doc["last_offset"] = -1
+            batch_marks[key] = max(batch_marks.get(key, -1), offset)
+            counted.append((writer, offset, fact))
+        for key, offset in batch_marks.items():
+            self.buckets[key]["applied_offset"] = offset
+            self.buckets.move_to_end(key)
+            self.dirty_buckets.add(key)
         await self.reader.flush()
-        await self.store.save_buckets(docs.values())
-        await self.store.save_customers(states)
-        self.customers.put_back(states, epoch[0])
-        self.buckets.put_back(docs, epoch[1])
-        for fact in counted:
-            observe(self.metrics, fact)
+        for writer, offset, fact in counted:
+            if offset > self.observed.get(writer, -1):
+                observe(self.metrics, fact)
+        for writer, offset, _ in pending:
+            self.observed[writer] = max(self.observed.get(writer, -1), offset)
+
+    def snapshot_state(self) -> Callable[[], Awaitable[None]] | None:
+        """The changed customers and buckets as documents now (under the batch lock), and how
+        to store them; stored entries beyond ``max_clean`` leave memory."""
+        # No write is in flight now (one at a time): what is not dirty is stored.
+        _evict_clean(self.customers, self.dirty_customers, self.max_clean)
+        _evict_clean(self.buckets, self.dirty_buckets, self.max_clean)
+        customers = [customer_doc(c, self.customers[c]) for c in self.dirty_customers if c in self.customers]
+        buckets = [{**self.buckets[b], "counters": dict(self.buckets[b]["counters"])} for b in self.dirty_buckets if b in self.buckets]
+        dirty = (set(self.dirty_customers), set(self.dirty_buckets))
+        self.dirty_customers.clear()
+        self.dirty_buckets.clear()
+        if not customers and not buckets:
+            return None
+
+        async def write() -> None:
+            try:
+                # Buckets first: a customer stored without the counts its facts made would
+                # skip those records on a replay.
+                await self.store.save_buckets(buckets)
+                await self.store.save_customer_docs(customers)
+            except BaseException:
+                self.dirty_customers.update(dirty[0])  # stored next time, with whatever they hold by then
+                self.dirty_buckets.update(dirty[1])
+                raise
+
+        return write
+
+    def drop_state(self) -> None:
+        self.customers.clear()
+        self.buckets.clear()
+        self.dirty_customers.clear()
+        self.dirty_buckets.clear()
+
+
+def _evict_clean(entries: OrderedDict[str, Any], dirty: set[str], keep: int) -> None:
+    """Forget the least recently used stored entries beyond ``keep`` (never a dirty one)."""
+    excess = len(entries) - keep
+    if excess <= 0:
+        return
+    victims = []
+    for key in entries:
+        if key not in dirty:
+            victims.append(key)
+            if len(victims) == excess:
+                break
+    for key in victims:
+        del entries[key]
 
 
 def _topic_tag(topic: str) -> str:

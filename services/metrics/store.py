@@ -4,6 +4,7 @@
   last record counted in each (a replay after a crash never counts twice);
 - ``kpi_customers``: per-customer tracking needed to derive facts (turns, first response,
   repeat contacts), with applied offsets;
+- both stored behind checkpoints (``kpi_event_checkpoints``);
 - ``kpi_presence``: agents' staffed intervals (online until offline);
 - ``kpi_pools``: each pool's latest queue and staffing, stored behind checkpoints
   (``kpi_pool_checkpoints``).
@@ -36,6 +37,7 @@ class KpiStore:
         self.presence = db["kpi_presence"]
         self.pools = db["kpi_pools"]
         self.pool_checkpoints = db["kpi_pool_checkpoints"]  # see shared.runtime.checkpoints
+        self.event_checkpoints = db["kpi_event_checkpoints"]
 
     async def ensure_indexes(self) -> None:
         await self.buckets.create_index([("hour", ASCENDING), ("team", ASCENDING)])
@@ -71,18 +73,10 @@ class KpiStore:
         return states
 
     async def save_customers(self, states: dict[str, CustomerKpiState]) -> None:
-        ops = [
-            ReplaceOne(
-                {"_id": cid},
-                {
-                    "conversations": {k: asdict(v) for k, v in s.conversations.items()},
-                    "last_resolved": s.last_resolved,
-                    "applied": [{"key": k, "offset": v} for k, v in s.applied.items()],
-                },
-                upsert=True,
-            )
-            for cid, s in states.items()
-        ]
+        await self.save_customer_docs([customer_doc(cid, s) for cid, s in states.items()])
+
+    async def save_customer_docs(self, docs: Iterable[dict[str, Any]]) -> None:
+        ops = [ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in docs]
         if ops:
             await bulk_write_chunked(self.customers, ops)
 
@@ -140,3 +134,13 @@ class KpiStore:
 
     async def all_pools(self) -> list[dict[str, Any]]:
         return [d async for d in self.pools.find({})]
+
+
+def customer_doc(customer_id: str, state: CustomerKpiState) -> dict[str, Any]:
+    """The stored form of a customer's tracking state (a copy: later changes do not reach it)."""
+    return {
+        "_id": customer_id,
+        "conversations": {k: asdict(v) for k, v in state.conversations.items()},
+        "last_resolved": dict(state.last_resolved) if state.last_resolved is not None else None,
+        "applied": [{"key": k, "offset": v} for k, v in state.applied.items()],
+    }

@@ -30,9 +30,10 @@ class CustomerMessageReceived(InboundModel):
         default=False,
         description=(
             "Ingest created this customer for this very message (the first of theirs it saw); later messages of the "
-            "same customer carry false. Informational: a consumer that replays several topics after a crash may "
-            "already hold state for this customer from its other inputs, so it must not read the flag as "
-            "'nothing is stored for them'."
+            "same customer carry false. A consumer may take it as 'nothing is stored for them' only for a record it "
+            "did not possibly handle before: one that replays several topics after a crash may already hold state "
+            "for this customer from its other inputs (conversation-state trusts it only at or past the end the "
+            "partition had when it took the partition)."
         ),
     )
 

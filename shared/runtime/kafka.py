@@ -131,6 +131,8 @@ def batch_subscriber_options(settings: ServiceSettings, *, group_suffix: str = "
         "auto_offset_reset": "earliest",
         "max_records": settings.consumer_batch_max_records,
         "batch_timeout_ms": settings.consumer_batch_timeout_ms,
+        "fetch_min_bytes": settings.consumer_fetch_min_bytes,
+        "fetch_max_wait_ms": settings.consumer_fetch_max_wait_ms,
         "decoder": raw_body,
         "max_poll_interval_ms": 5 * 60 * 1000,
         # Range assignment gives one consumer the same partition numbers of every topic it
