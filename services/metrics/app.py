@@ -49,7 +49,13 @@ class MetricsSettings(ServiceSettings):
         default=50_000, ge=0, description="Stored customers (and as many hourly buckets) kept in memory between batches; 0: none"
     )
     state_flush_interval_s: float = Field(
-        default=1.0, gt=0, description="How often customer KPI state, hourly buckets and the latest pool statuses are stored (replayed from the last checkpoint after a crash)"
+        default=5.0,
+        gt=0,
+        description=(
+            "How often customer KPI state, hourly buckets and the latest pool statuses are stored (replayed from the last "
+            "checkpoint after a crash); /kpis trails by up to this much. Longer: fewer writes (a customer's events spread "
+            "over seconds)"
+        ),
     )
 
 
