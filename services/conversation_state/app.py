@@ -26,16 +26,17 @@ from prometheus_client import Histogram
 from shared.runtime.decoding import BatchReader, documented_payloads
 from shared.runtime.http import LATENCY_BUCKETS
 from shared.runtime.kafka import batch_subscriber_options, records_of
-from shared.runtime.owned_cache import OwnedStateCache
+from shared.runtime.checkpoints import CheckpointMetrics
 from shared.runtime.service import Service, assemble, build_runtime
 from shared.settings import ServiceSettings
 from shared.teams import DirectoryWatcher
 
 from services.conversation_state.handlers import ConversationConsumer
 from services.conversation_state.inactivity import InactivityPolicy
-from services.conversation_state.lifecycle import CustomerRecords, Rules
+from services.conversation_state.lifecycle import Rules
 from services.conversation_state.read_api import command_routes, read_routes
 from services.conversation_state.store import ConversationStore
+from services.conversation_state.write_behind import JournaledCustomers
 
 INPUTS = (MESSAGES_RECEIVED, AGENT_ACTIONS, ROUTING_DECISIONS, CUSTOMER_COMMANDS, LIFECYCLE_COMMANDS)
 
@@ -55,7 +56,15 @@ class ConversationStateSettings(ServiceSettings):
     inactivity_min_samples: int = Field(default=3, ge=1)
     callback_priority: int = Field(default=5, ge=0, le=9)
     state_cache_customers: int = Field(
-        default=50_000, ge=0, description="Customers whose state stays in memory between batches (0: read every batch)"
+        default=50_000, ge=0, description="Stored customers whose state stays in memory between batches (0: none kept once stored)"
+    )
+    state_flush_interval_s: float = Field(
+        default=1.0,
+        gt=0,
+        description=(
+            "How often customers and conversations are written to their collections; between writes a batch's changes are "
+            "durable in the journal, and the read API may trail by this much"
+        ),
     )
 
     def inactivity_policy(self) -> InactivityPolicy:
@@ -76,14 +85,16 @@ def create_service(
     runtime = build_runtime(settings, span_processors=span_processors, description="Conversation state and read API")
     directory = DirectoryWatcher(settings.teams_config)
     store = ConversationStore(runtime.db)
-    cache = OwnedStateCache[CustomerRecords](settings.state_cache_customers)
+    memory = JournaledCustomers(
+        store, settings.state_flush_interval_s, settings.state_cache_customers, CheckpointMetrics(runtime.registry, "conversations")
+    )
     consumer = ConversationConsumer(
         reader=BatchReader(INPUTS, runtime.dead_letters, settings.kafka_topic_prefix),
         store=store,
         outbox=runtime.outbox("/hometeam/conversation-state"),
         tracing=runtime.tracing,
         directory=directory,
-        cache=cache,
+        memory=memory,
         partition_ends=lambda partitions: subscriber.consumer.end_offsets(partitions),
         latency=Histogram(
             "hometeam_message_stored_latency_seconds",
@@ -100,6 +111,7 @@ def create_service(
     )
     runtime.on_startup.append(store.ensure_indexes)
     runtime.background.append(lambda: directory.watch(settings.teams_reload_interval_s))
+    runtime.background.append(memory.flush_when_due)
     broker = runtime.broker
 
     runtime.document_publications(CONVERSATION_EVENTS, ROUTING_COMMANDS, MESSAGES_OUTBOUND)
@@ -107,7 +119,7 @@ def create_service(
     subscriber = broker.subscriber(
         *(settings.topic(t.name) for t in INPUTS),
         **batch_subscriber_options(settings),
-        listener=cache.rebalance_listener(),
+        listener=memory.rebalance_listener(),
         title="conversation-state:consume",
         description="Customer messages, agent actions, routing decisions and customer commands, keyed by customer.",
     )

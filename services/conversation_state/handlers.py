@@ -26,14 +26,14 @@ from shared.contracts.registry import CONVERSATION_EVENTS, MESSAGES_OUTBOUND, RO
 from shared.contracts.routing import ConversationRouted, TransferRefused
 from shared.runtime.decoding import BatchReader, Incoming
 from shared.runtime.outbox import Outbox
-from shared.runtime.owned_cache import OwnedStateCache
 from shared.runtime.tracing import RecordTracer
 from shared.teams import DirectoryWatcher
 
 from services.conversation_state import lifecycle
 from services.conversation_state.lifecycle import CustomerRecords, Effects, Rules
 from services.conversation_state.model import Line
-from services.conversation_state.store import ConversationStore, keep_current
+from services.conversation_state.store import ConversationStore
+from services.conversation_state.write_behind import JournaledCustomers
 
 
 class OpeningsFirst:
@@ -81,7 +81,7 @@ class FreshRecords:
     rebuilding that customer from nothing would drop it (seen in the crash test). So the flag
     counts only on a record at or past the end its partition had when this consumer first
     looked after taking it (``partition_ends``): anything before may be a replay and is read.
-    The boundaries are forgotten whenever the state cache is invalidated (a rebalance)."""
+    The boundaries are forgotten whenever the memory is dropped (a rebalance)."""
 
     def __init__(self, partition_ends: PartitionEnds | None) -> None:
         self.partition_ends = partition_ends
@@ -116,10 +116,10 @@ class ConversationConsumer:
         directory: DirectoryWatcher | None = None,
         latency: Histogram | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-        cache: OwnedStateCache[CustomerRecords] | None = None,
+        memory: JournaledCustomers | None = None,
         partition_ends: PartitionEnds | None = None,
     ) -> None:
-        self.cache = cache if cache is not None else OwnedStateCache[CustomerRecords](0)
+        self.memory = memory if memory is not None else JournaledCustomers(store, interval_s=1.0)
         self.fresh = FreshRecords(partition_ends)
         self.reader = reader
         self.store = store
@@ -131,14 +131,25 @@ class ConversationConsumer:
         self.clock = clock
 
     async def handle(self, records: Sequence[ConsumerRecord]) -> None:
+        async with self.memory.lock:
+            try:
+                await self._handle(records)
+            except BaseException:
+                # The memory may hold changes no journal entry has: recover from the store
+                # and the journal before the batch comes again.
+                self.memory.drop()
+                raise
+
+    async def _handle(self, records: Sequence[ConsumerRecord]) -> None:
         if self.directory is not None and self.directory.current is not self.rules.directory:
             self.rules = replace(self.rules, directory=self.directory.current)  # reloaded
         incoming = await self.reader.read(records)
+        partition_of = {i.payload.customer_id: i.record.partition for i in incoming}
+        await self.memory.recover(set(partition_of.values()))
         customer_ids = [i.payload.customer_id for i in incoming]
         conversation_ids = [i.payload.conversation_id for i in incoming if hasattr(i.payload, "conversation_id")]
-        epoch = self.cache.epoch
-        cached = self.cache.take(customer_ids)
-        new = await self.fresh.new_customers(incoming, epoch) - cached.keys()
+        cached = self.memory.take(customer_ids)
+        new = await self.fresh.new_customers(incoming, self.memory.epoch) - cached.keys()
         loaded = await self.store.load(customer_ids, conversation_ids, cached, new=new)
 
         effects: list[tuple[CustomerRecords, Effects, Incoming[Any]]] = []
@@ -156,10 +167,11 @@ class ConversationConsumer:
                 await self._publish(records, fx, item)
         await self.outbox.flush()
         await self.reader.flush()
-        await self.store.save(loaded.values(), lines)
-        # Stored: these customers' state stays in memory while this consumer owns them (a
-        # failure above drops it, and the records come again).
-        self.cache.put_back({cid: keep_current(r) for cid, r in loaded.items()}, epoch)
+        await self.store.save_lines(lines)
+        # Durable once journaled; the customers and conversations are written behind.
+        await self.memory.append(loaded, partition_of)
+        if self.memory.due:
+            self.memory.flush()
         if self.latency is not None:
             # From the channel's publish (the inbound envelope's time) to the stored update.
             now = self.clock()

@@ -35,6 +35,7 @@ class Customer:
     callbacks: dict[str, datetime] = field(default_factory=dict)
     seq: int = 0
     applied: dict[str, int] = field(default_factory=dict)
+    rev: int = 0  # moves with every batch that changes the customer (see write_behind)
 
     def to_doc(self) -> dict[str, Any]:
         doc = asdict(self)

@@ -1,5 +1,7 @@
 """Conversation-state's documents: ``customers``, ``conversations`` and ``messages``
-(transcript lines, ``_id`` = message id, so a line is stored at most once)."""
+(transcript lines, ``_id`` = message id, so a line is stored at most once), and the
+``conversation_journal`` that customers and conversations are written behind
+(``write_behind``)."""
 
 from __future__ import annotations
 
@@ -21,11 +23,25 @@ class ConversationStore:
         self.customers = db["customers"]
         self.conversations = db["conversations"]
         self.messages = db["messages"]
+        self.journal = db["conversation_journal"]
 
     async def ensure_indexes(self) -> None:
         await self.conversations.create_index([("customer_id", ASCENDING), ("opened_at", DESCENDING)])
         await self.conversations.create_index([("team_id", ASCENDING), ("status", ASCENDING)])
         await self.messages.create_index([("conversation_id", ASCENDING), ("at", ASCENDING)])
+
+    async def journal_for(self, partitions: Iterable[int]) -> list[dict[str, Any]]:
+        """The journal entries of these partitions, oldest first (the journal holds only what
+        is not stored yet, so this scan stays small)."""
+        return [d async for d in self.journal.find({"p": {"$in": list(partitions)}}).sort("_id", ASCENDING)]
+
+    async def save_lines(self, lines: list[Line]) -> None:
+        if lines:
+            try:
+                await self.messages.insert_many([line.to_doc() for line in lines], ordered=False)
+            except BulkWriteError as exc:
+                if any(e.get("code") != DUPLICATE_KEY for e in exc.details.get("writeErrors", [])):
+                    raise
 
     async def load(
         self,
@@ -64,12 +80,7 @@ class ConversationStore:
         stored nor read (a new customer, a conversation opened in this batch) are inserted,
         all in one command per collection: on FerretDB a replace costs a transaction per
         document. One that exists after all (a replay after a crash) is replaced."""
-        if lines:
-            try:
-                await self.messages.insert_many([line.to_doc() for line in lines], ordered=False)
-            except BulkWriteError as exc:
-                if any(e.get("code") != DUPLICATE_KEY for e in exc.details.get("writeErrors", [])):
-                    raise
+        await self.save_lines(lines)
         # (document, stored or read before?) per collection
         conversations: list[tuple[dict[str, Any], bool]] = []
         customers: list[tuple[dict[str, Any], bool]] = []
