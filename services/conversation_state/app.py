@@ -134,7 +134,7 @@ def create_service(
         runtime,
         title="hometeam conversation-state",
         description="One continuous conversation per customer; agent actions; lifecycle events.",
-        routes=[*read_routes(store, directory, token), *command_routes(commands, token)],
+        routes=[*read_routes(store, directory, token, memory), *command_routes(commands, token)],
     )
 
 

@@ -25,6 +25,7 @@ from shared.runtime.http import problem
 from shared.teams import DirectoryWatcher
 
 from services.conversation_state.store import ConversationStore
+from services.conversation_state.write_behind import JournaledCustomers
 
 MAX_PAGE_SIZE = 200
 OPEN = [ConversationStatus.WAITING_ON_AGENT.value, ConversationStatus.WAITING_ON_CUSTOMER.value]
@@ -63,7 +64,17 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def read_routes(store: ConversationStore, directory: DirectoryWatcher, token: str | None) -> list[Route]:
+def read_routes(
+    store: ConversationStore, directory: DirectoryWatcher, token: str | None, memory: JournaledCustomers | None = None
+) -> list[Route]:
+    """The read API. Customers and conversations are written behind (``write_behind``): this
+    replica answers from its memory for the customers it owns, so what it has applied shows
+    at once; another replica's customers and the team queue may trail by one
+    ``STATE_FLUSH_INTERVAL_S``."""
+
+    def latest(doc_id: str, customer_id: str | None = None) -> dict[str, Any] | None:
+        return memory.latest(doc_id, customer_id) if memory is not None else None
+
     def authorized(request: Request) -> bool:
         if not token:
             return True
@@ -82,21 +93,23 @@ def read_routes(store: ConversationStore, directory: DirectoryWatcher, token: st
             return paging
         page, size = paging
         customer_id = request.path_params["customer_id"]
-        customer = await store.customers.find_one({"_id": customer_id})
+        customer = latest(customer_id) or await store.customers.find_one({"_id": customer_id})
         if customer is None:
             return problem(404, "unknown customer", customer_id=customer_id)
         current_id = customer.get("open_conversation_id") or customer.get("last_conversation_id")
-        current = await store.conversations.find_one({"_id": current_id}) if current_id else None
-        earlier_cursor = (
-            store.conversations.find({"customer_id": customer_id, "_id": {"$ne": current_id}})
-            .sort([("opened_at", DESCENDING), ("_id", ASCENDING)])
-            .skip((page - 1) * size)
-            .limit(size)
-        )
-        earlier = []
-        async for doc in earlier_cursor:
-            earlier.append({**_conversation_json(doc), "transcript": await transcript(doc["_id"])})
-        total_earlier = await store.conversations.count_documents({"customer_id": customer_id, "_id": {"$ne": current_id}})
+        current = (latest(current_id, customer_id) or await store.conversations.find_one({"_id": current_id})) if current_id else None
+        others = {"customer_id": customer_id, "_id": {"$ne": current_id}}
+        held = {k: v for k, v in (memory.conversations_of(customer_id) if memory is not None else {}).items() if k != current_id}
+        if held:  # some may not be stored yet: merge, then page here (a customer has few)
+            docs = {d["_id"]: d async for d in store.conversations.find(others)} | held
+            ordered = sorted(docs.values(), key=lambda d: d["_id"])
+            ordered.sort(key=lambda d: d["opened_at"].timestamp(), reverse=True)
+            page_docs, total_earlier = ordered[(page - 1) * size : page * size], len(ordered)
+        else:
+            cursor = store.conversations.find(others).sort([("opened_at", DESCENDING), ("_id", ASCENDING)])
+            page_docs = [d async for d in cursor.skip((page - 1) * size).limit(size)]
+            total_earlier = await store.conversations.count_documents(others)
+        earlier = [{**_conversation_json(doc), "transcript": await transcript(doc["_id"])} for doc in page_docs]
         return JSONResponse(
             {
                 "customer": {
@@ -123,7 +136,9 @@ def read_routes(store: ConversationStore, directory: DirectoryWatcher, token: st
             return paging
         page, size = paging
         conversation_id = request.path_params["conversation_id"]
-        doc = await store.conversations.find_one({"_id": conversation_id})
+        doc = latest(conversation_id) or await store.conversations.find_one({"_id": conversation_id})
+        if doc is not None:
+            doc = latest(conversation_id, doc["customer_id"]) or doc
         if doc is None:
             return problem(404, "unknown conversation", conversation_id=conversation_id)
         lines = await transcript(conversation_id, (page - 1) * size, size)

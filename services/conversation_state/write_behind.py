@@ -92,6 +92,7 @@ class JournaledCustomers:
         self.records: OrderedDict[str, CustomerRecords] = OrderedDict()
         # The documents as last journaled or stored, by id (what a batch compares with).
         self.written: dict[str, dict[str, dict[str, Any]]] = {}
+        self.owner_of: dict[str, str] = {}  # conversation id → customer id, for what ``written`` holds
         self.dirty: set[str] = set()
         self.entries: list[str] = []  # journal entries the dirty state covers (deleted once stored)
         self.assigned: set[int] = set()  # partition numbers (the same across the input topics)
@@ -100,6 +101,31 @@ class JournaledCustomers:
         self.writing: asyncio.Task[None] | None = None
         self.last_flush = clock()
         self._n = 0
+
+    def latest(self, doc_id: str, customer_id: str | None = None) -> dict[str, Any] | None:
+        """The newest document this process holds for a customer (``doc_id`` = customer id) or
+        a conversation, if it holds one: newer than the store until the next flush. For the
+        read API of the replica that owns the customer."""
+        owner = customer_id or self.owner_of.get(doc_id) or doc_id
+        return self.written.get(owner, {}).get(doc_id)
+
+    def conversations_of(self, customer_id: str) -> dict[str, dict[str, Any]]:
+        """The conversation documents this process holds for a customer (see ``latest``)."""
+        return {k: v for k, v in self.written.get(customer_id, {}).items() if k != customer_id}
+
+    def _remember(self, customer_id: str, docs: dict[str, dict[str, Any]]) -> None:
+        self.written.setdefault(customer_id, {}).update(docs)
+        for doc_id in docs:
+            if doc_id != customer_id:
+                self.owner_of[doc_id] = customer_id
+
+    def _forget(self, customer_id: str, keep: Callable[[str], bool] = lambda _: False) -> None:
+        docs = self.written.pop(customer_id, {})
+        kept = {k: v for k, v in docs.items() if keep(k)}
+        for doc_id in docs.keys() - kept.keys():
+            self.owner_of.pop(doc_id, None)
+        if kept:
+            self.written[customer_id] = kept
 
     # batches -------------------------------------------------------------------------------
     def take(self, customer_ids: Iterable[str]) -> dict[str, CustomerRecords]:
@@ -157,7 +183,8 @@ class JournaledCustomers:
                     r.conversations[conv_id] = Conversation.from_doc(found[conv_id])
                     r.stored[conv_id] = found[conv_id]
             self.records[c.id] = r
-            self.written[c.id] = {c.id: c.to_doc(), **{x.id: x.to_doc() for x in r.conversations.values()}}
+            self._forget(c.id)
+            self._remember(c.id, {c.id: c.to_doc(), **{x.id: x.to_doc() for x in r.conversations.values()}})
             self.dirty.add(c.id)
         self.entries.extend(e["_id"] for e in entries)
         self.recovered.update(wanted)
@@ -193,7 +220,7 @@ class JournaledCustomers:
             self.entries.extend(d["_id"] for d in docs)
         for cid, r in loaded.items():
             if cid in changed:
-                self.written.setdefault(cid, {}).update(changed[cid])
+                self._remember(cid, changed[cid])
                 self.dirty.add(cid)
             self.records[cid] = r
             self.records.move_to_end(cid)
@@ -232,7 +259,7 @@ class JournaledCustomers:
                 customers.append((doc, cid in r.stored))
                 written.append((r, doc))
             keep_current(r)  # older conversations are read again if a record names them
-            self.written[cid] = {k: v for k, v in self.written.get(cid, {}).items() if k == cid or k in r.conversations}
+            self._forget(cid, keep=lambda k, r=r, cid=cid: k == cid or k in r.conversations)  # type: ignore[misc]
         dirty, entries = set(self.dirty), list(self.entries)
         self.dirty.clear()
         self.entries.clear()
@@ -274,6 +301,7 @@ class JournaledCustomers:
         """Forget everything in memory (the journal keeps what was not stored)."""
         self.records.clear()
         self.written.clear()
+        self.owner_of.clear()
         self.dirty.clear()
         self.entries.clear()
         self.recovered.clear()
@@ -307,7 +335,7 @@ class JournaledCustomers:
                     break
         for cid in victims:
             del self.records[cid]
-            self.written.pop(cid, None)
+            self._forget(cid)
 
     def _report(self) -> None:
         if self.metrics is not None:

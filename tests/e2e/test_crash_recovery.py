@@ -142,7 +142,10 @@ async def test_kill_dash_nine_mid_stream_loses_and_duplicates_nothing(infra, tmp
             await streaming
 
             async def all_stored() -> bool:
-                return await db["messages"].count_documents({}) == TOTAL and await db["conversations"].count_documents({"agent_id": {"$ne": None}}) == CUSTOMERS
+                # Conversations are written behind (up to STATE_FLUSH_INTERVAL_S after their
+                # lines): wait until each holds all its messages (exact counts checked below).
+                settled = {"agent_id": {"$ne": None}, "inbound_count": {"$gte": MESSAGES_PER_CUSTOMER}}
+                return await db["messages"].count_documents({}) == TOTAL and await db["conversations"].count_documents(settled) == CUSTOMERS
 
             try:
                 await eventually(all_stored, timeout_s=120, what=f"all {TOTAL} messages stored and {CUSTOMERS} conversations assigned")

@@ -209,7 +209,8 @@ async def test_a_slow_replier_gets_a_longer_timeout_than_a_fast_one(timers: Time
     await timers.start_sweeper("sweeper-a")
     timers.clock.now = fast_last + fast_timeout + timedelta(seconds=1)
     await timers.events(fast, "ConversationClosed")
-    conv = await timers.db["conversations"].find_one({"_id": slow_conv["conversation_id"]})
+    # The read API of conversation-state (the owner: its memory, not the store written behind).
+    conv = await timers.read_when(f"/conversations/{slow_conv['conversation_id']}", lambda b: True)
     assert conv["status"] == "waiting_on_customer"
 
 
@@ -293,7 +294,7 @@ async def test_a_surge_overflows_to_the_standard_pool_and_recovers(timers: Timer
     assert (surge["pool"], surge["pool_reason"]) == ("standard", "surge")
 
     # An agent frees up: the queue drops below the threshold and the overflow comes home.
-    holder = await timers.db["conversations"].find_one({"team_id": "east", "agent_id": "e-1"})
+    holder = await eventually(lambda: timers.db["conversations"].find_one({"team_id": "east", "agent_id": "e-1"}), what="e-1's conversation stored")
     await timers.probe.send("agent.actions.v1", holder["customer_id"], ResolveConversation(action_id=f"a-{uuid.uuid4().hex}", customer_id=holder["customer_id"], conversation_id=holder["_id"], agent_id="e-1", resolved_at=DAY + timedelta(minutes=5)))
     back = (await timers.events(overflowed, "ConversationQueued", count=2))[-1]["data"]
     assert (back["pool"], back["team_id"], back["pool_reason"]) == ("home_team", "east", "returned_home")

@@ -1,0 +1,228 @@
+"""conversation-state's customers and conversations are written behind a journal, against the
+real store: a batch appends one journal entry and rewrites nothing; a flush writes each
+changed document once and deletes the entries it covers; after a crash the next owner
+overlays what the journal holds (and only what is newer than the store); a failed write
+keeps everything for the next attempt."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pymongo import AsyncMongoClient, monitoring
+
+from shared.contracts.common import Channel, ConversationStatus
+
+from services.conversation_state.lifecycle import CustomerRecords
+from services.conversation_state.model import Conversation, Customer
+from services.conversation_state.store import ConversationStore
+from services.conversation_state.write_behind import JournaledCustomers
+
+pytestmark = pytest.mark.integration
+
+NOW = datetime(2026, 11, 23, 9, tzinfo=UTC)
+
+
+class Writes(monitoring.CommandListener):
+    def __init__(self) -> None:
+        self.ops: list[tuple[str, str, str]] = []  # (command, collection, _id)
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        name = event.command_name
+        if name in ("update", "delete"):
+            key = "updates" if name == "update" else "deletes"
+            self.ops.extend((name, event.command[name], u["q"]["_id"]) for u in event.command[key])
+        elif name == "insert":
+            self.ops.extend((name, event.command[name], d["_id"]) for d in event.command["documents"])
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+    def of(self, collection: str) -> list[tuple[str, str]]:
+        return [(cmd, i) for cmd, c, i in self.ops if c == collection]
+
+
+def opened(customer_id: str, conv_id: str) -> CustomerRecords:
+    """What a customer's first message leaves: the customer and a waiting conversation."""
+    customer = Customer(id=customer_id, home_team_id="pnw", home_team_source="area_code", created_at=NOW)
+    customer.open_conversation_id = customer.last_conversation_id = conv_id
+    customer.applied["messages/0"] = 1
+    conv = Conversation(
+        id=conv_id, customer_id=customer_id, home_team_id="pnw", status=ConversationStatus.WAITING_ON_AGENT,
+        opened_at=NOW, updated_at=NOW, last_channel=Channel.SMS,
+    )  # fmt: skip
+    return CustomerRecords(customer=customer, conversations={conv_id: conv})
+
+
+def routed(records: CustomerRecords, agent: str) -> None:
+    """What the routing decision changes a moment later."""
+    assert records.customer is not None and records.customer.open_conversation_id is not None
+    conv = records.conversations[records.customer.open_conversation_id]
+    conv.agent_id, conv.assigned_at = agent, NOW + timedelta(seconds=1)
+    records.customer.applied["decisions/0"] = 7
+
+
+@pytest.fixture
+async def store(infra, mongo_db_name):
+    writes = Writes()
+    client: AsyncMongoClient = AsyncMongoClient(infra.mongodb_url, tz_aware=True, event_listeners=[writes])
+    try:
+        yield ConversationStore(client[mongo_db_name]), writes
+    finally:
+        await client.close()
+
+
+async def flushed(memory: JournaledCustomers) -> None:
+    memory.flush()
+    await memory.settle()
+
+
+async def stored(store: ConversationStore, collection: str, doc_id: str) -> dict[str, Any] | None:
+    return await getattr(store, collection).find_one({"_id": doc_id})
+
+
+async def test_two_batches_then_a_flush_write_each_document_once(store) -> None:
+    store, writes = store
+    memory = JournaledCustomers(store, interval_s=60)
+    records = opened("cus_1", "conv_1")
+    await memory.append({"cus_1": records}, {"cus_1": 0})
+    routed(records, "ana")
+    await memory.append({"cus_1": records}, {"cus_1": 0})
+    assert writes.of("customers") == [] and writes.of("conversations") == []
+    assert len(writes.of("conversation_journal")) == 2  # one entry per batch
+
+    await flushed(memory)
+    assert writes.of("customers") == [("insert", "cus_1")]  # new: inserted once, never replaced
+    assert writes.of("conversations") == [("insert", "conv_1")]
+    assert (await stored(store, "conversations", "conv_1"))["agent_id"] == "ana"
+    assert await store.journal.count_documents({}) == 0  # the entries it covered are gone
+
+    await memory.append({"cus_1": records}, {"cus_1": 0})  # nothing changed: nothing journaled
+    assert len([op for op in writes.of("conversation_journal") if op[0] == "insert"]) == 2
+
+
+async def test_after_a_crash_the_next_owner_recovers_what_was_not_stored(store) -> None:
+    store, _ = store
+    before = JournaledCustomers(store, interval_s=60)
+    first = opened("cus_1", "conv_1")
+    await before.append({"cus_1": first}, {"cus_1": 0})
+    await flushed(before)  # stored with the customer's first message
+    routed(first, "ana")
+    await before.append({"cus_1": first}, {"cus_1": 0})  # journaled only ...
+    other = opened("cus_9", "conv_9")
+    await before.append({"cus_9": other}, {"cus_9": 3})  # ... as is a customer of another partition
+    # kill -9: the memory is gone, the journal is not.
+
+    after = JournaledCustomers(store, interval_s=60)
+    await after.recover([0])
+    recovered = after.take(["cus_1"])["cus_1"]
+    assert recovered.conversations["conv_1"].agent_id == "ana"
+    assert recovered.customer is not None and recovered.customer.applied == {"messages/0": 1, "decisions/0": 7}
+    assert after.take(["cus_9"]) == {}  # not this owner's partition
+    await flushed(after)
+    assert (await stored(store, "conversations", "conv_1"))["agent_id"] == "ana"
+    assert await store.journal.count_documents({"p": 0}) == 0
+    assert await store.journal.count_documents({"p": 3}) == 1  # left for that partition's owner
+
+
+async def test_entries_older_than_the_stored_document_are_not_overlaid(store) -> None:
+    store, _ = store
+    memory = JournaledCustomers(store, interval_s=60)
+    records = opened("cus_1", "conv_1")
+    await memory.append({"cus_1": records}, {"cus_1": 0})
+    entries = [d async for d in store.journal.find({})]
+    routed(records, "ana")
+    await memory.append({"cus_1": records}, {"cus_1": 0})
+    await flushed(memory)
+    # A crash after storing but before the entries were deleted: put the first one back.
+    await store.journal.insert_many(entries)
+
+    after = JournaledCustomers(store, interval_s=60)
+    await after.recover([0])
+    assert after.take(["cus_1"]) == {}  # the store is newer: read from there when needed
+    await flushed(after)
+    assert await store.journal.count_documents({}) == 0
+    assert (await stored(store, "conversations", "conv_1"))["agent_id"] == "ana"
+
+
+async def test_a_failed_write_keeps_the_state_and_the_journal_for_the_next_one(store, monkeypatch) -> None:
+    store, _ = store
+    memory = JournaledCustomers(store, interval_s=60, max_clean=0)
+    await memory.append({"cus_1": opened("cus_1", "conv_1")}, {"cus_1": 0})
+
+    async def down(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("store unreachable")
+
+    monkeypatch.setattr(store.conversations, "insert_many", down)
+    await flushed(memory)
+    monkeypatch.undo()
+    assert await store.journal.count_documents({}) == 1
+    assert memory.take(["cus_1"]) != {}  # still in memory (max_clean=0 evicts only stored ones)
+
+    await flushed(memory)
+    assert (await stored(store, "customers", "cus_1")) is not None
+    assert await store.journal.count_documents({}) == 0
+    await flushed(memory)
+    assert memory.take(["cus_1"]) == {}  # stored now: evicted
+
+
+async def test_the_read_api_of_the_owner_shows_what_is_not_stored_yet(store, tmp_path) -> None:
+    import httpx
+    from starlette.applications import Starlette
+
+    from services.conversation_state.read_api import read_routes
+    from shared.teams import DirectoryWatcher
+
+    store, _ = store
+    memory = JournaledCustomers(store, interval_s=60)
+    records = opened("cus_1", "conv_1")
+    await memory.append({"cus_1": records}, {"cus_1": 0})
+    await flushed(memory)
+    routed(records, "ana")
+    await memory.append({"cus_1": records}, {"cus_1": 0})  # journaled, not stored yet
+    fresh = opened("cus_2", "conv_2")
+    await memory.append({"cus_2": fresh}, {"cus_2": 0})  # never stored at all
+    assert (await stored(store, "conversations", "conv_1"))["agent_id"] is None
+
+    app = Starlette(routes=read_routes(store, DirectoryWatcher(Path("deploy/teams.yaml")), None, memory))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+        assert (await http.get("/conversations/conv_1")).json()["agent_id"] == "ana"
+        view = (await http.get("/customers/cus_1/conversation")).json()
+        assert view["current"]["agent_id"] == "ana"
+        assert (await http.get("/customers/cus_2/conversation")).json()["current"]["conversation_id"] == "conv_2"
+        assert (await http.get("/conversations/conv_2")).status_code == 200
+        # Another replica (no memory of these customers) answers from the store.
+        other = Starlette(routes=read_routes(store, DirectoryWatcher(Path("deploy/teams.yaml")), None, None))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=other), base_url="http://test") as elsewhere:
+            assert (await elsewhere.get("/conversations/conv_1")).json()["agent_id"] is None
+            assert (await elsewhere.get("/conversations/conv_2")).status_code == 404
+
+
+async def test_the_owner_lists_earlier_conversations_not_stored_yet(store) -> None:
+    import httpx
+    from starlette.applications import Starlette
+
+    from services.conversation_state.read_api import read_routes
+    from shared.teams import DirectoryWatcher
+
+    store, _ = store
+    memory = JournaledCustomers(store, interval_s=60)
+    records = opened("cus_1", "conv_1")
+    await memory.append({"cus_1": records}, {"cus_1": 0})  # the first conversation, never stored
+    second = opened("cus_1", "conv_2")
+    second.conversations["conv_1"] = records.conversations["conv_1"]
+    second.conversations["conv_1"].status = ConversationStatus.RESOLVED
+    second.conversations["conv_2"].opened_at = NOW + timedelta(hours=2)
+    await memory.append({"cus_1": second}, {"cus_1": 0})
+
+    app = Starlette(routes=read_routes(store, DirectoryWatcher(Path("deploy/teams.yaml")), None, memory))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+        view = (await http.get("/customers/cus_1/conversation")).json()
+    assert view["current"]["conversation_id"] == "conv_2"
+    assert [(c["conversation_id"], c["status"]) for c in view["earlier"]] == [("conv_1", "resolved")]
+    assert view["earlier_total"] == 1
