@@ -16,6 +16,7 @@ What one run does (docs/benchmarks.md explains every number):
    the decisions and conversation events, samples consumer lag and each process's CPU and
    RSS every second, and scrapes the services' latency histograms;
 5. stops at the first rate where lag is not bounded (the backlog would spoil higher rates),
+   tries the rate halfway between that one and the highest bounded one (``--no-refine``),
    measures half the highest bounded rate if the sweep did not, and removes its topics and
    database; writes ``<out>/<timestamp>.json`` and ``.png`` and prints a table.
 
@@ -1467,6 +1468,22 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 break
         bounded = [s for s in result["steps"] if s["bounded"]]
         best = max(bounded, key=lambda s: s["rate"]) if bounded else None
+        failed = [s for s in result["steps"] if not s["bounded"]]
+        if args.refine and best is not None and failed:
+            # The rates are a coarse grid (100, 200, 500, ...): one step halfway between the
+            # highest bounded rate and the first that was not tells more.
+            middle = round((best["rate"] + min(s["rate"] for s in failed)) / 2 / 10) * 10
+            drained = result["steps"][-1]["drained"]
+            if middle > best["rate"] and time.monotonic() - t_start < args.budget:
+                if not drained:
+                    print("bench: waiting for the backlog to clear before the refining step ...", file=sys.stderr, flush=True)
+                    drained = await wait_for_no_lag(ctx.lag, min(120.0, args.budget - (time.monotonic() - t_start)))
+                if drained:
+                    step = await run_step(ctx, middle, len(args.rates) + 1, f"r{middle:g}", args.duration)
+                    result["steps"].append(step)
+                    print(table({"steps": [step]}).splitlines()[-1], file=sys.stderr, flush=True)
+                    if step["bounded"]:
+                        best = step
         half_step = None
         if best is not None and args.half_step:
             half = best["rate"] / 2
@@ -1477,7 +1494,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 print("bench: waiting for the backlog to clear before the half-rate step ...", file=sys.stderr, flush=True)
                 drained = await wait_for_no_lag(ctx.lag, min(120.0, args.budget - (time.monotonic() - t_start)))
             if half_step is None and half >= 1 and drained and time.monotonic() - t_start < args.budget:
-                half_step = await run_step(ctx, half, len(args.rates) + 1, f"r{half:g}", args.duration)
+                half_step = await run_step(ctx, half, len(args.rates) + 2, f"r{half:g}", args.duration)
                 result["steps"].append(half_step)
                 print(table({"steps": [half_step]}).splitlines()[-1], file=sys.stderr, flush=True)
         pools = []
@@ -1543,6 +1560,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--drain-timeout", type=float, default=30.0, help="max seconds to wait for a step's backlog to clear")
     p.add_argument("--keep-going", action="store_true", help="continue the sweep past an unbounded rate")
     p.add_argument("--no-half-step", dest="half_step", action="store_false", help="do not add a step at half the highest bounded rate")
+    p.add_argument(
+        "--no-refine", dest="refine", action="store_false", help="do not add a step halfway between the highest bounded rate and the next"
+    )
     p.add_argument("--budget", type=float, default=420.0, help="seconds after which no further step starts (keeps make bench under 10 min)")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--keep-data", action="store_true", help="keep the run's topics and database")
