@@ -6,13 +6,35 @@ stay free of any store or broker types.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
 from shared.contracts.common import Channel, ConversationStatus, Direction, PoolKind, RoutingReason
 
 OPEN_STATUSES = frozenset({ConversationStatus.WAITING_ON_AGENT, ConversationStatus.WAITING_ON_CUSTOMER})
+
+
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _shallow_doc(record: Any) -> dict[str, Any]:
+    """A record's fields as a document (``id`` as ``_id``), with its lists and dicts copied one
+    level deep: what ``dataclasses.asdict`` gives for these records (their containers hold
+    only scalars) at a fraction of its cost (asdict deep-copies every value; it took 30% of
+    conversation-state's CPU when every batch compared each held document)."""
+    names = _FIELD_NAMES.get(type(record))
+    if names is None:
+        names = _FIELD_NAMES[type(record)] = tuple(f.name for f in fields(record))
+    doc: dict[str, Any] = {}
+    for name in names:
+        value = getattr(record, name)
+        if type(value) is list:
+            value = list(value)
+        elif type(value) is dict:
+            value = dict(value)
+        doc["_id" if name == "id" else name] = value
+    return doc
 
 
 @dataclass(slots=True)
@@ -38,8 +60,7 @@ class Customer:
     rev: int = 0  # moves with every batch that changes the customer (see write_behind)
 
     def to_doc(self) -> dict[str, Any]:
-        doc = asdict(self)
-        doc["_id"] = doc.pop("id")
+        doc = _shallow_doc(self)
         doc["last_channel"] = self.last_channel.value if self.last_channel else None
         # Topic names contain dots, which MongoDB field names must not: store a list.
         doc["applied"] = [{"key": k, "offset": v} for k, v in self.applied.items()]
@@ -87,8 +108,7 @@ class Conversation:
         return self.status in OPEN_STATUSES
 
     def to_doc(self) -> dict[str, Any]:
-        doc = asdict(self)
-        doc["_id"] = doc.pop("id")
+        doc = _shallow_doc(self)
         for key in ("status", "last_channel", "pool", "pool_reason", "routing_reason"):
             value = getattr(self, key)
             doc[key] = value.value if value is not None else None

@@ -1,0 +1,51 @@
+"""conversation-state's records as store documents: the same fields and values as
+``dataclasses.asdict`` would give, containers copied (a later change to the record must not
+reach a document already captured for writing), and a lossless round trip."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from datetime import UTC, datetime
+
+import pytest
+
+from services.conversation_state.model import Conversation, Customer
+from shared.contracts.common import Channel, ConversationStatus, PoolKind
+
+NOW = datetime(2026, 11, 23, 9, tzinfo=UTC)
+
+CUSTOMER = Customer(
+    id="cus_1", home_team_id="pnw", home_team_source="area_code", created_at=NOW, addresses={"sms": "+12065550100"},
+    last_channel=Channel.SMS, reply_gaps_s=[30.0], recent_input_ids=["m1"], callbacks={"cb1": NOW}, applied={"messages.received.v1/0": 4}, rev=3,
+)  # fmt: skip
+CONVERSATION = Conversation(
+    id="conv_1", customer_id="cus_1", home_team_id="pnw", status=ConversationStatus.WAITING_ON_AGENT, opened_at=NOW,
+    updated_at=NOW, last_channel=Channel.SMS, pool=PoolKind.HOME_TEAM, agent_id="ana",
+)  # fmt: skip
+
+
+def asdict_doc(record: Customer | Conversation) -> dict:
+    doc = asdict(record)
+    doc["_id"] = doc.pop("id")
+    for key in ("status", "last_channel", "pool", "pool_reason", "routing_reason"):
+        if key in doc and doc[key] is not None:
+            doc[key] = getattr(record, key).value
+    if isinstance(record, Customer):
+        doc["applied"] = [{"key": k, "offset": v} for k, v in record.applied.items()]
+    return doc
+
+
+@pytest.mark.parametrize("record", [CUSTOMER, CONVERSATION])
+def test_documents_hold_what_asdict_would_and_round_trip(record) -> None:
+    doc = record.to_doc()
+    assert doc == asdict_doc(record)
+    assert type(record).from_doc(doc) == record
+
+
+def test_a_captured_document_does_not_change_with_the_record() -> None:
+    customer = Customer.from_doc(CUSTOMER.to_doc())
+    doc = customer.to_doc()
+    customer.reply_gaps_s.append(60.0)
+    customer.addresses["app"] = "user-1"
+    customer.callbacks["cb2"] = NOW
+    assert (doc["reply_gaps_s"], doc["addresses"], list(doc["callbacks"])) == ([30.0], {"sms": "+12065550100"}, ["cb1"])
