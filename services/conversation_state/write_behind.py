@@ -289,6 +289,9 @@ class JournaledCustomers:
                 self.dirty.update(dirty)
                 self.entries[:0] = entries
             return
+        if epoch == self.epoch:
+            for cid in dirty - self.dirty:
+                self._forget(cid)  # stored as they are: the store (and ``stored``) is the reference again
         if self.metrics is not None:
             self.metrics.stored_at.set_to_current_time()
         self._report()
