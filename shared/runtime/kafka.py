@@ -20,7 +20,7 @@ from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 from faststream.kafka.prometheus import KafkaPrometheusMiddleware
 from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry import trace
 from prometheus_client import CollectorRegistry
 
 from shared.runtime.telemetry import KeylessKafkaTelemetryMiddleware
@@ -91,7 +91,7 @@ def build_broker(
     settings: ServiceSettings,
     *,
     metrics_registry: CollectorRegistry,
-    tracer_provider: TracerProvider,
+    tracer_provider: trace.TracerProvider,
     description: str = "",
 ) -> KafkaBroker:
     return KafkaBroker(

@@ -15,7 +15,8 @@ import uvicorn
 from faststream import FastStream
 from faststream.kafka import KafkaBroker
 from faststream.specification import AsyncAPI
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry import trace
+from opentelemetry.sdk.trace import SpanProcessor
 from prometheus_client import CollectorRegistry
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
@@ -46,7 +47,7 @@ class Runtime:
 
     settings: ServiceSettings
     registry: CollectorRegistry
-    tracer_provider: TracerProvider
+    tracer_provider: trace.TracerProvider
     broker: KafkaBroker
     publisher: Publisher
     mongo: AsyncMongoClient
@@ -158,7 +159,9 @@ def assemble(runtime: Runtime, *, title: str, description: str, routes: Sequence
             for hook in runtime.on_shutdown:
                 await hook()
             await runtime.mongo.close()
-            runtime.tracer_provider.shutdown()
+            shutdown = getattr(runtime.tracer_provider, "shutdown", None)  # the no-op provider has none
+            if shutdown is not None:
+                shutdown()
             log.info("service stopped", extra={"service_name": runtime.settings.service_name})
 
     all_routes = [*health_routes(runtime.registry, runtime.readiness), *routes]

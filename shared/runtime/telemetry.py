@@ -1,5 +1,11 @@
 """Traces: one tracer provider per service, W3C trace context through Kafka headers.
 
+A service with nowhere to send spans (no OTLP endpoint, no span processor given) gets
+OpenTelemetry's no-op provider: recording spans that nobody exports cost 15% of
+conversation-state's CPU under load. Its spans are then the incoming record's context
+itself, so the ``traceparent`` it passes on still continues the caller's trace: a service
+without an exporter is transparent in a trace instead of breaking it.
+
 Kafka record keys never become span attributes: a channel adapter might key a record by a
 phone number, and keys are not needed to follow a trace.
 """
@@ -14,6 +20,7 @@ from faststream.kafka.opentelemetry.provider import (
     BatchKafkaTelemetrySettingsProvider,
     KafkaTelemetrySettingsProvider,
 )
+from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -53,15 +60,18 @@ def _keyless_provider_factory(msg: Any) -> KafkaTelemetrySettingsProvider:
 class KeylessKafkaTelemetryMiddleware(KafkaTelemetryMiddleware):
     """FastStream's Kafka telemetry middleware without the record key attribute."""
 
-    def __init__(self, *, tracer_provider: TracerProvider) -> None:
+    def __init__(self, *, tracer_provider: trace.TracerProvider) -> None:
         super().__init__(tracer_provider=tracer_provider, include_messages_counters=False)
         self._settings_provider_factory = _keyless_provider_factory
 
 
 def build_tracer_provider(
     settings: ServiceSettings, extra_processors: Sequence[SpanProcessor] = ()
-) -> TracerProvider:
-    """A tracer provider for one service; exports over OTLP/HTTP when an endpoint is set."""
+) -> trace.TracerProvider:
+    """A tracer provider for one service; exports over OTLP/HTTP when an endpoint is set, and
+    records nothing when nothing would receive its spans."""
+    if not settings.otel_exporter_otlp_endpoint and not extra_processors:
+        return trace.NoOpTracerProvider()
     provider = TracerProvider(
         resource=Resource.create(
             {
