@@ -15,7 +15,7 @@ from shared.contracts.pools import PoolStatusChanged
 from shared.runtime.decoding import BatchReader
 from shared.teams import DirectoryWatcher
 
-from services.metrics.kpis import CustomerKpiState, Fact, facts_for, hour_of
+from services.metrics.kpis import CustomerKpiState, Fact, facts_for, hour_of, seen_before
 from services.metrics.prom import KpiMetrics
 from services.metrics.store import KpiStore, bucket_id, customer_doc
 
@@ -61,6 +61,10 @@ class EventsConsumer:
             states.move_to_end(customer_id)
             writer = f"{_topic_tag(item.record.topic)}/{item.record.partition}"
             if state.applied.get(writer, -1) >= item.offset:
+                continue
+            if seen_before(state, item.envelope.id):
+                state.applied[writer] = item.offset
+                self.dirty_customers.add(customer_id)
                 continue
             for fact in facts_for(item.payload, state):
                 pending.append((writer, item.offset, fact))

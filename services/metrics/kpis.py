@@ -89,6 +89,21 @@ class CustomerKpiState:
     conversations: dict[str, TrackedConversation] = field(default_factory=dict)
     last_resolved: dict[str, Any] | None = None  # {conversation_id, at, team, agent, repeat_counted}
     applied: dict[str, int] = field(default_factory=dict)
+    # Ids of the customer's latest events: an event published again (conversation-state
+    # repeats a batch's outputs, same ids, after a crash) is counted once.
+    recent_ids: list[str] = field(default_factory=list)
+
+
+RECENT_EVENT_IDS = 64
+
+
+def seen_before(state: CustomerKpiState, event_id: str) -> bool:
+    """Has this event been counted for the customer already? Remembers it if not."""
+    if event_id in state.recent_ids:
+        return True
+    state.recent_ids.append(event_id)
+    del state.recent_ids[:-RECENT_EVENT_IDS]
+    return False
 
 
 def hour_of(at: datetime) -> datetime:

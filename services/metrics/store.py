@@ -52,6 +52,7 @@ class KpiStore:
                 conversations={k: TrackedConversation(**v) for k, v in doc.get("conversations", {}).items()},
                 last_resolved=doc.get("last_resolved"),
                 applied={a["key"]: a["offset"] for a in doc.get("applied", [])},
+                recent_ids=list(doc.get("recent_ids", [])),
             )
         return states
 
@@ -143,4 +144,5 @@ def customer_doc(customer_id: str, state: CustomerKpiState) -> dict[str, Any]:
         "conversations": {k: asdict(v) for k, v in state.conversations.items()},
         "last_resolved": dict(state.last_resolved) if state.last_resolved is not None else None,
         "applied": [{"key": k, "offset": v} for k, v in state.applied.items()],
+        "recent_ids": list(state.recent_ids),
     }

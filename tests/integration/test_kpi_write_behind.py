@@ -51,8 +51,8 @@ class Writes(monitoring.CommandListener):
         return [i for cmd, c, i in self.docs if c == collection and cmd == "update"]
 
 
-def record(offset: int, data: Any, customer: str) -> ConsumerRecord:
-    value = new_envelope(data, subject=customer, source="/test", time=T).model_dump_json().encode()
+def record(offset: int, data: Any, customer: str, event_id: str | None = None) -> ConsumerRecord:
+    value = new_envelope(data, subject=customer, source="/test", time=T, id=event_id).model_dump_json().encode()
     return ConsumerRecord(TOPIC, 0, offset, 0, 0, customer.encode(), value, None, len(customer), len(value), [])
 
 
@@ -164,3 +164,21 @@ async def test_a_replay_after_a_rewind_counts_nothing_twice(kpis) -> None:
     assert await stored_messages(store) == 2  # cus_a's line was stored once, cus_b's now
     assert messages_counted(registry) == 2.0  # and the process counted each once
     assert sorted(set(writes.written("kpi_customers"))) == ["cus_a", "cus_b"]
+
+
+async def test_an_event_published_again_is_counted_once(kpis) -> None:
+    """conversation-state repeats a batch's outputs (same ids, new records) after a crash."""
+    consumer, store, writes, registry = kpis
+    line = ev.MessageAdded(conversation_id="conv-a", customer_id="cus_a", message_id="m-1", direction=Direction.INBOUND, channel=Channel.SMS, at=T)
+    first = conversation("cus_a", "conv-a", 0)
+    await consumer.handle(first + [record(3, line, "cus_a", event_id="evt-line-2")])
+    await consumer.handle([record(4, line, "cus_a", event_id="evt-line-2")])  # the same event again
+    consumer.drop_state()  # and once more after a rewind, from the store
+    write = consumer.snapshot_state()
+    assert write is None  # dropped: nothing to store
+    await consumer.handle(first + [record(3, line, "cus_a", event_id="evt-line-2"), record(4, line, "cus_a", event_id="evt-line-2")])
+    write = consumer.snapshot_state()
+    assert write is not None
+    await write()
+    assert messages_counted(registry) == 2.0  # two distinct lines
+    assert await stored_messages(store) == 2
