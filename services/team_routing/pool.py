@@ -103,10 +103,16 @@ class PoolState:
         return waiting
 
     def loads(self, directory: TeamDirectory) -> dict[str, float]:
+        # Runs for every route command over every placement of the pool: the weights are
+        # looked up once, not per placement (``weight_of``).
+        on_agent, on_customer = directory.capacity.waiting_on_agent_weight, directory.capacity.waiting_on_customer_weight
+        agent_waits = WaitingOn.AGENT
         loads = dict.fromkeys(directory.agents_of(self.pool_id), 0.0)
+        get = loads.get
         for p in self.placements.values():
-            if p.agent_id is not None:
-                loads[p.agent_id] = loads.get(p.agent_id, 0.0) + weight_of(directory, p.waiting_on)
+            agent = p.agent_id
+            if agent is not None:
+                loads[agent] = get(agent, 0.0) + (on_agent if p.waiting_on is agent_waits else on_customer)
         return loads
 
     def agent_views(self, directory: TeamDirectory) -> dict[str, AgentView]:
