@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from pymongo import ASCENDING, DESCENDING, ReplaceOne
@@ -81,26 +82,42 @@ class ConversationStore:
         all in one command per collection: on FerretDB a replace costs a transaction per
         document. One that exists after all (a replay after a crash) is replaced."""
         await self.save_lines(lines)
-        # (document, stored or read before?) per collection
-        conversations: list[tuple[dict[str, Any], bool]] = []
-        customers: list[tuple[dict[str, Any], bool]] = []
-        written: list[tuple[CustomerRecords, dict[str, Any]]] = []
-        for r in records:
-            if r.customer is None:
-                continue
-            for conv in r.conversations.values():
-                doc = conv.to_doc()
-                if r.stored.get(conv.id) != doc:
-                    conversations.append((doc, conv.id in r.stored))
-                    written.append((r, doc))
-            doc = r.customer.to_doc()
-            if r.stored.get(r.customer.id) != doc:
-                customers.append((doc, r.customer.id in r.stored))
-                written.append((r, doc))
-        await _upsert(self.conversations, conversations)
-        await _upsert(self.customers, customers)
-        for r, doc in written:
+        await self.write_changes(changes_of(records))
+
+    async def write_changes(self, changes: Changes) -> None:
+        """Conversations before customers (which carry the applied offsets); then the records
+        know what the store holds."""
+        await _upsert(self.conversations, changes.conversations)
+        await _upsert(self.customers, changes.customers)
+        for r, doc in changes.written:
             r.stored[doc["_id"]] = doc
+
+
+@dataclass(slots=True)
+class Changes:
+    """What differs from the store: (document, stored or read before?) per collection, and
+    which records each written document belongs to."""
+
+    conversations: list[tuple[dict[str, Any], bool]] = field(default_factory=list)
+    customers: list[tuple[dict[str, Any], bool]] = field(default_factory=list)
+    written: list[tuple[CustomerRecords, dict[str, Any]]] = field(default_factory=list)
+
+
+def changes_of(records: Iterable[CustomerRecords]) -> Changes:
+    changes = Changes()
+    for r in records:
+        if r.customer is None:
+            continue
+        for conv in r.conversations.values():
+            doc = conv.to_doc()
+            if r.stored.get(conv.id) != doc:
+                changes.conversations.append((doc, conv.id in r.stored))
+                changes.written.append((r, doc))
+        doc = r.customer.to_doc()
+        if r.stored.get(r.customer.id) != doc:
+            changes.customers.append((doc, r.customer.id in r.stored))
+            changes.written.append((r, doc))
+    return changes
 
 
 async def _upsert(collection: AsyncCollection, docs: list[tuple[dict[str, Any], bool]]) -> None:

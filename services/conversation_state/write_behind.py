@@ -46,7 +46,7 @@ from shared.runtime.store import bulk_write_chunked, find_by_ids
 
 from services.conversation_state.lifecycle import CustomerRecords
 from services.conversation_state.model import Conversation, Customer
-from services.conversation_state.store import ConversationStore, _upsert, keep_current
+from services.conversation_state.store import Changes, ConversationStore, changes_of, keep_current
 
 log = logging.getLogger(__name__)
 
@@ -242,43 +242,20 @@ class JournaledCustomers:
             if self.metrics is not None:
                 self.metrics.stored_at.set_to_current_time()
             return
-        conversations: list[tuple[dict[str, Any], bool]] = []
-        customers: list[tuple[dict[str, Any], bool]] = []
-        written: list[tuple[CustomerRecords, dict[str, Any]]] = []
-        for cid in self.dirty:
-            r = self.records.get(cid)
-            if r is None or r.customer is None:
-                continue
-            for conv in r.conversations.values():
-                doc = conv.to_doc()
-                if r.stored.get(conv.id) != doc:
-                    conversations.append((doc, conv.id in r.stored))
-                    written.append((r, doc))
-            doc = r.customer.to_doc()
-            if r.stored.get(cid) != doc:
-                customers.append((doc, cid in r.stored))
-                written.append((r, doc))
+        held = [(cid, r) for cid in self.dirty if (r := self.records.get(cid)) is not None]
+        changes = changes_of(r for _, r in held)
+        for cid, r in held:
             keep_current(r)  # older conversations are read again if a record names them
             self._forget(cid, keep=lambda k, r=r, cid=cid: k == cid or k in r.conversations)  # type: ignore[misc]
         dirty, entries = set(self.dirty), list(self.entries)
         self.dirty.clear()
         self.entries.clear()
-        self.writing = asyncio.create_task(self._store(conversations, customers, written, dirty, entries))
+        self.writing = asyncio.create_task(self._store(changes, dirty, entries))
 
-    async def _store(
-        self,
-        conversations: list[tuple[dict[str, Any], bool]],
-        customers: list[tuple[dict[str, Any], bool]],
-        written: list[tuple[CustomerRecords, dict[str, Any]]],
-        dirty: set[str],
-        entries: list[str],
-    ) -> None:
+    async def _store(self, changes: Changes, dirty: set[str], entries: list[str]) -> None:
         epoch = self.epoch
         try:
-            await _upsert(self.store.conversations, conversations)
-            await _upsert(self.store.customers, customers)  # after their conversations
-            for r, doc in written:
-                r.stored[doc["_id"]] = doc
+            await self.store.write_changes(changes)
             if entries:
                 await bulk_write_chunked(self.store.journal, [DeleteOne({"_id": e}) for e in entries])
         except Exception:
