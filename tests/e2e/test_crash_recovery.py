@@ -1,5 +1,7 @@
-"""kill -9 of ingest, team-routing or conversation-state in the middle of a stream loses
-nothing and duplicates nothing once it is back (real broker, real store, real processes)."""
+"""kill -9 of ingest, team-routing, conversation-state or metrics in the middle of a stream
+loses nothing and duplicates nothing once it is back (real broker, real store, real
+processes): not in conversation-state's store, not in team-routing's pool, not in the
+metrics service's KPI counts."""
 
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ REPO = Path(__file__).resolve().parents[2]
 CUSTOMERS = 30
 MESSAGES_PER_CUSTOMER = 8
 TOTAL = CUSTOMERS * MESSAGES_PER_CUSTOMER
-SERVICES = ("ingest", "team_routing", "conversation_state")
+SERVICES = ("ingest", "team_routing", "conversation_state", "metrics")
 
 
 class Process:
@@ -133,7 +135,12 @@ async def test_kill_dash_nine_mid_stream_loses_and_duplicates_nothing(infra, tmp
                     await asyncio.sleep(0.15)
 
             streaming = asyncio.create_task(stream())
-            progress_topic = {"ingest": "messages.received.v1", "team_routing": "routing.decisions.v1", "conversation_state": "conversations.events.v1"}[victim]
+            progress_topic = {
+                "ingest": "messages.received.v1",
+                "team_routing": "routing.decisions.v1",
+                "conversation_state": "conversations.events.v1",
+                "metrics": "conversations.events.v1",
+            }[victim]
             await probe.wait_for(progress_topic, lambda e: True, count=10, timeout_s=60)
             processes[victim].kill9()
             await asyncio.sleep(0.5)
@@ -214,6 +221,22 @@ async def test_kill_dash_nine_mid_stream_loses_and_duplicates_nothing(infra, tmp
             assert len(added) == TOTAL and all(len(ids) == 1 for ids in added.values())
             assert len(assigned) == CUSTOMERS and all(len(ids) == 1 for ids in assigned.values())
             assert Counter(len(v) for v in added.values()) == Counter({1: TOTAL})
+
+            # KPIs: every inbound line and every first placement counted exactly once, though
+            # events may have been published (and consumed) twice.
+            async def counted() -> dict[str, float]:
+                sums: Counter[str] = Counter()
+                async for bucket in db["kpi_buckets"].find({}):
+                    sums.update({k: v for k, v in bucket["counters"].items() if k in ("messages_inbound", "routed")})
+                return dict(sums)
+
+            async def kpis_complete() -> dict[str, float] | None:
+                sums = await counted()
+                return sums if sums.get("messages_inbound", 0) >= TOTAL and sums.get("routed", 0) >= CUSTOMERS else None
+
+            await eventually(kpis_complete, timeout_s=60, what=f"{TOTAL} inbound lines and {CUSTOMERS} placements counted")
+            await asyncio.sleep(6)  # one more store of the metrics state (every 5 s): nothing more may come
+            assert await counted() == {"messages_inbound": TOTAL, "routed": CUSTOMERS}
     finally:
         for p in processes.values():
             p.stop()
