@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from pydantic import BaseModel
+from pymongo import monitoring
 
 from shared.contracts.envelope import new_envelope
 from shared.runtime.service import Service
@@ -152,3 +153,32 @@ async def serving(service: Service) -> AsyncIterator[int]:
     finally:
         server.should_exit = True
         await task
+
+
+class StoreWrites(monitoring.CommandListener):
+    """Every document a PyMongo client inserts, updates or deletes, as (command, collection, _id)."""
+
+    def __init__(self) -> None:
+        self.ops: list[tuple[str, str, Any]] = []
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        name = event.command_name
+        if name in ("update", "delete"):
+            key = "updates" if name == "update" else "deletes"
+            self.ops.extend((name, event.command[name], u["q"]["_id"]) for u in event.command[key])
+        elif name == "insert":
+            self.ops.extend((name, event.command[name], d["_id"]) for d in event.command["documents"])
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+    def of(self, collection: str) -> list[tuple[str, Any]]:
+        """(command, _id) of every write to ``collection``."""
+        return [(cmd, i) for cmd, c, i in self.ops if c == collection]
+
+    def replaced(self, collection: str) -> list[Any]:
+        """The _ids ``collection`` got updates (replaces) for."""
+        return [i for cmd, i in self.of(collection) if cmd == "update"]

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pymongo import AsyncMongoClient, monitoring
+from pymongo import AsyncMongoClient
 
 from shared.contracts.common import Channel, ConversationStatus
 
@@ -19,32 +19,11 @@ from services.conversation_state.lifecycle import CustomerRecords
 from services.conversation_state.model import Conversation, Customer
 from services.conversation_state.store import ConversationStore
 from services.conversation_state.write_behind import JournaledCustomers
+from tests.support import StoreWrites
 
 pytestmark = pytest.mark.integration
 
 NOW = datetime(2026, 11, 23, 9, tzinfo=UTC)
-
-
-class Writes(monitoring.CommandListener):
-    def __init__(self) -> None:
-        self.ops: list[tuple[str, str, str]] = []  # (command, collection, _id)
-
-    def started(self, event: monitoring.CommandStartedEvent) -> None:
-        name = event.command_name
-        if name in ("update", "delete"):
-            key = "updates" if name == "update" else "deletes"
-            self.ops.extend((name, event.command[name], u["q"]["_id"]) for u in event.command[key])
-        elif name == "insert":
-            self.ops.extend((name, event.command[name], d["_id"]) for d in event.command["documents"])
-
-    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
-        pass
-
-    def failed(self, event: monitoring.CommandFailedEvent) -> None:
-        pass
-
-    def of(self, collection: str) -> list[tuple[str, str]]:
-        return [(cmd, i) for cmd, c, i in self.ops if c == collection]
 
 
 def opened(customer_id: str, conv_id: str) -> CustomerRecords:
@@ -69,7 +48,7 @@ def routed(records: CustomerRecords, agent: str) -> None:
 
 @pytest.fixture
 async def store(infra, mongo_db_name):
-    writes = Writes()
+    writes = StoreWrites()
     client: AsyncMongoClient = AsyncMongoClient(infra.mongodb_url, tz_aware=True, event_listeners=[writes])
     try:
         yield ConversationStore(client[mongo_db_name]), writes

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from aiokafka import ConsumerRecord
 from prometheus_client import CollectorRegistry
-from pymongo import AsyncMongoClient, monitoring
+from pymongo import AsyncMongoClient
 
 from shared.contracts import conversations as ev
 from shared.contracts.common import Channel, Direction, PoolKind, RoutingReason
@@ -23,32 +23,12 @@ from shared.runtime.dead_letter import DeadLetters
 from services.metrics.handlers import EventsConsumer
 from services.metrics.prom import KpiMetrics
 from services.metrics.store import KpiStore
+from tests.support import StoreWrites
 
 pytestmark = pytest.mark.integration
 
 T = datetime(2026, 11, 23, 9, tzinfo=UTC)
 TOPIC = CONVERSATION_EVENTS.name
-
-
-class Writes(monitoring.CommandListener):
-    def __init__(self) -> None:
-        self.docs: list[tuple[str, str, str]] = []  # (command, collection, _id)
-
-    def started(self, event: monitoring.CommandStartedEvent) -> None:
-        name = event.command_name
-        if name == "update":
-            self.docs.extend((name, event.command[name], u["q"]["_id"]) for u in event.command["updates"])
-        elif name == "insert":
-            self.docs.extend((name, event.command[name], d["_id"]) for d in event.command["documents"])
-
-    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
-        pass
-
-    def failed(self, event: monitoring.CommandFailedEvent) -> None:
-        pass
-
-    def written(self, collection: str) -> list[str]:
-        return [i for cmd, c, i in self.docs if c == collection and cmd == "update"]
 
 
 def record(offset: int, data: Any, customer: str, event_id: str | None = None) -> ConsumerRecord:
@@ -93,7 +73,7 @@ async def stored_messages(store: KpiStore) -> float:
 
 @pytest.fixture
 async def kpis(infra, mongo_db_name):
-    writes = Writes()
+    writes = StoreWrites()
     client: AsyncMongoClient = AsyncMongoClient(infra.mongodb_url, tz_aware=True, event_listeners=[writes])
     registry = CollectorRegistry()
     store = KpiStore(client[mongo_db_name])
@@ -110,14 +90,14 @@ async def test_state_is_written_once_per_flush_not_per_batch(kpis) -> None:
     first = conversation("cus_a", "conv-a", 0)
     for batch in ([first[0]], [first[1]], [first[2]]):  # three batches touch the same customer
         await consumer.handle(batch)
-    assert writes.written("kpi_customers") == [] and writes.written("kpi_buckets") == []
+    assert writes.replaced("kpi_customers") == [] and writes.replaced("kpi_buckets") == []
     assert messages_counted(registry) == 1.0  # Prometheus moves at once
 
     write = consumer.snapshot_state()
     assert write is not None
     await write()
-    assert writes.written("kpi_customers") == ["cus_a"]
-    buckets = writes.written("kpi_buckets")  # the team's and the agent's
+    assert writes.replaced("kpi_customers") == ["cus_a"]
+    buckets = writes.replaced("kpi_buckets")  # the team's and the agent's
     assert len(buckets) == len(set(buckets)) == 2
     assert await stored_messages(store) == 1
     assert consumer.snapshot_state() is None  # nothing changed since
@@ -141,7 +121,7 @@ async def test_a_failed_write_is_retried_with_everything_it_held(kpis, monkeypat
     write = consumer.snapshot_state()
     assert write is not None
     await write()
-    assert sorted(writes.written("kpi_customers")) == ["cus_a", "cus_b"]
+    assert sorted(writes.replaced("kpi_customers")) == ["cus_a", "cus_b"]
     assert await stored_messages(store) == 2
     assert len(consumer.customers) <= 2
 
@@ -163,7 +143,7 @@ async def test_a_replay_after_a_rewind_counts_nothing_twice(kpis) -> None:
     await write()
     assert await stored_messages(store) == 2  # cus_a's line was stored once, cus_b's now
     assert messages_counted(registry) == 2.0  # and the process counted each once
-    assert sorted(set(writes.written("kpi_customers"))) == ["cus_a", "cus_b"]
+    assert sorted(set(writes.replaced("kpi_customers"))) == ["cus_a", "cus_b"]
 
 
 async def test_an_event_published_again_is_counted_once(kpis) -> None:
