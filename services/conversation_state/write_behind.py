@@ -41,7 +41,7 @@ from bson import Binary
 from bson.codec_options import CodecOptions
 from pymongo import DeleteOne
 
-from shared.runtime.checkpoints import CheckpointMetrics
+from shared.runtime.checkpoints import CheckpointMetrics, StoreBeforeRevocation
 from shared.runtime.store import bulk_write_chunked, find_by_ids
 
 from services.conversation_state.lifecycle import CustomerRecords
@@ -322,24 +322,11 @@ class JournaledCustomers:
             self.metrics.unstored.set(len(self.dirty))
 
     def rebalance_listener(self) -> ConsumerRebalanceListener:
-        return _StoreOnRevocation(self)
+        return StoreBeforeRevocation(self)
 
+    def forget_revoked(self, revoked: set[TopicPartition]) -> None:
+        self.drop()
 
-class _StoreOnRevocation(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, owner: JournaledCustomers) -> None:
-        self.owner = owner
-
-    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        async with self.owner.lock:
-            if revoked:
-                # Nothing of ours may land after the next owner's writes: finish, store the
-                # rest now (what fails stays in the journal for the next owner), forget it all.
-                await self.owner.settle()
-                self.owner.flush()
-                await self.owner.settle()
-            self.owner.drop()
-
-    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        async with self.owner.lock:
-            self.owner.drop()
-            self.owner.assigned = {tp.partition for tp in assigned}
+    def take_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.drop()
+        self.assigned = {tp.partition for tp in assigned}

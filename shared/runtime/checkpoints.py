@@ -281,28 +281,51 @@ class Checkpointed:
                 await asyncio.sleep(1.0)  # do not spin on a store that is down
 
     def rebalance_listener(self) -> ConsumerRebalanceListener:
-        return _RewindOnAssignment(self)
+        return StoreBeforeRevocation(self)
+
+    def forget_revoked(self, revoked: set[TopicPartition]) -> None:
+        self.rewind(())
+        self.unverified.difference_update(revoked)
+
+    def take_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.rewind(assigned)
 
 
-class _RewindOnAssignment(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, owner: Checkpointed) -> None:
+class WriteBehindOwner(Protocol):
+    """A write-behind consumer's bookkeeping, as its rebalance listener sees it."""
+
+    lock: asyncio.Lock
+
+    async def settle(self) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def forget_revoked(self, revoked: set[TopicPartition]) -> None: ...
+
+    def take_assigned(self, assigned: set[TopicPartition]) -> None: ...
+
+
+class StoreBeforeRevocation(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Rebalances of a write-behind consumer: before giving partitions up, store what can be
+    stored (the next owner then recovers less), then forget the memory; on assignment, start
+    from what is stored. Both under the owner's batch lock."""
+
+    def __init__(self, owner: WriteBehindOwner) -> None:
         self.owner = owner
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        # Store what can be stored so the next owner replays less; then forget it all.
         async with self.owner.lock:
             if revoked:
                 # Nothing of ours may land after the next owner's writes: finish, then store
-                # the rest now.
+                # the rest now (what fails is recovered by the next owner).
                 await self.owner.settle()
                 self.owner.flush()
                 await self.owner.settle()
-            self.owner.rewind(())
-            self.owner.unverified.difference_update(revoked)
+            self.owner.forget_revoked(revoked)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         async with self.owner.lock:
-            self.owner.rewind(assigned)
+            self.owner.take_assigned(assigned)
 
 
 class WriteBehindState(Protocol):
