@@ -21,7 +21,7 @@ from shared.settings import ServiceSettings
 from shared.teams import DirectoryWatcher
 
 from services.timeout_sweeper.handlers import DeadlineTracker
-from services.timeout_sweeper.store import DeadlineStore
+from services.timeout_sweeper.store import DeadlineStore, Head
 from services.timeout_sweeper.sweep import Sweeper
 
 Clock = Callable[[], datetime]
@@ -61,7 +61,7 @@ def create_service(
     directory = DirectoryWatcher(settings.teams_config)
     store = DeadlineStore(runtime.db)
     outbox = runtime.outbox("/hometeam/timeout-sweeper")
-    heads = OwnedStateCache[str](settings.state_cache_heads)
+    heads = OwnedStateCache[Head](settings.state_cache_heads)
     tracker = DeadlineTracker(
         BatchReader((CONVERSATION_EVENTS,), runtime.dead_letters, settings.kafka_topic_prefix), store, directory, clock, heads
     )

@@ -14,7 +14,7 @@ from shared.runtime.owned_cache import OwnedStateCache
 from shared.teams import DirectoryWatcher
 
 from services.timeout_sweeper.deadlines import INACTIVITY, RESPONSE, Arm, Change, changes_for, collapse
-from services.timeout_sweeper.store import DeadlineStore
+from services.timeout_sweeper.store import NO_HEAD, DeadlineStore, Head
 
 CONVERSATION_KINDS = (INACTIVITY, RESPONSE)  # the deadlines armed per conversation
 
@@ -26,7 +26,7 @@ class DeadlineTracker:
         store: DeadlineStore,
         directory: DirectoryWatcher,
         clock: Callable[[], datetime],
-        heads: OwnedStateCache[str] | None = None,
+        heads: OwnedStateCache[Head] | None = None,
     ) -> None:
         # Heads are written only by this consumer (events are keyed by customer), so what it
         # last wrote stays true while it owns the partition: kept between batches, "" = none.
@@ -50,17 +50,18 @@ class DeadlineTracker:
         opened = {i.payload.conversation_id for i in incoming if isinstance(i.payload, ConversationOpened)}
         for conversation_id in opened:
             for kind in CONVERSATION_KINDS:
-                known.setdefault(f"{kind}:{conversation_id}", "")
+                known.setdefault(f"{kind}:{conversation_id}", NO_HEAD)
         # "Only if absent" arms (the response clock of a customer's follow-up message) must not
         # restart a clock armed in an earlier batch.
         conditional = [k for k, c in net.items() if isinstance(c, Arm) and c.only_if_absent]
+        now = self.clock()
         if conditional:
-            running = await self.store.existing(RESPONSE, [entity for _, entity in conditional], known)
+            running = await self.store.existing(RESPONSE, [entity for _, entity in conditional], now, known)
             for key in conditional:
                 if key[1] in running:
                     del net[key]
         if net:
-            known |= await self.store.apply(net, self.clock(), known)
+            known |= await self.store.apply(net, now, known)
         await self.reader.flush()
         self.heads.put_back(known, epoch)
 

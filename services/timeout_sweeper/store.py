@@ -7,15 +7,16 @@ A claim is a document whose unique ``_id`` (``<deadline>#<attempt>``) lets exact
 sweeper replica fire an attempt.
 
 A head (``deadline_heads``, ``_id`` = ``<kind>:<entity>``) names the current arming of each
-kind and entity, so superseding and "is it running" are reads and deletes by exact ``_id``
-(FerretDB answers only those from an index; any other filter scans the collection).
+kind and entity and when it falls due, so superseding and "is it running" are reads and
+deletes by exact ``_id`` (FerretDB answers only those from an index; any other filter scans
+the collection), and an arming that is not due yet is known to be running without a read.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from datetime import datetime
-from typing import Any
+from datetime import datetime, timedelta
+from typing import Any, NamedTuple
 
 from pymongo import ASCENDING, DeleteOne, ReplaceOne
 from pymongo.asynchronous.database import AsyncDatabase
@@ -24,6 +25,26 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError
 from shared.runtime.store import DUPLICATE_KEY, bulk_write_chunked, find_by_ids, insert_absent
 
 from services.timeout_sweeper.deadlines import Arm, Change
+
+
+# A sweeper fires a deadline only once it is due by its own clock; replicas' clocks may differ
+# by this much. An arming due later than now + this cannot have fired yet.
+CLOCK_SKEW = timedelta(seconds=30)
+
+
+class Head(NamedTuple):
+    """The current arming of a kind and entity ("" for none) and when it falls due (``None``
+    when not known: a head stored before heads carried it)."""
+
+    current: str = ""
+    due_at: datetime | None = None
+
+
+NO_HEAD = Head()
+
+
+def _head(doc: dict[str, Any] | None) -> Head:
+    return Head(doc["current"], doc.get("due_at")) if doc is not None else NO_HEAD
 
 
 class DeadlineStore:
@@ -39,42 +60,48 @@ class DeadlineStore:
         await self.deadlines.create_index([("kind", ASCENDING), ("entity", ASCENDING)])
         await self.claims.create_index([("claimed_at", ASCENDING)])
 
-    async def existing(self, kind: str, entities: Iterable[str], heads: dict[str, str] | None = None) -> set[str]:
+    async def existing(self, kind: str, entities: Iterable[str], now: datetime, heads: dict[str, Head] | None = None) -> set[str]:
         """The entities whose ``kind`` deadline is armed and not yet fired. ``heads``: head id
-        → current arming ("" for none) already known; the others are read."""
+        → head already known; the others are read. A current arming due later than ``now`` +
+        ``CLOCK_SKEW`` is running (no sweeper fires it before then); the others are read."""
         known = dict(heads or {})
-        wanted = {f"{kind}:{e}" for e in entities}
-        read = await find_by_ids(self.heads, (h for h in wanted if h not in known))
-        known.update((h, read[h]["current"] if h in read else "") for h in wanted if h not in known)
-        current = [known[h] for h in wanted if known[h]]
-        armed = await find_by_ids(self.deadlines, current)
-        return {doc["entity"] for doc in armed.values()}
+        wanted = {f"{kind}:{e}": e for e in entities}
+        await self._read_heads(known, wanted)
+        running = {e for h, e in wanted.items() if known[h].current and known[h].due_at is not None and known[h].due_at > now + CLOCK_SKEW}
+        unsure = [known[h].current for h, e in wanted.items() if known[h].current and e not in running]
+        armed = await find_by_ids(self.deadlines, unsure)
+        return running | {doc["entity"] for doc in armed.values()}
 
-    async def apply(self, net: dict[tuple[str, str], Change], now: datetime, heads: dict[str, str] | None = None) -> dict[str, str]:
+    async def _read_heads(self, known: dict[str, Head], wanted: Iterable[str]) -> None:
+        """Add the stored head (or ``NO_HEAD``) of each wanted head id not in ``known``."""
+        unknown = [h for h in wanted if h not in known]
+        read = await find_by_ids(self.heads, unknown)
+        known.update((h, _head(read.get(h))) for h in unknown)
+
+    async def apply(self, net: dict[tuple[str, str], Change], now: datetime, heads: dict[str, Head] | None = None) -> dict[str, Head]:
         """Write a batch's net changes: drop superseded armings, insert the new ones, then
         point the heads at them. A crash anywhere in between replays the batch to the same end:
-        the old arming is gone before a head stops naming it. ``heads``: head id → current
-        arming ("" for none) already known (the others are read); returns the heads after."""
+        the old arming is gone before a head stops naming it. ``heads``: head id → head
+        already known (the others are read); returns the heads after."""
         known = dict(heads or {})
         wanted = [f"{kind}:{entity}" for kind, entity in net]
-        read = await find_by_ids(self.heads, (h for h in wanted if h not in known))
-        known.update((h, read[h]["current"] if h in read else "") for h in wanted if h not in known)
+        await self._read_heads(known, wanted)
         superseded: list[Any] = []
         head_ops: list[Any] = []
         new_heads: list[dict[str, Any]] = []  # none stored: inserted (cheaper than an upsert)
         for (kind, entity), change in net.items():
             head_id = f"{kind}:{entity}"
-            keep = change.doc_id if isinstance(change, Arm) else ""
-            current = known[head_id]
+            after = Head(change.doc_id, change.due_at) if isinstance(change, Arm) else NO_HEAD
+            keep, current = after.current, known[head_id].current
             if current and current != keep:
                 superseded.append(DeleteOne({"_id": current}))
             if keep and not current:
-                new_heads.append({"_id": head_id, "current": keep})
+                new_heads.append({"_id": head_id, "current": keep, "due_at": after.due_at})
             elif keep and current != keep:
-                head_ops.append(ReplaceOne({"_id": head_id}, {"current": keep}, upsert=True))
+                head_ops.append(ReplaceOne({"_id": head_id}, {"current": keep, "due_at": after.due_at}, upsert=True))
             elif not keep and current:
                 head_ops.append(DeleteOne({"_id": head_id}))
-            known[head_id] = keep
+            known[head_id] = after
         if superseded:
             await bulk_write_chunked(self.deadlines, superseded)
         arms = [c for c in net.values() if isinstance(c, Arm)]
@@ -89,7 +116,7 @@ class DeadlineStore:
             stale = [DeleteOne({"_id": d["current"]}) for i, d in stored.items() if d.get("current") and d["current"] != keep[i]]
             if stale:
                 await bulk_write_chunked(self.deadlines, stale)
-        head_ops += [ReplaceOne({"_id": h["_id"]}, {"current": h["current"]}, upsert=True) for h in new_heads if h["_id"] in existed]
+        head_ops += [ReplaceOne({"_id": h["_id"]}, {"current": h["current"], "due_at": h["due_at"]}, upsert=True) for h in new_heads if h["_id"] in existed]
         if head_ops:
             await bulk_write_chunked(self.heads, head_ops)
         return {h: known[h] for h in wanted}

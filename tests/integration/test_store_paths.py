@@ -17,7 +17,7 @@ from services.conversation_state.lifecycle import CustomerRecords
 from services.conversation_state.model import Customer
 from services.conversation_state.store import ConversationStore
 from services.timeout_sweeper.deadlines import Arm, Cancel
-from services.timeout_sweeper.store import DeadlineStore
+from services.timeout_sweeper.store import CLOCK_SKEW, NO_HEAD, DeadlineStore, Head
 
 pytestmark = pytest.mark.integration
 
@@ -122,15 +122,15 @@ async def test_sweeper_heads_supersede_and_cancel_armings(infra, mongo_db_name) 
         second = Arm("response", "conv-1", now + timedelta(minutes=9), "0002", {})
         other = Arm("response", "conv-2", now + timedelta(minutes=5), "0001", {})
         await store.apply({("response", "conv-1"): first, ("response", "conv-2"): other}, now)
-        assert await store.existing("response", ["conv-1", "conv-2", "conv-3"]) == {"conv-1", "conv-2"}
+        assert await store.existing("response", ["conv-1", "conv-2", "conv-3"], now) == {"conv-1", "conv-2"}
         await store.apply({("response", "conv-1"): second}, now)
         await store.apply({("response", "conv-1"): second}, now)  # a replay changes nothing
         ids = sorted([d["_id"] async for d in store.deadlines.find({"entity": "conv-1"})])
         assert ids == [second.doc_id]
-        await store.done([other.doc_id])  # fired by the sweeper
-        assert await store.existing("response", ["conv-2"]) == set()
+        await store.done([other.doc_id])  # fired by the sweeper once due
+        assert await store.existing("response", ["conv-2"], other.due_at) == set()
         await store.apply({("response", "conv-1"): Cancel("response", "conv-1")}, now)
-        assert await store.existing("response", ["conv-1"]) == set()
+        assert await store.existing("response", ["conv-1"], now) == set()
         assert [d async for d in store.deadlines.find({"entity": "conv-1"})] == []
     finally:
         await client.close()
@@ -198,14 +198,39 @@ async def test_known_heads_are_not_read_again_and_apply_returns_them(infra, mong
         now = datetime.now(UTC)
         first = Arm("response", "conv-9", now + timedelta(minutes=5), "0001", {})
         second = Arm("response", "conv-9", now + timedelta(minutes=9), "0002", {})
-        heads = await store.apply({("response", "conv-9"): first}, now, {"response:conv-9": ""})
-        assert heads == {"response:conv-9": first.doc_id}
+        heads = await store.apply({("response", "conv-9"): first}, now, {"response:conv-9": NO_HEAD})
+        assert heads == {"response:conv-9": Head(first.doc_id, first.due_at)}
         assert "find" not in commands.names  # a head known to be absent is not read
         heads = await store.apply({("response", "conv-9"): second}, now, heads)
         assert "find" not in commands.names
         assert sorted([d["_id"] async for d in store.deadlines.find({"entity": "conv-9"})]) == [second.doc_id]
-        assert await store.existing("response", ["conv-9"], heads) == {"conv-9"}
-        assert await store.existing("response", ["conv-9"]) == {"conv-9"}  # read from the store: the same
+        assert await store.existing("response", ["conv-9"], now, heads) == {"conv-9"}
+        assert await store.existing("response", ["conv-9"], now) == {"conv-9"}  # read from the store: the same
+    finally:
+        await client.close()
+
+
+async def test_an_arming_not_due_yet_is_running_without_a_read_and_a_due_one_is_read(infra, mongo_db_name) -> None:
+    commands = Commands()
+    client: AsyncMongoClient = AsyncMongoClient(infra.mongodb_url, tz_aware=True, event_listeners=[commands])
+    try:
+        store = DeadlineStore(client[mongo_db_name])
+        now = datetime.now(UTC)
+        arm = Arm("response", "conv-5", now + timedelta(minutes=5), "0001", {})
+        heads = await store.apply({("response", "conv-5"): arm}, now, {"response:conv-5": NO_HEAD})
+        commands.names.clear()
+        assert await store.existing("response", ["conv-5"], now, heads) == {"conv-5"}
+        assert "find" not in commands.names  # due in 5 minutes: no sweeper can have fired it
+        # Within the clock skew of its due time, or past it, the arming itself is read.
+        assert await store.existing("response", ["conv-5"], arm.due_at - CLOCK_SKEW / 2, heads) == {"conv-5"}
+        assert commands.names.count("find") == 1
+        await store.done([arm.doc_id])  # fired
+        assert await store.existing("response", ["conv-5"], arm.due_at, heads) == set()
+        # A head stored before heads carried the due time: the arming is read.
+        await store.heads.replace_one({"_id": "response:conv-5"}, {"current": arm.doc_id})
+        commands.names.clear()
+        assert await store.existing("response", ["conv-5"], now) == set()
+        assert commands.names.count("find") == 2  # the head, then the arming it names
     finally:
         await client.close()
 
@@ -221,7 +246,7 @@ async def test_a_new_head_is_inserted_and_one_that_exists_after_all_is_replaced(
         await store.apply({("response", "conv-7"): first}, now)
         assert "response:conv-7" in writes.inserts and "response:conv-7" not in writes.updates
         # Believed absent (e.g. a replay that rebuilt its state as new) but stored: replaced.
-        await store.apply({("response", "conv-7"): again}, now, {"response:conv-7": ""})
+        await store.apply({("response", "conv-7"): again}, now, {"response:conv-7": NO_HEAD})
         assert writes.updates.count("response:conv-7") == 1
         assert (await store.heads.find_one({"_id": "response:conv-7"}))["current"] == again.doc_id
         # ... and the arming it named before is gone: only the current one can fire.
