@@ -182,3 +182,7 @@ class StoreWrites(monitoring.CommandListener):
     def replaced(self, collection: str) -> list[Any]:
         """The _ids ``collection`` got updates (replaces) for."""
         return [i for cmd, i in self.of(collection) if cmd == "update"]
+
+    def inserted(self, collection: str) -> list[Any]:
+        """The _ids inserted into ``collection`` (attempts: a duplicate key counts too)."""
+        return [i for cmd, i in self.of(collection) if cmd == "insert"]

@@ -41,6 +41,7 @@ class EventsConsumer:
         self.customers: OrderedDict[str, CustomerKpiState] = OrderedDict()
         self.buckets: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.dirty_customers: set[str] = set()
+        self.unstored_customers: set[str] = set()  # in memory, no state document yet: inserted when stored
         self.dirty_buckets: set[str] = set()
         # writer → last offset reflected in this process's Prometheus metrics; kept across
         # rewinds so that replayed records are not counted there twice.
@@ -52,7 +53,9 @@ class EventsConsumer:
         customer_ids = list(dict.fromkeys(i.payload.customer_id for i in incoming))
         missing = [c for c in customer_ids if c not in self.customers]
         if missing:
-            self.customers.update(await self.store.claim_or_load_customers(missing))
+            loaded, stored = await self.store.claim_or_load_customers(missing)
+            self.customers.update(loaded)
+            self.unstored_customers.update(loaded.keys() - stored)
         states = self.customers
         pending: list[tuple[str, int, Fact]] = []  # (writer, offset, fact)
         for item in incoming:
@@ -105,10 +108,12 @@ class EventsConsumer:
         """The changed customers and buckets as documents now (under the batch lock), and how
         to store them; stored entries beyond ``max_clean`` leave memory."""
         # No write is in flight now (one at a time): what is not dirty is stored.
-        _evict_clean(self.customers, self.dirty_customers, self.max_clean)
+        for evicted in _evict_clean(self.customers, self.dirty_customers, self.max_clean):
+            self.unstored_customers.discard(evicted)
         _evict_clean(self.buckets, self.dirty_buckets, self.max_clean)
         customers = [customer_doc(c, self.customers[c]) for c in self.dirty_customers if c in self.customers]
         buckets = [{**self.buckets[b], "counters": dict(self.buckets[b]["counters"])} for b in self.dirty_buckets if b in self.buckets]
+        new = {c for c in self.dirty_customers if c in self.unstored_customers}
         dirty = (set(self.dirty_customers), set(self.dirty_buckets))
         self.dirty_customers.clear()
         self.dirty_buckets.clear()
@@ -120,7 +125,8 @@ class EventsConsumer:
                 # Buckets first: a customer stored without the counts its facts made would
                 # skip those records on a replay.
                 await self.store.save_buckets(buckets)
-                await self.store.save_customer_docs(customers)
+                await self.store.save_customer_docs(customers, new)
+                self.unstored_customers -= new
             except BaseException:
                 self.dirty_customers.update(dirty[0])  # stored next time, with whatever they hold by then
                 self.dirty_buckets.update(dirty[1])
@@ -133,14 +139,16 @@ class EventsConsumer:
         self.buckets.clear()
         self.dirty_customers.clear()
         self.dirty_buckets.clear()
+        self.unstored_customers.clear()
 
 
-def _evict_clean(entries: OrderedDict[str, Any], dirty: set[str], keep: int) -> None:
-    """Forget the least recently used stored entries beyond ``keep`` (never a dirty one)."""
+def _evict_clean(entries: OrderedDict[str, Any], dirty: set[str], keep: int) -> list[str]:
+    """Forget the least recently used stored entries beyond ``keep`` (never a dirty one);
+    returns their keys."""
     excess = len(entries) - keep
     if excess <= 0:
-        return
-    victims = []
+        return []
+    victims: list[str] = []
     for key in entries:
         if key not in dirty:
             victims.append(key)
@@ -148,6 +156,7 @@ def _evict_clean(entries: OrderedDict[str, Any], dirty: set[str], keep: int) -> 
                 break
     for key in victims:
         del entries[key]
+    return victims
 
 
 def _topic_tag(topic: str) -> str:

@@ -4,6 +4,10 @@
   last record counted in each (a replay after a crash never counts twice);
 - ``kpi_customers``: per-customer tracking needed to derive facts (turns, first response,
   repeat contacts), with applied offsets;
+- ``kpi_customer_claims``: one empty document per customer the service has met, inserted
+  first (a duplicate key says "known: read its state"), so a new customer's state is
+  inserted when first stored instead of claimed and then replaced (a replace costs FerretDB
+  ~20 inserts);
 - both stored behind checkpoints (``kpi_event_checkpoints``);
 - ``kpi_presence``: agents' staffed intervals (online until offline);
 - ``kpi_pools``: each pool's latest queue and staffing, stored behind checkpoints
@@ -26,6 +30,9 @@ from shared.runtime.store import bulk_write_chunked, find_by_ids, insert_absent
 from services.metrics.kpis import CustomerKpiState, TrackedConversation
 
 
+CLAIMS_BACKFILLED = "customer_claims_backfilled"  # kpi_meta: every stored customer has a claim
+
+
 def bucket_id(hour: datetime, team: str, agent: str, writer: str) -> str:
     return f"{hour.strftime('%Y-%m-%dT%H')}|{team}|{agent}|{writer}"
 
@@ -34,6 +41,8 @@ class KpiStore:
     def __init__(self, db: AsyncDatabase) -> None:
         self.buckets = db["kpi_buckets"]
         self.customers = db["kpi_customers"]
+        self.customer_claims = db["kpi_customer_claims"]
+        self.meta = db["kpi_meta"]
         self.presence = db["kpi_presence"]
         self.pools = db["kpi_pools"]
         self.pool_checkpoints = db["kpi_pool_checkpoints"]  # see shared.runtime.checkpoints
@@ -42,12 +51,27 @@ class KpiStore:
     async def ensure_indexes(self) -> None:
         await self.buckets.create_index([("hour", ASCENDING), ("team", ASCENDING)])
         await self.presence.create_index([("agent", ASCENDING), ("end", ASCENDING)])
+        await self.backfill_customer_claims()
+
+    async def backfill_customer_claims(self) -> None:
+        """Give every customer stored before claims were kept apart a claim (once per
+        database; repeatable if interrupted: the marker is written last)."""
+        if await self.meta.find_one({"_id": CLAIMS_BACKFILLED}) is not None:
+            return
+        batch: list[dict[str, Any]] = []
+        async for doc in self.customers.find({}, {"_id": 1}):
+            batch.append({"_id": doc["_id"]})
+            if len(batch) == 1000:
+                await insert_absent(self.customer_claims, batch)
+                batch = []
+        await insert_absent(self.customer_claims, batch)
+        await insert_absent(self.meta, [{"_id": CLAIMS_BACKFILLED}])
 
     # customers ---------------------------------------------------------------------------
     async def load_customers(self, ids: Iterable[str]) -> dict[str, CustomerKpiState]:
-        wanted = list(set(ids))
-        states = {i: CustomerKpiState() for i in wanted}
-        for doc in (await find_by_ids(self.customers, wanted)).values():
+        """The stored states of these customers (those without one are left out)."""
+        states: dict[str, CustomerKpiState] = {}
+        for doc in (await find_by_ids(self.customers, ids)).values():
             states[doc["_id"]] = CustomerKpiState(
                 conversations={k: TrackedConversation(**v) for k, v in doc.get("conversations", {}).items()},
                 last_resolved=doc.get("last_resolved"),
@@ -56,28 +80,31 @@ class KpiStore:
             )
         return states
 
-    async def claim_or_load_customers(self, ids: Iterable[str]) -> dict[str, CustomerKpiState]:
-        """Like ``load_customers``, but insert-first: an empty document (the same as no
-        document: nothing tracked, nothing applied) is inserted for every customer; those that
-        already had one answer with a duplicate key and are read. On FerretDB one insert
-        command costs less than a single point read, and most customers a batch names for the
-        first time are new. A crash after the insert leaves only empty documents behind."""
+    async def claim_or_load_customers(self, ids: Iterable[str]) -> tuple[dict[str, CustomerKpiState], set[str]]:
+        """Like ``load_customers``, but insert-first: a claim is inserted for every customer;
+        those that already had one answer with a duplicate key and their state is read. On
+        FerretDB one insert command costs less than a single point read, and most customers a
+        batch names for the first time are new. Returns the states and which of them have a
+        stored state document (a claimed customer has none until its state is first stored:
+        the same as an empty state)."""
         wanted = list(dict.fromkeys(ids))
         if not wanted:
-            return {}
-        existed = await insert_absent(
-            self.customers, [{"_id": cid, "conversations": {}, "last_resolved": None, "applied": []} for cid in wanted]
-        )
+            return {}, set()
+        existed = await insert_absent(self.customer_claims, [{"_id": cid} for cid in wanted])
         states = {cid: CustomerKpiState() for cid in wanted}
-        if existed:
-            states |= await self.load_customers(existed)
-        return states
+        stored = await self.load_customers(existed) if existed else {}
+        return states | stored, set(stored)
 
-    async def save_customers(self, states: dict[str, CustomerKpiState]) -> None:
-        await self.save_customer_docs([customer_doc(cid, s) for cid, s in states.items()])
+    async def save_customers(self, states: dict[str, CustomerKpiState], new: Iterable[str] = ()) -> None:
+        await self.save_customer_docs([customer_doc(cid, s) for cid, s in states.items()], new)
 
-    async def save_customer_docs(self, docs: Iterable[dict[str, Any]]) -> None:
-        ops = [ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in docs]
+    async def save_customer_docs(self, docs: Iterable[dict[str, Any]], new: Iterable[str] = ()) -> None:
+        """Store these states: those in ``new`` (no state document yet) are inserted, the
+        others (and a new one that exists after all) replaced."""
+        docs = list(docs)
+        fresh = set(new)
+        existed = await insert_absent(self.customers, [d for d in docs if d["_id"] in fresh])
+        ops = [ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in docs if d["_id"] not in fresh or d["_id"] in existed]
         if ops:
             await bulk_write_chunked(self.customers, ops)
 

@@ -90,18 +90,26 @@ async def test_state_is_written_once_per_flush_not_per_batch(kpis) -> None:
     first = conversation("cus_a", "conv-a", 0)
     for batch in ([first[0]], [first[1]], [first[2]]):  # three batches touch the same customer
         await consumer.handle(batch)
-    assert writes.replaced("kpi_customers") == [] and writes.replaced("kpi_buckets") == []
+    assert writes.of("kpi_customers") == [] and writes.replaced("kpi_buckets") == []
     assert messages_counted(registry) == 1.0  # Prometheus moves at once
 
     write = consumer.snapshot_state()
     assert write is not None
     await write()
-    assert writes.replaced("kpi_customers") == ["cus_a"]
+    # A new customer's state is inserted when first stored (its claim is a document apart) ...
+    assert writes.inserted("kpi_customer_claims") == ["cus_a"]
+    assert writes.of("kpi_customers") == [("insert", "cus_a")]
     buckets = writes.replaced("kpi_buckets")  # the team's and the agent's
     assert len(buckets) == len(set(buckets)) == 2
     assert await stored_messages(store) == 1
     assert consumer.snapshot_state() is None  # nothing changed since
-
+    # ... and replaced when it changes later.
+    await consumer.handle([record(3, ev.ConversationResolved(conversation_id="conv-a", customer_id="cus_a", resolved_at=T + timedelta(minutes=1)), "cus_a")])
+    write = consumer.snapshot_state()
+    assert write is not None
+    await write()
+    assert writes.of("kpi_customers") == [("insert", "cus_a"), ("update", "cus_a")]
+    assert writes.inserted("kpi_customer_claims") == ["cus_a"]
 
 async def test_a_failed_write_is_retried_with_everything_it_held(kpis, monkeypatch) -> None:
     consumer, store, writes, registry = kpis
@@ -121,7 +129,7 @@ async def test_a_failed_write_is_retried_with_everything_it_held(kpis, monkeypat
     write = consumer.snapshot_state()
     assert write is not None
     await write()
-    assert sorted(writes.replaced("kpi_customers")) == ["cus_a", "cus_b"]
+    assert sorted(writes.inserted("kpi_customers")) == ["cus_a", "cus_b"]
     assert await stored_messages(store) == 2
     assert len(consumer.customers) <= 2
 
@@ -143,7 +151,9 @@ async def test_a_replay_after_a_rewind_counts_nothing_twice(kpis) -> None:
     await write()
     assert await stored_messages(store) == 2  # cus_a's line was stored once, cus_b's now
     assert messages_counted(registry) == 2.0  # and the process counted each once
-    assert sorted(set(writes.replaced("kpi_customers"))) == ["cus_a", "cus_b"]
+    # cus_a's stored state had applied all of its records (read, not written again); cus_b's
+    # was never stored (claimed before the rewind, found claimed again, inserted).
+    assert writes.of("kpi_customers") == [("insert", "cus_a"), ("insert", "cus_b")]
 
 
 async def test_an_event_published_again_is_counted_once(kpis) -> None:

@@ -263,15 +263,39 @@ async def test_metrics_claims_new_customers_insert_first_and_loads_existing_ones
     client: AsyncMongoClient = AsyncMongoClient(infra.mongodb_url, tz_aware=True, event_listeners=[commands])
     try:
         store = KpiStore(client[mongo_db_name])
-        states = await store.claim_or_load_customers(["cus_a", "cus_b"])
-        assert states == {"cus_a": CustomerKpiState(), "cus_b": CustomerKpiState()}
+        states, stored = await store.claim_or_load_customers(["cus_a", "cus_b"])
+        assert states == {"cus_a": CustomerKpiState(), "cus_b": CustomerKpiState()} and stored == set()
         assert "find" not in commands.names  # new customers: one insert, no reads
         states["cus_a"].applied["events/0"] = 7
-        await store.save_customers({"cus_a": states["cus_a"]})
-        again = await store.claim_or_load_customers(["cus_a", "cus_c"])
-        assert again["cus_a"].applied == {"events/0": 7}  # the stored state wins over the claim
-        assert again["cus_c"] == CustomerKpiState()
-        assert await store.customers.count_documents({}) == 3
+        await store.save_customers({"cus_a": states["cus_a"]}, new=["cus_a"])
+        again, stored = await store.claim_or_load_customers(["cus_a", "cus_b", "cus_c"])
+        assert again["cus_a"].applied == {"events/0": 7} and stored == {"cus_a"}  # claimed before and stored
+        assert again["cus_b"] == again["cus_c"] == CustomerKpiState()  # cus_b: claimed, never stored
+        assert await store.customers.count_documents({}) == 1
+        assert await store.customer_claims.count_documents({}) == 3
+        # A "new" state that exists after all (stored by an earlier owner) is replaced.
+        states["cus_a"].applied["events/0"] = 9
+        await store.save_customers({"cus_a": states["cus_a"]}, new=["cus_a"])
+        assert (await store.load_customers(["cus_a"]))["cus_a"].applied == {"events/0": 9}
+    finally:
+        await client.close()
+
+
+async def test_metrics_gives_customers_stored_before_claims_a_claim_once(infra, mongo_db_name) -> None:
+    from services.metrics.kpis import CustomerKpiState
+    from services.metrics.store import KpiStore
+
+    client: AsyncMongoClient = AsyncMongoClient(infra.mongodb_url, tz_aware=True)
+    try:
+        store = KpiStore(client[mongo_db_name])
+        old = CustomerKpiState(applied={"events/0": 4})
+        await store.save_customers({"cus_old": old})  # stored by a version without claims
+        await store.ensure_indexes()
+        states, stored = await store.claim_or_load_customers(["cus_old"])
+        assert states["cus_old"].applied == {"events/0": 4} and stored == {"cus_old"}
+        await store.customer_claims.delete_many({})
+        await store.ensure_indexes()  # done once per database: not repeated
+        assert await store.customer_claims.count_documents({}) == 0
     finally:
         await client.close()
 
