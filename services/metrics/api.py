@@ -15,7 +15,7 @@ from shared.runtime.http import problem
 from shared.teams import DirectoryWatcher
 
 from services.metrics.kpis import COUNTERS, hour_of, overlap_seconds, summarize
-from services.metrics.store import KpiStore
+from services.metrics.store import KpiStore, agent_counters
 
 MAX_WINDOW = timedelta(days=93)
 
@@ -56,9 +56,10 @@ def kpi_routes(store: KpiStore, directory: DirectoryWatcher, clock: Callable[[],
         first_hour, last_hour = hour_of(start), hour_of(end - timedelta(microseconds=1)) + timedelta(hours=1)
         sums: dict[str, dict[str, float]] = defaultdict(lambda: dict.fromkeys(COUNTERS, 0.0))
         for doc in await store.buckets_between(first_hour, last_hour, team_filter):
-            key = doc["team"] if group_by == "team" else f"{doc['team']}/{doc['agent']}"
-            for counter, value in doc["counters"].items():
-                sums[key][counter] = sums[key].get(counter, 0.0) + value
+            for agent, counters in agent_counters(doc):
+                key = doc["team"] if group_by == "team" else f"{doc['team']}/{agent}"
+                for counter, value in counters.items():
+                    sums[key][counter] = sums[key].get(counter, 0.0) + value
         staffed: dict[str, float] = defaultdict(float)
         for interval in await store.intervals_overlapping(first_hour, last_hour):
             if team_filter and interval["team"] != team_filter:

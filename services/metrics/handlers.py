@@ -17,7 +17,7 @@ from shared.teams import DirectoryWatcher
 
 from services.metrics.kpis import CustomerKpiState, Fact, facts_for, hour_of, seen_before
 from services.metrics.prom import KpiMetrics
-from services.metrics.store import KpiStore, bucket_id, customer_doc
+from services.metrics.store import KpiStore, bucket_doc, bucket_id, customer_doc, empty_bucket
 
 Clock = Callable[[], datetime]
 
@@ -74,23 +74,20 @@ class EventsConsumer:
             state.applied[writer] = item.offset
             self.dirty_customers.add(customer_id)
 
-        ids = {bucket_id(hour_of(f.at), f.team, f.agent, w): (w, f) for w, _, f in pending}
-        absent = {
-            i: {"_id": i, "hour": hour_of(f.at), "team": f.team, "agent": f.agent, "writer": w, "counters": {}, "applied_offset": -1}
-            for i, (w, f) in ids.items()
-            if i not in self.buckets
-        }
+        ids = {bucket_id(hour_of(f.at), f.team, w): (w, f) for w, _, f in pending}
+        absent = {i: empty_bucket(i, hour_of(f.at), f.team, w) for i, (w, f) in ids.items() if i not in self.buckets}
         if absent:
             self.buckets.update(await self.store.claim_or_load_buckets(absent))
         counted: list[tuple[str, int, Fact]] = []
         batch_marks: dict[str, int] = {}  # bucket → last offset counted into it by this batch
         for writer, offset, fact in pending:
-            key = bucket_id(hour_of(fact.at), fact.team, fact.agent, writer)
+            key = bucket_id(hour_of(fact.at), fact.team, writer)
             doc = self.buckets[key]
             # A record counted into this bucket before (stored before a crash) is not counted again.
             if offset <= doc["applied_offset"]:
                 continue
-            doc["counters"][fact.counter] = doc["counters"].get(fact.counter, 0) + fact.amount
+            counters = doc["agents"].setdefault(fact.agent, {})
+            counters[fact.counter] = counters.get(fact.counter, 0) + fact.amount
             batch_marks[key] = max(batch_marks.get(key, -1), offset)
             counted.append((writer, offset, fact))
         for key, offset in batch_marks.items():
@@ -112,7 +109,7 @@ class EventsConsumer:
             self.unstored_customers.discard(evicted)
         _evict_clean(self.buckets, self.dirty_buckets, self.max_clean)
         customers = [customer_doc(c, self.customers[c]) for c in self.dirty_customers if c in self.customers]
-        buckets = [{**self.buckets[b], "counters": dict(self.buckets[b]["counters"])} for b in self.dirty_buckets if b in self.buckets]
+        buckets = [bucket_doc(self.buckets[b]) for b in self.dirty_buckets if b in self.buckets]
         new = {c for c in self.dirty_customers if c in self.unstored_customers}
         dirty = (set(self.dirty_customers), set(self.dirty_buckets))
         self.dirty_customers.clear()

@@ -22,6 +22,7 @@ import yaml
 from pymongo import AsyncMongoClient
 
 from services.ingest.normalize import address_key
+from services.metrics.store import agent_counters
 from services.team_routing.store import stored_placements
 from shared.contracts.agents import AgentPresenceChanged, Presence
 from shared.contracts.channel import ChannelMessagePosted
@@ -227,7 +228,8 @@ async def test_kill_dash_nine_mid_stream_loses_and_duplicates_nothing(infra, tmp
             async def counted() -> dict[str, float]:
                 sums: Counter[str] = Counter()
                 async for bucket in db["kpi_buckets"].find({}):
-                    sums.update({k: v for k, v in bucket["counters"].items() if k in ("messages_inbound", "routed")})
+                    for _, counters in agent_counters(bucket):
+                        sums.update({k: v for k, v in counters.items() if k in ("messages_inbound", "routed")})
                 return dict(sums)
 
             async def kpis_complete() -> dict[str, float] | None:

@@ -301,25 +301,27 @@ async def test_metrics_gives_customers_stored_before_claims_a_claim_once(infra, 
 
 
 async def test_metrics_claims_new_buckets_insert_first_and_keeps_stored_counters(infra, mongo_db_name) -> None:
-    from services.metrics.store import KpiStore
+    from services.metrics.store import KpiStore, agent_counters, bucket_doc, empty_bucket
 
     commands = Commands()
     client: AsyncMongoClient = AsyncMongoClient(infra.mongodb_url, tz_aware=True, event_listeners=[commands])
     try:
         store = KpiStore(client[mongo_db_name])
         hour = datetime(2026, 11, 23, 12, tzinfo=UTC)
-
-        def empty(agent: str) -> dict:
-            return {"_id": f"b-{agent}", "hour": hour, "team": "pnw", "agent": agent, "writer": "w/0", "counters": {}, "applied_offset": -1}
-
-        docs = await store.claim_or_load_buckets({"b-ana": empty("ana")})
-        assert docs["b-ana"]["counters"] == {} and "find" not in commands.names
-        docs["b-ana"]["counters"]["messages"] = 3
-        docs["b-ana"]["applied_offset"] = 41
-        await store.save_buckets(docs.values())
-        again = await store.claim_or_load_buckets({"b-ana": empty("ana"), "b-ben": empty("ben")})
-        assert again["b-ana"]["counters"] == {"messages": 3} and again["b-ana"]["applied_offset"] == 41
-        assert again["b-ben"]["counters"] == {}
-        assert len(await store.buckets_between(hour, hour + timedelta(hours=1), "pnw")) == 2
+        docs = await store.claim_or_load_buckets({"b-pnw": empty_bucket("b-pnw", hour, "pnw", "w/0")})
+        assert docs["b-pnw"]["agents"] == {} and "find" not in commands.names
+        docs["b-pnw"]["agents"]["ana"] = {"messages": 3}
+        docs["b-pnw"]["agents"]["ben"] = {"messages": 1, "turns": 1}
+        docs["b-pnw"]["applied_offset"] = 41
+        await store.save_buckets([bucket_doc(d) for d in docs.values()])
+        again = await store.claim_or_load_buckets(
+            {"b-pnw": empty_bucket("b-pnw", hour, "pnw", "w/0"), "b-sw": empty_bucket("b-sw", hour, "pnw", "w/1")}
+        )
+        assert again["b-pnw"]["agents"] == {"ana": {"messages": 3}, "ben": {"messages": 1, "turns": 1}}
+        assert again["b-pnw"]["applied_offset"] == 41 and again["b-sw"]["agents"] == {}
+        # A bucket stored per agent (before buckets were per team) is still read.
+        await store.buckets.insert_one({"_id": "old", "hour": hour, "team": "pnw", "agent": "cy", "writer": "w/2", "counters": {"messages": 2}, "applied_offset": 5})
+        stored = await store.buckets_between(hour, hour + timedelta(hours=1), "pnw")
+        assert sorted(a for d in stored for a, c in agent_counters(d) if c) == ["ana", "ben", "cy"]
     finally:
         await client.close()
