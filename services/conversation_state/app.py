@@ -62,8 +62,9 @@ class ConversationStateSettings(ServiceSettings):
         default=1.0,
         gt=0,
         description=(
-            "How often customers and conversations are written to their collections; between writes a batch's changes are "
-            "durable in the journal, and the read API may trail by this much"
+            "How old a customer's oldest unwritten change gets before the customer and its conversations are written to "
+            "their collections (checked every half interval); until then a batch's changes are durable in the journal, and "
+            "another replica's read API may trail by up to one and a half intervals"
         ),
     )
 

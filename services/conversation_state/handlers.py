@@ -9,6 +9,8 @@ sequence numbers), never lose them.
 
 from __future__ import annotations
 
+import asyncio
+
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -165,13 +167,16 @@ class ConversationConsumer:
         for records, fx, item in effects:
             with self.tracing.span(item.record, item.envelope.id):
                 await self._publish(records, fx, item)
-        await self.outbox.flush()
-        await self.reader.flush()
-        await self.store.save_lines(lines)
+        # The transcript lines are stored while the outputs are acknowledged (a line stored
+        # twice after a replay is the same line); the journal must come after the outputs:
+        # what it records as done was published.
+        for outcome in await asyncio.gather(self._outputs_out(), self.store.save_lines(lines), return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                raise outcome
         # Durable once journaled; the customers and conversations are written behind.
         await self.memory.append(loaded, partition_of)
         if self.memory.due:
-            self.memory.flush()
+            self.memory.store_aged()
         if self.latency is not None:
             # From the channel's publish (the inbound envelope's time) to the stored update.
             now = self.clock()
@@ -228,6 +233,10 @@ class ConversationConsumer:
     def _mark_applied(records: CustomerRecords, key: str, offset: int) -> None:
         if records.customer is not None:
             records.customer.applied[key] = offset
+
+    async def _outputs_out(self) -> None:
+        await self.outbox.flush()
+        await self.reader.flush()
 
     async def _publish(self, records: CustomerRecords, fx: Effects, item: Incoming[Any]) -> None:
         time = item.envelope.time

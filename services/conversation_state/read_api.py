@@ -69,7 +69,7 @@ def read_routes(
 ) -> list[Route]:
     """The read API. Customers and conversations are written behind (``write_behind``): this
     replica answers from its memory for the customers it owns, so what it has applied shows
-    at once; another replica's customers and the team queue may trail by one
+    at once; another replica's customers and the team queue may trail by one and a half
     ``STATE_FLUSH_INTERVAL_S``."""
 
     def latest(doc_id: str, customer_id: str | None = None) -> dict[str, Any] | None:

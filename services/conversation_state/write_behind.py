@@ -6,9 +6,10 @@ small share of one insert command, and most customers change in two batches a se
 (their message, then the routing decision). So a batch does not rewrite its customers:
 it appends one ``conversation_journal`` entry per partition it touched, holding the changed
 customer and conversation documents (one insert command), and the input offsets are
-committed after it. Every ``interval_s`` the dirty customers are written to their
-collections (inserted if new, replaced otherwise) and the journal entries they cover are
-deleted.
+committed after it. A customer is written to its collections (inserted if new, replaced
+otherwise) once its oldest unstored change is ``interval_s`` old (checked every half
+interval), so the message and the routing decision that follows it are usually one write;
+a journal entry is deleted once every customer it holds is stored.
 
 Why a journal and not a replay from checkpoints (as team-routing does): conversation-state
 reads five topics, and a replay interleaves them differently from the first pass (a routing
@@ -93,8 +94,8 @@ class JournaledCustomers:
         # The documents as last journaled or stored, by id (what a batch compares with).
         self.written: dict[str, dict[str, dict[str, Any]]] = {}
         self.owner_of: dict[str, str] = {}  # conversation id → customer id, for what ``written`` holds
-        self.dirty: set[str] = set()
-        self.entries: list[str] = []  # journal entries the dirty state covers (deleted once stored)
+        self.dirty: dict[str, float] = {}  # customer → when its oldest unstored change was journaled (clock)
+        self.entries: dict[str, set[str]] = {}  # journal entry → its customers not stored yet (deleted when none)
         self.assigned: set[int] = set()  # partition numbers (the same across the input topics)
         self.recovered: set[int] = set()
         self.epoch = 0  # moves whenever the memory is dropped
@@ -147,7 +148,10 @@ class JournaledCustomers:
         entries = await self.store.journal_for(wanted)
         newest: dict[str, tuple[int, dict[str, Any]]] = {}  # customer → (rev, doc)
         conversations: dict[str, tuple[int, dict[str, Any]]] = {}  # conversation → (rev of its customer, doc)
-        for entry in map(entry_contents, entries):
+        holds: dict[str, set[str]] = {}  # entry → its customers
+        for raw in entries:
+            entry = entry_contents(raw)
+            holds[raw["_id"]] = {c["_id"] for c in entry["customers"]}
             revs = {c["_id"]: c.get("rev", 0) for c in entry["customers"]}
             for c in entry["customers"]:
                 if c["_id"] not in newest or newest[c["_id"]][0] < revs[c["_id"]]:
@@ -185,8 +189,10 @@ class JournaledCustomers:
             self.records[c.id] = r
             self._forget(c.id)
             self._remember(c.id, {c.id: c.to_doc(), **{x.id: x.to_doc() for x in r.conversations.values()}})
-            self.dirty.add(c.id)
-        self.entries.extend(e["_id"] for e in entries)
+            self.dirty[c.id] = float("-inf")  # stored at the next flush
+        overlaid_ids = {r.customer.id for r in overlaid if r.customer is not None}
+        for entry_id, customers in holds.items():
+            self.entries[entry_id] = customers & overlaid_ids
         self.recovered.update(wanted)
         if entries:
             log.info("recovered %s journal entries (%s customers) of partitions %s", len(entries), len(overlaid), sorted(wanted))
@@ -217,11 +223,13 @@ class JournaledCustomers:
                 self._n += 1
                 docs.append(journal_entry(f"{self.instance}:{self._n:012d}", partition, now, entry))
             await self.store.journal.insert_many(docs)
-            self.entries.extend(d["_id"] for d in docs)
+            for doc, entry in zip(docs, by_partition.values(), strict=True):
+                self.entries[doc["_id"]] = {c["_id"] for c in entry["customers"]}
+        journaled_at = self.clock()
         for cid, r in loaded.items():
             if cid in changed:
                 self._remember(cid, changed[cid])
-                self.dirty.add(cid)
+                self.dirty.setdefault(cid, journaled_at)
             self.records[cid] = r
             self.records.move_to_end(cid)
         self._report()
@@ -229,48 +237,65 @@ class JournaledCustomers:
     # storing -------------------------------------------------------------------------------
     @property
     def due(self) -> bool:
-        return self.clock() - self.last_flush >= self.interval_s
+        """Time to store the customers whose changes have aged (every half interval)."""
+        return self.clock() - self.last_flush >= self.interval_s / 2
 
-    def flush(self) -> None:
-        """Capture the dirty customers' documents and start writing them (unless a write is
-        still in flight). Call under ``lock``."""
+    def store_aged(self) -> None:
+        """Store the customers whose oldest unstored change is ``interval_s`` old. Call under
+        ``lock``."""
+        self.flush(min_age_s=self.interval_s)
+
+    def flush(self, min_age_s: float = 0.0) -> None:
+        """Capture the documents of the dirty customers whose oldest unstored change is at
+        least ``min_age_s`` old (all of them by default: before giving partitions up) and start
+        writing them, then delete the journal entries no longer holding anything unstored
+        (unless a write is still in flight). Call under ``lock``."""
         if self.writing is not None and not self.writing.done():
             return
-        self.last_flush = self.clock()
+        now = self.last_flush = self.clock()
+        stored_until = time.time() - min_age_s  # once this write lands, every older change is stored
         self._evict_clean()
-        if not self.dirty and not self.entries:
+        ready = {cid for cid, since in self.dirty.items() if now - since >= min_age_s}
+        done = {e for e, customers in self.entries.items() if customers <= ready}
+        if not ready and not done:
             if self.metrics is not None:
-                self.metrics.stored_at.set_to_current_time()
+                self.metrics.stored_at.set(stored_until)
             return
-        held = [(cid, r) for cid in self.dirty if (r := self.records.get(cid)) is not None]
+        held = [(cid, r) for cid in ready if (r := self.records.get(cid)) is not None]
         changes = changes_of(r for _, r in held)
         for cid, r in held:
             keep_current(r)  # older conversations are read again if a record names them
             self._forget(cid, keep=lambda k, r=r, cid=cid: k == cid or k in r.conversations)  # type: ignore[misc]
-        dirty, entries = set(self.dirty), list(self.entries)
-        self.dirty.clear()
-        self.entries.clear()
-        self.writing = asyncio.create_task(self._store(changes, dirty, entries))
+        # What the entries held before, to put back if the write fails.
+        before = {e: set(customers) for e, customers in self.entries.items() if e in done or customers & ready}
+        for e in done:
+            del self.entries[e]
+        for customers in self.entries.values():
+            customers -= ready
+        dirty = {cid: self.dirty.pop(cid) for cid in ready}
+        self.writing = asyncio.create_task(self._store(changes, dirty, sorted(done), before, stored_until))
 
-    async def _store(self, changes: Changes, dirty: set[str], entries: list[str]) -> None:
+    async def _store(self, changes: Changes, dirty: dict[str, float], done: list[str], before: dict[str, set[str]], stored_until: float) -> None:
         epoch = self.epoch
         try:
             await self.store.write_changes(changes)
-            if entries:
-                await bulk_write_chunked(self.store.journal, [DeleteOne({"_id": e}) for e in entries])
+            if done:
+                await bulk_write_chunked(self.store.journal, [DeleteOne({"_id": e}) for e in done])
         except Exception:
             log.exception("storing conversation state failed; retrying")
             if self.metrics is not None:
                 self.metrics.failures.inc()
             if epoch == self.epoch:  # still ours: stored next time, with whatever it holds by then
-                self.dirty.update(dirty)
-                self.entries[:0] = entries
+                for cid, since in dirty.items():
+                    self.dirty[cid] = min(since, self.dirty.get(cid, since))
+                for e, customers in before.items():
+                    self.entries.setdefault(e, set()).update(customers)
             return
         if epoch == self.epoch:
-            for cid in dirty - self.dirty:
+            for cid in dirty.keys() - self.dirty.keys():
                 self._forget(cid)  # stored as they are: the store (and ``stored``) is the reference again
         if self.metrics is not None:
-            self.metrics.stored_at.set_to_current_time()
+            self.metrics.stored_at.set(stored_until)
         self._report()
 
     async def settle(self) -> None:
@@ -294,12 +319,12 @@ class JournaledCustomers:
         """For a background task: recover assigned partitions nothing has arrived for, and
         store what is due."""
         while True:
-            await asyncio.sleep(min(self.interval_s, 1.0))
+            await asyncio.sleep(min(self.interval_s / 2, 1.0))
             try:
                 async with self.lock:
                     await self.recover(self.assigned)
                     if self.due:
-                        self.flush()
+                        self.store_aged()
             except Exception:  # this loop must outlive any one failure
                 log.exception("recovering or storing conversation state failed; retrying")
 

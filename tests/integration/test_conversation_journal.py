@@ -205,3 +205,76 @@ async def test_the_owner_lists_earlier_conversations_not_stored_yet(store) -> No
     assert view["current"]["conversation_id"] == "conv_2"
     assert [(c["conversation_id"], c["status"]) for c in view["earlier"]] == [("conv_1", "resolved")]
     assert view["earlier_total"] == 1
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_a_customer_is_stored_once_its_oldest_change_is_an_interval_old(store) -> None:
+    """The message and the routing decision a moment later are one write; an entry stays
+    until every customer it holds is stored."""
+    store, writes = store
+    clock = Clock()
+    memory = JournaledCustomers(store, interval_s=1.0, clock=clock)
+    first = opened("cus_1", "conv_1")
+    second = opened("cus_2", "conv_2")
+    await memory.append({"cus_1": first, "cus_2": second}, {"cus_1": 0, "cus_2": 0})  # one entry, both
+    clock.now += 0.6
+    routed(first, "ana")
+    await memory.append({"cus_1": first}, {"cus_1": 0})
+    assert memory.due
+    memory.store_aged()
+    await memory.settle()
+    assert writes.of("customers") == [] and writes.of("conversations") == []  # 0.6 s old: held
+
+    clock.now += 0.4  # cus_1's and cus_2's first changes are 1 s old now
+    third = opened("cus_3", "conv_3")
+    await memory.append({"cus_3": third}, {"cus_3": 1})
+    memory.store_aged()
+    await memory.settle()
+    assert sorted(writes.of("customers")) == [("insert", "cus_1"), ("insert", "cus_2")]
+    assert (await stored(store, "conversations", "conv_1"))["agent_id"] == "ana"  # both changes, one insert
+    assert [d["p"] async for d in store.journal.find({})] == [1]  # only cus_3's entry is left
+    assert set(memory.dirty) == {"cus_3"}
+
+    memory.flush()  # before giving partitions up: everything, whatever its age
+    await memory.settle()
+    assert ("insert", "cus_3") in writes.of("customers")
+    assert await store.journal.count_documents({}) == 0
+
+
+async def test_an_entry_holding_a_customer_not_stored_yet_is_kept(store, monkeypatch) -> None:
+    store, writes = store
+    clock = Clock()
+    memory = JournaledCustomers(store, interval_s=1.0, clock=clock)
+    first = opened("cus_1", "conv_1")
+    await memory.append({"cus_1": first}, {"cus_1": 0})
+    clock.now += 0.7
+    routed(first, "ana")
+    await memory.append({"cus_2": opened("cus_2", "conv_2"), "cus_1": first}, {"cus_1": 0, "cus_2": 0})  # holds both
+    clock.now += 0.5  # cus_1's oldest change is 1.2 s old, cus_2's 0.5 s
+
+    async def down(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("store unreachable")
+
+    monkeypatch.setattr(store.conversations, "insert_many", down)
+    memory.store_aged()
+    await memory.settle()
+    monkeypatch.undo()
+    assert set(memory.dirty) == {"cus_1", "cus_2"}  # all put back
+    assert sorted(map(sorted, memory.entries.values())) == [["cus_1"], ["cus_1", "cus_2"]]
+
+    memory.store_aged()
+    await memory.settle()
+    assert [c for _, c in writes.of("customers")] == ["cus_1"]
+    assert (await stored(store, "conversations", "conv_1"))["agent_id"] == "ana"
+    assert await store.journal.count_documents({}) == 1  # the second entry holds cus_2, not stored yet
+    clock.now += 1.0
+    memory.store_aged()
+    await memory.settle()
+    assert await store.journal.count_documents({}) == 0
