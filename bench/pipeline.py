@@ -16,7 +16,7 @@ What one run does (docs/benchmarks.md explains every number):
    the decisions and conversation events, samples consumer lag and each process's CPU and
    RSS every second, and scrapes the services' latency histograms;
 5. stops at the first rate where lag is not bounded (the backlog would spoil higher rates),
-   tries the rate halfway between that one and the highest bounded one (``--no-refine``),
+   tries rates halfway between that one and the highest bounded one (``--refine N``, 2 steps),
    measures half the highest bounded rate if the sweep did not, and removes its topics and
    database; writes ``<out>/<timestamp>.json`` and ``.png`` and prints a table.
 
@@ -1469,21 +1469,26 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         bounded = [s for s in result["steps"] if s["bounded"]]
         best = max(bounded, key=lambda s: s["rate"]) if bounded else None
         failed = [s for s in result["steps"] if not s["bounded"]]
-        if args.refine and best is not None and failed:
-            # The rates are a coarse grid (100, 200, 500, ...): one step halfway between the
-            # highest bounded rate and the first that was not tells more.
+        for _ in range(args.refine if best is not None else 0):
+            # The rates are a coarse grid (100, 200, 500, ...): steps halfway between the
+            # highest bounded rate and the lowest that was not (bisection) tell more.
+            failed = [s for s in result["steps"] if not s["bounded"] and s["rate"] > best["rate"]]
+            if not failed:
+                break
             middle = round((best["rate"] + min(s["rate"] for s in failed)) / 2 / 10) * 10
+            if middle <= best["rate"] or middle >= min(s["rate"] for s in failed) or time.monotonic() - t_start >= args.budget:
+                break
             drained = result["steps"][-1]["drained"]
-            if middle > best["rate"] and time.monotonic() - t_start < args.budget:
-                if not drained:
-                    print("bench: waiting for the backlog to clear before the refining step ...", file=sys.stderr, flush=True)
-                    drained = await wait_for_no_lag(ctx.lag, min(120.0, args.budget - (time.monotonic() - t_start)))
-                if drained:
-                    step = await run_step(ctx, middle, len(args.rates) + 1, f"r{middle:g}", args.duration)
-                    result["steps"].append(step)
-                    print(table({"steps": [step]}).splitlines()[-1], file=sys.stderr, flush=True)
-                    if step["bounded"]:
-                        best = step
+            if not drained:
+                print("bench: waiting for the backlog to clear before the refining step ...", file=sys.stderr, flush=True)
+                drained = await wait_for_no_lag(ctx.lag, min(120.0, args.budget - (time.monotonic() - t_start)))
+            if not drained:
+                break
+            step = await run_step(ctx, middle, 100 + len(result["steps"]), f"r{middle:g}", args.duration)
+            result["steps"].append(step)
+            print(table({"steps": [step]}).splitlines()[-1], file=sys.stderr, flush=True)
+            if step["bounded"]:
+                best = step
         half_step = None
         if best is not None and args.half_step:
             half = best["rate"] / 2
@@ -1561,7 +1566,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-going", action="store_true", help="continue the sweep past an unbounded rate")
     p.add_argument("--no-half-step", dest="half_step", action="store_false", help="do not add a step at half the highest bounded rate")
     p.add_argument(
-        "--no-refine", dest="refine", action="store_false", help="do not add a step halfway between the highest bounded rate and the next"
+        "--refine",
+        type=int,
+        default=2,
+        help="steps added by bisection between the highest bounded rate and the lowest unbounded one (default 2)",
+    )
+    p.add_argument(
+        "--no-refine", dest="refine", action="store_const", const=0, help="add no refining steps (--refine 0)"
     )
     p.add_argument("--budget", type=float, default=420.0, help="seconds after which no further step starts (keeps make bench under 10 min)")
     p.add_argument("--seed", type=int, default=7)
