@@ -119,7 +119,7 @@ def bench_route(agents: int, decisions: int, repeats: int, seed: int, open_conve
     for n in range(open_conversations):
         agent = ids[n % len(ids)] if n < open_conversations - 5 else None
         conv = f"open-{n}"
-        state.placements[conv] = Placement(
+        state.add(Placement(
             conversation_id=conv,
             customer_id=f"cus-open-{n}",
             agent_id=agent,
@@ -130,7 +130,7 @@ def bench_route(agents: int, decisions: int, repeats: int, seed: int, open_conve
             assigned_at=NOW if agent else None,
             home_team_id="home",
             channel=Channel.SMS,
-        )
+        ))
     commands = [
         RouteConversation(
             request_id=str(uuid.UUID(int=rng.getrandbits(128))),
@@ -148,10 +148,9 @@ def bench_route(agents: int, decisions: int, repeats: int, seed: int, open_conve
     input_ids = [str(uuid.UUID(int=rng.getrandbits(128))) for _ in commands]
 
     def run() -> int:
-        placements = state.placements
         for cmd, input_id in zip(commands, input_ids, strict=True):
             apply_command(state, cmd, directory, input_id)
-            placements.pop(cmd.conversation_id, None)  # keep the pool the same size
+            state.remove(cmd.conversation_id)  # keep the pool the same size
         return len(commands)
 
     return timed(run, repeats)

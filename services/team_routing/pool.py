@@ -86,33 +86,78 @@ class AgentPresenceState:
 
 @dataclass(slots=True)
 class PoolState:
+    """A pool's agents and placements. Change placements only through ``add``, ``remove``,
+    ``assign`` and ``set_waiting_on``: they keep the per-agent counts (``loads``) and the
+    waiting set (``queue``) current, so a route command costs the same with ten or ten
+    thousand open conversations (both were rebuilt from every placement per command)."""
+
     pool_id: str
     agents: dict[str, AgentPresenceState] = field(default_factory=dict)
     placements: dict[str, Placement] = field(default_factory=dict)
     applied: dict[str, int] = field(default_factory=dict)
     surging: bool = False
+    # agent → [its conversations waiting on the agent, those waiting on the customer]
+    held: dict[str, list[int]] = field(default_factory=dict, init=False, repr=False, compare=False)
+    waiting: dict[str, Placement] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for p in self.placements.values():
+            self._count(p, 1)
 
     @property
     def kind(self) -> PoolKind:
         return PoolKind.STANDARD if self.pool_id == STANDARD_POOL_ID else PoolKind.HOME_TEAM
 
+    def _count(self, p: Placement, sign: int) -> None:
+        if p.agent_id is None:
+            if sign > 0:
+                self.waiting[p.conversation_id] = p
+            else:
+                self.waiting.pop(p.conversation_id, None)
+        else:
+            self.held.setdefault(p.agent_id, [0, 0])[0 if p.waiting_on is WaitingOn.AGENT else 1] += sign
+
+    def add(self, p: Placement) -> None:
+        self.remove(p.conversation_id)
+        self.placements[p.conversation_id] = p
+        self._count(p, 1)
+
+    def remove(self, conversation_id: str) -> Placement | None:
+        p = self.placements.pop(conversation_id, None)
+        if p is not None:
+            self._count(p, -1)
+        return p
+
+    def assign(self, p: Placement, agent_id: str | None) -> None:
+        """Give a held placement to ``agent_id`` (``None``: back to the queue)."""
+        self._count(p, -1)
+        p.agent_id = agent_id
+        self._count(p, 1)
+
+    def set_waiting_on(self, p: Placement, waiting_on: WaitingOn) -> None:
+        self._count(p, -1)
+        p.waiting_on = waiting_on
+        self._count(p, 1)
+
     def queue(self) -> list[Placement]:
         """Waiting conversations in service order: priority first, then longest waiting."""
-        waiting = [p for p in self.placements.values() if p.agent_id is None]
-        waiting.sort(key=lambda p: (-p.priority, p.enqueued_at, p.conversation_id))
-        return waiting
+        return sorted(self.waiting.values(), key=lambda p: (-p.priority, p.enqueued_at, p.conversation_id))
 
     def loads(self, directory: TeamDirectory) -> dict[str, float]:
-        # Runs for every route command over every placement of the pool: the weights are
-        # looked up once, not per placement (``weight_of``).
+        """Each agent's load: the weights of the conversations it holds."""
         on_agent, on_customer = directory.capacity.waiting_on_agent_weight, directory.capacity.waiting_on_customer_weight
-        agent_waits = WaitingOn.AGENT
         loads = dict.fromkeys(directory.agents_of(self.pool_id), 0.0)
-        get = loads.get
+        for agent, (for_agent, for_customer) in self.held.items():
+            if for_agent or for_customer:
+                loads[agent] = for_agent * on_agent + for_customer * on_customer
+        return loads
+
+    def rebuilt_loads(self, directory: TeamDirectory) -> dict[str, float]:
+        """``loads`` from every placement (what the counts must always equal; for tests)."""
+        loads = dict.fromkeys(directory.agents_of(self.pool_id), 0.0)
         for p in self.placements.values():
-            agent = p.agent_id
-            if agent is not None:
-                loads[agent] = get(agent, 0.0) + (on_agent if p.waiting_on is agent_waits else on_customer)
+            if p.agent_id is not None:
+                loads[p.agent_id] = loads.get(p.agent_id, 0.0) + weight_of(directory, p.waiting_on)
         return loads
 
     def agent_views(self, directory: TeamDirectory) -> dict[str, AgentView]:
@@ -243,7 +288,7 @@ def route(state: PoolState, cmd: RouteConversation, directory: TeamDirectory, ou
         channel=cmd.channel,
         opted_out=cmd.opted_out,
     )
-    state.placements[cmd.conversation_id] = placement
+    state.add(placement)
     position = None
     if agent.agent_id is None:
         position = 1 + [q.conversation_id for q in state.queue()].index(cmd.conversation_id)
@@ -252,7 +297,7 @@ def route(state: PoolState, cmd: RouteConversation, directory: TeamDirectory, ou
 
 def release(state: PoolState, cmd: ReleaseConversation, directory: TeamDirectory, out: Outputs) -> None:
     """A conversation ended: its agent's room frees up and the queue moves."""
-    placement = state.placements.pop(cmd.conversation_id, None)
+    placement = state.remove(cmd.conversation_id)
     if placement is None:
         return
     if placement.agent_id is not None:
@@ -265,7 +310,7 @@ def change_weight(state: PoolState, cmd: ChangeConversationWeight, directory: Te
     if placement is None or placement.waiting_on is cmd.waiting_on:
         return
     lighter = weight_of(directory, cmd.waiting_on) < weight_of(directory, placement.waiting_on)
-    placement.waiting_on = cmd.waiting_on
+    state.set_waiting_on(placement, cmd.waiting_on)
     if lighter and placement.agent_id is not None:
         drain_queue(state, directory, cmd.changed_at, out)
 
@@ -307,7 +352,7 @@ def transfer(state: PoolState, cmd: MoveToTeammate, directory: TeamDirectory, ou
         return
     assert placement is not None
     previous = placement.agent_id
-    placement.agent_id = cmd.to_agent_id
+    state.assign(placement, cmd.to_agent_id)
     placement.assigned_at = now
     out.routed(state, placement, RoutingReason.TRANSFER, now)
     if previous is not None:
@@ -351,7 +396,7 @@ def reassign_from(
         key=lambda p: (p.enqueued_at, p.conversation_id),
     )
     for placement in mine:
-        placement.agent_id = None
+        state.assign(placement, None)
         views = state.agent_views(directory)
         known = known_agent_in_window(placement.known_agent_id, placement.known_agent_served_at, now, window)
         choice = choose_agent(
@@ -361,7 +406,7 @@ def reassign_from(
             position = 1 + [q.conversation_id for q in state.queue()].index(placement.conversation_id)
             out.routed(state, placement, RoutingReason.QUEUED, now, position)
         else:
-            placement.agent_id = choice.agent_id
+            state.assign(placement, choice.agent_id)
             placement.assigned_at = now
             out.routed(state, placement, reason, now)
 
@@ -378,7 +423,7 @@ def drain_queue(state: PoolState, directory: TeamDirectory, now: datetime, out: 
         weight = weight_of(directory, placement.waiting_on)
         choice = choose_agent(views, weight=weight, known_agent_id=known)
         if choice.agent_id is not None:
-            placement.agent_id = choice.agent_id
+            state.assign(placement, choice.agent_id)
             placement.assigned_at = now
             chosen = views[choice.agent_id]
             views[choice.agent_id] = replace(chosen, load=chosen.load + weight)
@@ -417,7 +462,7 @@ def offer_to_teammate(state: PoolState, cmd: OfferToTeammate, directory: TeamDir
     )
     if choice.agent_id is None:
         return
-    placement.agent_id = choice.agent_id
+    state.assign(placement, choice.agent_id)
     placement.assigned_at = cmd.due_at
     out.routed(state, placement, RoutingReason.RESPONSE_TARGET_MISSED, cmd.due_at)
 
@@ -427,7 +472,7 @@ def move_waiting_to_standard(state: PoolState, cmd: MoveWaitingToStandard, direc
     if state.kind is not PoolKind.HOME_TEAM:
         return
     for placement in state.queue():
-        del state.placements[placement.conversation_id]
+        state.remove(placement.conversation_id)
         out.items.append(
             Handoff(STANDARD_POOL_ID, placement.route_request(out.next_id(), cmd.at, PoolKind.STANDARD, RoutingReason.AFTER_HOURS))
         )
@@ -441,7 +486,7 @@ def return_waiting_home(state: PoolState, cmd: ReturnWaitingHome, directory: Tea
     for placement in state.queue():
         if placement.home_team_id != cmd.team_id or placement.pool_reason not in (RoutingReason.AFTER_HOURS, RoutingReason.SURGE):
             continue
-        del state.placements[placement.conversation_id]
+        state.remove(placement.conversation_id)
         out.items.append(
             Handoff(cmd.team_id, placement.route_request(out.next_id(), cmd.at, PoolKind.HOME_TEAM, RoutingReason.RETURNED_HOME))
         )

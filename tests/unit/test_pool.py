@@ -140,6 +140,28 @@ def pinned(agent: str, *conversations: str, minute: float = -10, **fields: Any) 
 # --- running and reading -------------------------------------------------------------------
 
 
+def _rebuilt_queue(state: PoolState) -> list[str]:
+    waiting = [p for p in state.placements.values() if p.agent_id is None]
+    return [p.conversation_id for p in sorted(waiting, key=lambda p: (-p.priority, p.enqueued_at, p.conversation_id))]
+
+
+@pytest.fixture(autouse=True)
+def _counts_follow_every_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In every test of this module: after each command the pool's kept counts equal what a
+    rebuild from all placements gives (loads per agent, the queue)."""
+    import sys
+
+    from services.team_routing import pool
+
+    def checked(state: PoolState, command: Any, directory: Any, input_id: str) -> list[Output]:
+        outputs = pool.apply_command(state, command, directory, input_id)
+        assert state.loads(directory) == state.rebuilt_loads(directory)
+        assert [p.conversation_id for p in state.queue()] == _rebuilt_queue(state)
+        return outputs
+
+    monkeypatch.setattr(sys.modules[__name__], "apply_command", checked)
+
+
 def apply_all(state: PoolState, commands: list[Any], prefix: str = "in") -> list[list[Output]]:
     return [apply_command(state, c, DIRECTORY, f"{prefix}-{state.pool_id}-{i}") for i, c in enumerate(commands)]
 
@@ -780,3 +802,30 @@ def test_surge_clears_at_half_its_thresholds_and_recalls_overflowed_conversation
     assert [(r.pool_id, r.payload.team_id) for r in recalls] == [(STANDARD_POOL_ID, "west")]
     assert not state.surging
     assert [o for o in apply(state, release("q-vip", 12)) if isinstance(o, Handoff)] == []
+
+
+def test_loads_and_queue_follow_a_long_random_run_without_rebuilding() -> None:
+    """Random routes, releases, weight changes, transfers and presence changes: the counts the
+    pool keeps (checked after every command by the fixture above) never drift."""
+    import random
+
+    rng = random.Random(11)
+    state = given(online("ana", "ben", "cy"))
+    open_: list[str] = []
+    for n in range(600):
+        minute = n / 10
+        roll = rng.random()
+        if roll < 0.4 or not open_:
+            conv = f"r{n}"
+            open_.append(conv)
+            apply(state, route(conv, minute, priority=rng.choice([0, 0, 1])), f"in-{n}")
+        elif roll < 0.6:
+            apply(state, release(open_.pop(rng.randrange(len(open_))), minute), f"in-{n}")
+        elif roll < 0.75:
+            apply(state, reweigh(rng.choice(open_), rng.choice(list(WaitingOn)), minute), f"in-{n}")
+        elif roll < 0.9:
+            apply(state, move(rng.choice(open_), rng.choice(["ana", "ben", "cy"]), minute), f"in-{n}")
+        else:
+            agent = rng.choice(["ana", "ben", "cy"])
+            apply(state, presence(agent, rng.choice([Presence.ONLINE, Presence.OFFLINE]), minute), f"in-{n}")
+    assert state.placements and state.held  # the run did hold conversations
