@@ -1552,13 +1552,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skew", type=float, default=1.5, help="customer reuse skew (1: uniform; higher: a heavier head)")
     p.add_argument("--teams", type=int, default=4, help="home teams (plus the standard pool)")
     p.add_argument("--agents-per-team", type=int, default=35)
-    p.add_argument(
-        "--max-concurrency",
-        type=int,
-        default=1000,
-        help="conversations per agent: room for every customer (the bench never ends a conversation; at 100 the "
-        "home teams filled up in the last steps of a sweep and queues formed)",
-    )
+    p.add_argument("--max-concurrency", type=int, default=100, help="conversations per agent (room for every customer)")
     p.add_argument("--baseline-messages", type=int, default=60_000)
     p.add_argument(
         "--batch-max-records",
