@@ -146,25 +146,27 @@ class JournaledCustomers:
             return
         await self.settle()
         entries = await self.store.journal_for(wanted)
+        decoded = [(raw["_id"], entry_contents(raw)) for raw in entries]
+        stored = await find_by_ids(self.store.customers, list({c["_id"] for _, e in decoded for c in e["customers"]}))
+        stored_rev = {cid: doc.get("rev", -1) for cid, doc in stored.items()}
         newest: dict[str, tuple[int, dict[str, Any]]] = {}  # customer → (rev, doc)
         conversations: dict[str, tuple[int, dict[str, Any]]] = {}  # conversation → (rev of its customer, doc)
         holds: dict[str, set[str]] = {}  # entry → its customers
-        for raw in entries:
-            entry = entry_contents(raw)
-            holds[raw["_id"]] = {c["_id"] for c in entry["customers"]}
-            revs = {c["_id"]: c.get("rev", 0) for c in entry["customers"]}
+        for entry_id, entry in decoded:
+            holds[entry_id] = {c["_id"] for c in entry["customers"]}
+            # What an entry holds of a customer stored as new or newer since is not used at
+            # all, conversations included: an entry stays until every customer it holds is
+            # stored, so it can be older than a later store of one of them.
+            revs = {c["_id"]: c.get("rev", 0) for c in entry["customers"] if c.get("rev", 0) > stored_rev.get(c["_id"], -1)}
             for c in entry["customers"]:
-                if c["_id"] not in newest or newest[c["_id"]][0] < revs[c["_id"]]:
+                if c["_id"] in revs and (c["_id"] not in newest or newest[c["_id"]][0] < revs[c["_id"]]):
                     newest[c["_id"]] = (revs[c["_id"]], c)
             for conv in entry["conversations"]:
-                rev = revs.get(conv["customer_id"], 0)
-                if conv["_id"] not in conversations or conversations[conv["_id"]][0] <= rev:
+                rev = revs.get(conv["customer_id"])
+                if rev is not None and (conv["_id"] not in conversations or conversations[conv["_id"]][0] <= rev):
                     conversations[conv["_id"]] = (rev, conv)
-        stored = await find_by_ids(self.store.customers, list(newest))
         overlaid: list[CustomerRecords] = []
         for cid, (rev, doc) in newest.items():
-            if stored.get(cid, {}).get("rev", -1) >= rev:
-                continue  # stored after the entry was written
             r = CustomerRecords(customer=Customer.from_doc(doc))
             if cid in stored:
                 r.stored[cid] = stored[cid]

@@ -278,3 +278,37 @@ async def test_an_entry_holding_a_customer_not_stored_yet_is_kept(store, monkeyp
     memory.store_aged()
     await memory.settle()
     assert await store.journal.count_documents({}) == 0
+
+
+async def test_recovery_ignores_an_entry_older_than_a_later_store_of_its_customer(store) -> None:
+    """An entry stays until every customer it holds is stored, so it can outlive a later store
+    of one of them: its version of that customer's conversation must not come back."""
+    store, _ = store
+    clock = Clock()
+    memory = JournaledCustomers(store, interval_s=1.0, clock=clock)
+    a = opened("cus_a", "conv_a")
+    await memory.append({"cus_a": a}, {"cus_a": 0})
+    clock.now += 0.6
+    a.conversations["conv_a"].agent_id = "ana"
+    await memory.append({"cus_a": a, "cus_b": opened("cus_b", "conv_b")}, {"cus_a": 0, "cus_b": 0})  # holds both
+    clock.now += 0.2
+    a.conversations["conv_a"].agent_id = "ben"
+    await memory.append({"cus_a": a}, {"cus_a": 0})
+    clock.now += 0.2
+    memory.store_aged()  # cus_a stored (agent ben); the entry holding cus_b stays, with ana in it
+    await memory.settle()
+    assert (await stored(store, "conversations", "conv_a"))["agent_id"] == "ben"
+    assert a.customer is not None
+    a.customer.applied["decisions/0"] = 99  # a change to the customer only
+    await memory.append({"cus_a": a}, {"cus_a": 0})
+    # kill -9 (or a failed batch): the next owner recovers from the journal.
+
+    after = JournaledCustomers(store, interval_s=1.0)
+    await after.recover([0])
+    recovered = after.take(["cus_a", "cus_b"])
+    assert recovered["cus_a"].conversations["conv_a"].agent_id == "ben"
+    assert recovered["cus_a"].customer is not None and recovered["cus_a"].customer.applied["decisions/0"] == 99
+    assert "cus_b" in recovered  # never stored: from the entry
+    await flushed(after)
+    assert (await stored(store, "conversations", "conv_a"))["agent_id"] == "ben"
+    assert await store.journal.count_documents({}) == 0
