@@ -13,7 +13,7 @@ falls due: pure functions over events, the team directory and an explicit ``now`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -103,12 +103,18 @@ def _response(
 
 def collapse(changes: list[Change]) -> dict[tuple[str, str], Change]:
     """The net change per (kind, entity) of a batch: the last one wins, except that an
-    'only if absent' arm never replaces an arm made earlier in the batch."""
+    'only if absent' arm never replaces an arm made earlier in the batch, and one that follows
+    a cancel in the batch arms unconditionally (after the cancel nothing runs: an agent's
+    reply, then the customer's next message, must restart the clock, not keep the old one)."""
     net: dict[tuple[str, str], Change] = {}
     for change in changes:
         key = (change.kind, change.entity)
-        if isinstance(change, Arm) and change.only_if_absent and isinstance(net.get(key), Arm):
-            continue
+        if isinstance(change, Arm) and change.only_if_absent:
+            earlier = net.get(key)
+            if isinstance(earlier, Arm):
+                continue
+            if isinstance(earlier, Cancel):
+                change = replace(change, only_if_absent=False)
         net[key] = change
     return net
 
