@@ -275,10 +275,13 @@ class JournaledCustomers:
         for customers in self.entries.values():
             customers -= ready
         dirty = {cid: self.dirty.pop(cid) for cid in ready}
-        self.writing = asyncio.create_task(self._store(changes, dirty, sorted(done), before, stored_until))
+        self.writing = asyncio.create_task(self._store(changes, dirty, sorted(done), before, stored_until, self.epoch))
 
-    async def _store(self, changes: Changes, dirty: dict[str, float], done: list[str], before: dict[str, set[str]], stored_until: float) -> None:
-        epoch = self.epoch
+    async def _store(
+        self, changes: Changes, dirty: dict[str, float], done: list[str], before: dict[str, set[str]], stored_until: float, epoch: int
+    ) -> None:
+        """Write what ``flush`` captured under the memory of ``epoch`` (the memory as it was
+        then: after a ``drop`` nothing is put back)."""
         try:
             await self.store.write_changes(changes)
             if done:
