@@ -1551,7 +1551,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--customers", type=int, default=20_000, help="distinct customers (addresses) messages come from")
     p.add_argument("--skew", type=float, default=1.5, help="customer reuse skew (1: uniform; higher: a heavier head)")
     p.add_argument("--teams", type=int, default=4, help="home teams (plus the standard pool)")
-    p.add_argument("--agents-per-team", type=int, default=35)
+    p.add_argument(
+        "--agents-per-team",
+        type=int,
+        default=50,
+        help="agents per team (each with --max-concurrency conversations; the bench never ends one, so the teams must "
+        "hold every customer a sweep meets: with 35, queues formed in the last steps)",
+    )
     p.add_argument("--max-concurrency", type=int, default=100, help="conversations per agent (room for every customer)")
     p.add_argument("--baseline-messages", type=int, default=60_000)
     p.add_argument(
