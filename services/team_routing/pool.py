@@ -152,14 +152,6 @@ class PoolState:
                 loads[agent] = for_agent * on_agent + for_customer * on_customer
         return loads
 
-    def rebuilt_loads(self, directory: TeamDirectory) -> dict[str, float]:
-        """``loads`` from every placement (what the counts must always equal; for tests)."""
-        loads = dict.fromkeys(directory.agents_of(self.pool_id), 0.0)
-        for p in self.placements.values():
-            if p.agent_id is not None:
-                loads[p.agent_id] = loads.get(p.agent_id, 0.0) + weight_of(directory, p.waiting_on)
-        return loads
-
     def agent_views(self, directory: TeamDirectory) -> dict[str, AgentView]:
         loads = self.loads(directory)
         views = {}

@@ -140,6 +140,16 @@ def pinned(agent: str, *conversations: str, minute: float = -10, **fields: Any) 
 # --- running and reading -------------------------------------------------------------------
 
 
+def _rebuilt_loads(state: PoolState, directory: Any) -> dict[str, float]:
+    from services.team_routing.pool import weight_of
+
+    loads = dict.fromkeys(directory.agents_of(state.pool_id), 0.0)
+    for p in state.placements.values():
+        if p.agent_id is not None:
+            loads[p.agent_id] = loads.get(p.agent_id, 0.0) + weight_of(directory, p.waiting_on)
+    return loads
+
+
 def _rebuilt_queue(state: PoolState) -> list[str]:
     waiting = [p for p in state.placements.values() if p.agent_id is None]
     return [p.conversation_id for p in sorted(waiting, key=lambda p: (-p.priority, p.enqueued_at, p.conversation_id))]
@@ -155,7 +165,7 @@ def _counts_follow_every_command(monkeypatch: pytest.MonkeyPatch) -> None:
 
     def checked(state: PoolState, command: Any, directory: Any, input_id: str) -> list[Output]:
         outputs = pool.apply_command(state, command, directory, input_id)
-        assert state.loads(directory) == state.rebuilt_loads(directory)
+        assert state.loads(directory) == _rebuilt_loads(state, directory)
         assert [p.conversation_id for p in state.queue()] == _rebuilt_queue(state)
         return outputs
 
