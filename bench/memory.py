@@ -5,7 +5,7 @@
 1. seeds the store: for each customer an identity in ingest's ``identities`` collection
    (``{_id: "<channel>:<address>", customer_id}``) and a customer document in
    conversation-state's ``customers`` collection (``Customer.to_doc()`` of
-   services/conversation_state/model.py: home team from the address, a known agent for a
+   services/conversation_state/model.py, stored compact as the service stores it: home team from the address, a known agent for a
    third of them), with insert_many in batches of 10,000. The seeding rate is measured on the
    first ``--probe`` customers; if seeding them all would take longer than
    ``--max-seed-seconds``, the count is lowered to what fits and the report says so;
@@ -60,6 +60,7 @@ def customer_docs(population: Sequence[Any], start: int, stop: int, directory: A
     """Identity and customer documents for customers ``start``..``stop`` of the population."""
     from services.conversation_state.model import Customer
     from services.ingest.identity import identity_key
+    from shared.runtime.compact import compact_document
     from shared.contracts.common import Channel
     from shared.teams import home_team_for
 
@@ -86,7 +87,7 @@ def customer_docs(population: Sequence[Any], start: int, stop: int, directory: A
             known_agent_served_at=now - timedelta(days=rng.randrange(25)) if known else None,
         )
         identities.append({"_id": identity_key(channel, c.address), "customer_id": customer_id, "created_at": created})
-        customers.append(customer.to_doc())
+        customers.append(compact_document(customer.to_doc()))
     return identities, customers
 
 

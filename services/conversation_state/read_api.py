@@ -93,7 +93,7 @@ def read_routes(
             return paging
         page, size = paging
         customer_id = request.path_params["customer_id"]
-        customer = latest(customer_id) or await store.customers.find_one({"_id": customer_id})
+        customer = latest(customer_id) or await store.find_customer(customer_id)
         if customer is None:
             return problem(404, "unknown customer", customer_id=customer_id)
         current_id = customer.get("open_conversation_id") or customer.get("last_conversation_id")

@@ -1,7 +1,12 @@
 """Conversation-state's documents: ``customers``, ``conversations`` and ``messages``
 (transcript lines, ``_id`` = message id, so a line is stored at most once), and the
 ``conversation_journal`` that customers and conversations are written behind
-(``write_behind``)."""
+(``write_behind``).
+
+Customers are read only by ``_id`` (conversations and lines are queried by their fields), so
+they are stored compact (one compressed blob, ``shared.runtime.compact``): on FerretDB that
+costs an insert a third and a replace about 60% of what the same customer costs as fields.
+Read them through ``find_customers`` / ``find_customer``."""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
+from shared.runtime.compact import compact_document, expand_document
 from shared.runtime.store import DUPLICATE_KEY, bulk_write_chunked, find_by_ids, insert_absent
 
 from services.conversation_state.lifecycle import CustomerRecords
@@ -30,6 +36,14 @@ class ConversationStore:
         await self.conversations.create_index([("customer_id", ASCENDING), ("opened_at", DESCENDING)])
         await self.conversations.create_index([("team_id", ASCENDING), ("status", ASCENDING)])
         await self.messages.create_index([("conversation_id", ASCENDING), ("at", ASCENDING)])
+
+    async def find_customers(self, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """The stored customer documents with these ids (absent ones left out), by id."""
+        return {cid: expand_document(doc) for cid, doc in (await find_by_ids(self.customers, ids)).items()}
+
+    async def find_customer(self, customer_id: str) -> dict[str, Any] | None:
+        doc = await self.customers.find_one({"_id": customer_id})
+        return expand_document(doc) if doc is not None else None
 
     async def journal_for(self, partitions: Iterable[int]) -> list[dict[str, Any]]:
         """The journal entries of these partitions, oldest first (the journal holds only what
@@ -60,7 +74,7 @@ class ConversationStore:
         records = {cid: cached.get(cid) or CustomerRecords(customer=None) for cid in ids}
         missing = [cid for cid in ids if cid not in cached and cid not in new]
         wanted = set(conversation_ids)
-        for doc in (await find_by_ids(self.customers, missing)).values():
+        for doc in (await self.find_customers(missing)).values():
             customer = Customer.from_doc(doc)
             records[customer.id].customer = customer
             records[customer.id].stored[customer.id] = customer.to_doc()  # a copy: the model shares the doc's lists
@@ -88,7 +102,7 @@ class ConversationStore:
         """Conversations before customers (which carry the applied offsets); then the records
         know what the store holds."""
         await _upsert(self.conversations, changes.conversations)
-        await _upsert(self.customers, changes.customers)
+        await _upsert(self.customers, [(compact_document(d), known) for d, known in changes.customers])
         for r, doc in changes.written:
             r.stored[doc["_id"]] = doc
 

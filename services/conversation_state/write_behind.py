@@ -30,19 +30,16 @@ import asyncio
 import logging
 import time
 import uuid
-import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-import bson
 from aiokafka import ConsumerRebalanceListener, TopicPartition
-from bson import Binary
-from bson.codec_options import CodecOptions
 from pymongo import DeleteOne
 
 from shared.runtime.checkpoints import CheckpointMetrics, StoreBeforeRevocation
+from shared.runtime.compact import COMPACT_FORMAT, pack, unpack
 from shared.runtime.store import bulk_write_chunked, find_by_ids
 
 from services.conversation_state.lifecycle import CustomerRecords
@@ -52,7 +49,7 @@ from services.conversation_state.store import Changes, ConversationStore, change
 log = logging.getLogger(__name__)
 
 
-JOURNAL_FORMAT = "bson-zlib/1"
+JOURNAL_FORMAT = COMPACT_FORMAT
 
 
 def journal_entry(entry_id: str, partition: int, at: datetime, contents: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
@@ -64,14 +61,14 @@ def journal_entry(entry_id: str, partition: int, at: datetime, contents: dict[st
         "at": at,
         "customers": len(contents["customers"]),
         "format": JOURNAL_FORMAT,
-        "blob": Binary(zlib.compress(bson.encode(contents), 1)),
+        "blob": pack(contents),
     }
 
 
 def entry_contents(entry: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     if entry.get("format") != JOURNAL_FORMAT:
         raise ValueError(f"journal entry {entry['_id']}: unknown format {entry.get('format')!r}")
-    return bson.decode(zlib.decompress(entry["blob"]), codec_options=CodecOptions(tz_aware=True, tzinfo=UTC))  # type: ignore[return-value]
+    return unpack(entry["blob"])  # type: ignore[return-value]
 
 
 class JournaledCustomers:
@@ -147,7 +144,7 @@ class JournaledCustomers:
         await self.settle()
         entries = await self.store.journal_for(wanted)
         decoded = [(raw["_id"], entry_contents(raw)) for raw in entries]
-        stored = await find_by_ids(self.store.customers, list({c["_id"] for _, e in decoded for c in e["customers"]}))
+        stored = await self.store.find_customers({c["_id"] for _, e in decoded for c in e["customers"]})
         stored_rev = {cid: doc.get("rev", -1) for cid, doc in stored.items()}
         newest: dict[str, tuple[int, dict[str, Any]]] = {}  # customer → (rev, doc)
         conversations: dict[str, tuple[int, dict[str, Any]]] = {}  # conversation → (rev of its customer, doc)

@@ -26,6 +26,7 @@ from services.metrics.store import agent_counters
 from services.team_routing.store import stored_placements
 from shared.contracts.agents import AgentPresenceChanged, Presence
 from shared.contracts.channel import ChannelMessagePosted
+from shared.runtime.compact import expand_document
 from shared.runtime.topics import delete_topics_with_prefix, ensure_topics
 from tests.e2e.conftest import DAY, EVERY_DAY
 from tests.support import KafkaProbe, eventually, free_ports
@@ -176,7 +177,7 @@ async def test_kill_dash_nine_mid_stream_loses_and_duplicates_nothing(infra, tmp
                                     f"{topic}@{r.partition}/{r.offset} {env['type'].split('.')[-1]} id={env['id'][:8]} "
                                     f"new={data.get('new_customer')} conv={str(data.get('conversation_id'))[:8]} agent={data.get('agent_id')}"
                                 )
-                    customer_doc = await db["customers"].find_one({"_id": customer}) or {}
+                    customer_doc = expand_document(await db["customers"].find_one({"_id": customer}) or {})
                     trail.append(f"customer doc applied={customer_doc.get('applied')} seq={customer_doc.get('seq')}")
                 raise AssertionError(
                     f"{exc}: {stored} stored; unassigned {unassigned}; pool placements {placed}; trail of the first:\n" + "\n".join(trail)

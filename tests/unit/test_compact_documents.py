@@ -1,0 +1,79 @@
+"""Compact documents: private state stored as one compressed blob, read back as it was."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from services.conversation_state.model import Customer
+from services.metrics.kpis import CustomerKpiState, TrackedConversation
+from services.metrics.store import customer_doc
+from shared.runtime.compact import COMPACT_FORMAT, compact_document, expand_document
+
+AT = datetime(2026, 11, 23, 17, 4, 5, 123000, tzinfo=UTC)
+
+CUSTOMER = Customer(
+    id="cus_1",
+    home_team_id="pnw-seattle",
+    home_team_source="area_code",
+    created_at=AT,
+    addresses={"sms": "+12065550147"},
+    known_agent_id="a-7",
+    known_agent_served_at=AT,
+    reply_gaps_s=[12.5, 300.0],
+    recent_input_ids=["e1", "e2"],
+    callbacks={"cb-1": AT},
+    applied={"messages.received.v1/3": 41},
+    seq=7,
+    rev=3,
+).to_doc()
+
+KPI_STATE = customer_doc(
+    "cus_1",
+    CustomerKpiState(
+        conversations={"conv-1": TrackedConversation(opened_at=AT, home_team="pnw-seattle", unplaced=[{"counter": "messages", "at": AT, "amount": 1.0, "labels": {"direction": "inbound"}}])},
+        last_resolved={"conversation_id": "conv-0", "at": AT, "team": "pnw-seattle", "agent": "a-7", "repeat_counted": False},
+        applied={"conversations.events.v1/2": 9},
+        recent_ids=[f"{n * 7919:032x}" for n in range(64)],
+    ),
+)
+
+
+@pytest.mark.parametrize(
+    ("doc", "keep"),
+    [
+        (CUSTOMER, ()),
+        (CUSTOMER, ("rev",)),
+        (KPI_STATE, ()),
+        ({"_id": "empty"}, ()),
+    ],
+    ids=["customer", "customer keeping rev", "kpi state", "only an id"],
+)
+def test_a_compact_document_expands_to_the_document_it_stands_for(doc: dict, keep: tuple[str, ...]) -> None:
+    stored = compact_document(doc, keep)
+    assert set(stored) == {"_id", *keep, "format", "blob"}
+    assert stored["format"] == COMPACT_FORMAT
+    assert expand_document(stored) == doc
+
+
+def test_datetimes_come_back_aware_in_utc() -> None:
+    expanded = expand_document(compact_document(CUSTOMER))
+    assert expanded["created_at"] == AT and expanded["created_at"].tzinfo is not None
+    # BSON keeps milliseconds: what the store would keep of a plain document too.
+    assert expanded["created_at"].microsecond == 123000
+
+
+def test_a_document_stored_as_fields_before_is_read_as_it_is() -> None:
+    assert expand_document(CUSTOMER) == CUSTOMER
+
+
+def test_an_unknown_format_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown format"):
+        expand_document({"_id": "cus_1", "format": "msgpack/9", "blob": b""})
+
+
+def test_the_blob_is_smaller_than_the_fields() -> None:
+    import bson
+
+    assert len(bson.encode(compact_document(KPI_STATE))) < len(bson.encode(KPI_STATE))
