@@ -777,6 +777,7 @@ class LagSampler:
         self.group_prefix = group_prefix
         self.interval_s = interval_s
         self.samples: list[tuple[float, dict[str, int], dict[str, int]]] = []  # (t, lag per group, end per topic)
+        self.committed: list[tuple[float, dict[str, int]]] = []  # (t, committed offsets per group, summed)
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -800,7 +801,11 @@ class LagSampler:
         per_topic: dict[str, int] = defaultdict(int)
         for tp, end in ends.items():
             per_topic[tp.topic] += end
-        return time.time(), lag, dict(per_topic)
+        now = time.time()
+        self.committed.append(
+            (now, {g.removeprefix(self.group_prefix + "."): sum(m.offset for m in c.values()) for g, c in zip(groups, committed, strict=True)})
+        )
+        return now, lag, dict(per_topic)
 
     async def _run(self) -> None:
         while True:
@@ -861,6 +866,88 @@ async def scrape_histogram(port: int, name: str) -> list[tuple[float, float]]:
                 (float(s.labels["le"]), s.value) for s in family.samples if s.name == name + "_bucket"
             )
     return []
+
+
+STORE_COUNTERS = {
+    "hometeam_store_documents_written_total": "written",
+    "hometeam_store_commands_total": "commands",
+    "hometeam_store_command_seconds_total": "seconds",
+}
+
+
+async def scrape_store_counters(port: int) -> dict[tuple[str, str, str], float]:
+    """A service's store counters (``shared.runtime.store.StoreCommandMetrics``) as
+    {(kind, collection, command): value}, kind one of written / commands / seconds."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(f"http://127.0.0.1:{port}/metrics", timeout=10)).text
+    out: dict[tuple[str, str, str], float] = defaultdict(float)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            kind = STORE_COUNTERS.get(sample.name)
+            if kind is not None:
+                out[(kind, sample.labels["collection"], sample.labels["command"])] += sample.value
+    return dict(out)
+
+
+def at_or_before(series: list[tuple[float, dict[str, int]]], t: float) -> dict[str, int]:
+    """The last sample of a (time, values) series taken at or before ``t`` (else the first)."""
+    chosen = series[0][1] if series else {}
+    for ts, values in series:
+        if ts > t:
+            break
+        chosen = values
+    return chosen
+
+
+def message_costs(
+    messages: int,
+    processes: dict[str, dict[str, Any]],
+    ends: tuple[dict[str, int], dict[str, int]],
+    committed: tuple[dict[str, int], dict[str, int]],
+    store: dict[str, tuple[dict[tuple[str, str, str], float], dict[tuple[str, str, str], float]]],
+    inbound_topic: str,
+) -> dict[str, Any]:
+    """What one inbound message of a step cost, on average: CPU milliseconds per process,
+    Kafka records produced (per topic) and consumed (per consumer group), and store
+    documents written and commands sent (per service, collection and command)."""
+    if messages <= 0:
+        return {}
+    cpu = {n: p["cpu_seconds"] * 1000 / messages for n, p in processes.items() if p.get("cpu_seconds") is not None}
+    produced = {t: (ends[1].get(t, 0) - ends[0].get(t, 0)) / messages for t in ends[1] if t != inbound_topic}
+    consumed = {g: (committed[1].get(g, 0) - committed[0].get(g, 0)) / messages for g in committed[1]}
+    written: dict[str, float] = defaultdict(float)
+    commands: dict[str, float] = defaultdict(float)
+    seconds: dict[str, float] = defaultdict(float)
+    for service, (before, after) in store.items():
+        for key, value in after.items():
+            kind, collection, command = key
+            delta = (value - before.get(key, 0.0)) / messages
+            if delta <= 0:
+                continue
+            name = f"{service}/{collection}/{command}"
+            {"written": written, "commands": commands, "seconds": seconds}[kind][name] += delta
+    by_command: dict[str, float] = defaultdict(float)
+    for name, n in written.items():
+        by_command[name.rsplit("/", 1)[1]] += n
+    reads = sum(n for name, n in commands.items() if name.rsplit("/", 1)[1] in ("find", "getMore", "aggregate", "count"))
+    services_cpu = sum(v for n, v in cpu.items() if n in SERVICES)
+    return {
+        "cpu_ms": cpu,
+        "cpu_ms_services": services_cpu,
+        "cpu_ms_total": services_cpu + cpu.get("kafka", 0.0) + cpu.get("ferretdb", 0.0),
+        "records_produced": produced,
+        "records_produced_total": sum(produced.values()),
+        "records_consumed": consumed,
+        "records_consumed_total": sum(consumed.values()),
+        "store_documents_written": dict(written),
+        "store_written_by_command": dict(by_command),
+        "store_commands": dict(commands),
+        "store_reads": reads,
+        "store_command_seconds": dict(seconds),
+    }
 
 
 def histogram_quantiles(before: list[tuple[float, float]], after: list[tuple[float, float]], qs: Sequence[float]) -> dict[str, Any]:
@@ -941,7 +1028,9 @@ async def baseline(bootstrap: str, ids: RunIds, plan: Plan, batch_max_records: i
     finally:
         await producer.stop()
 
+    broker = stack_pids().get("kafka")
     cpu0 = proc_cpu_seconds(os.getpid()) or 0.0
+    broker0 = proc_cpu_seconds(broker) if broker else None
     consumer = AIOKafkaConsumer(
         source,
         bootstrap_servers=bootstrap,
@@ -978,6 +1067,8 @@ async def baseline(bootstrap: str, ids: RunIds, plan: Plan, batch_max_records: i
         await consumer.stop()
         await producer.stop()
     cpu = (proc_cpu_seconds(os.getpid()) or 0.0) - cpu0
+    broker1 = proc_cpu_seconds(broker) if broker else None
+    broker_cpu = broker1 - broker0 if broker0 is not None and broker1 is not None else None
     return {
         "messages": n,
         "moved": moved,
@@ -989,6 +1080,10 @@ async def baseline(bootstrap: str, ids: RunIds, plan: Plan, batch_max_records: i
         "batches": batches,
         "mean_batch": moved / batches if batches else None,
         "passthrough_cpu_seconds": cpu,
+        # The broker's CPU over the same time (the local stack's Kafka; None on another broker):
+        # with the process's, the CPU one record costs to consume and produce once (one hop).
+        "passthrough_broker_cpu_seconds": broker_cpu,
+        "cpu_ms_per_record_hop": (cpu + (broker_cpu or 0.0)) * 1000 / moved if moved else None,
     }
 
 
@@ -1016,6 +1111,7 @@ async def run_step(ctx: Context, rate: float, step: int, label: str, duration: f
     tr_port = ctx.processes["team_routing"].port
     stored0 = await scrape_histogram(cs_port, "hometeam_message_stored_latency_seconds")
     decided0 = await scrape_histogram(tr_port, "hometeam_routing_decision_latency_seconds")
+    store0 = {m: await scrape_store_counters(p.port) for m, p in ctx.processes.items()}
     cpu0 = ctx.procs.snapshot()
     load0 = os.getloadavg()
     spec = {
@@ -1047,6 +1143,7 @@ async def run_step(ctx: Context, rate: float, step: int, label: str, duration: f
     drain_end = time.time()
     stored1 = await scrape_histogram(cs_port, "hometeam_message_stored_latency_seconds")
     decided1 = await scrape_histogram(tr_port, "hometeam_routing_decision_latency_seconds")
+    store1 = {m: await scrape_store_counters(p.port) for m, p in ctx.processes.items()}
     cpu1 = ctx.procs.snapshot()
     load1 = os.getloadavg()
 
@@ -1083,6 +1180,15 @@ async def run_step(ctx: Context, rate: float, step: int, label: str, duration: f
     ]
     lags_each = lags["groups"]
     sends = gen["lags"]
+    ends = [(t, {k.removeprefix(ctx.ids.prefix): v for k, v in e.items()}) for t, _, e in ctx.lag.samples]
+    costs = message_costs(
+        len(completed),
+        cpu,
+        (at_or_before(ends, t0 - 0.5), at_or_before(ends, drain_end + 1.5)),
+        (at_or_before(ctx.lag.committed, t0 - 0.5), at_or_before(ctx.lag.committed, drain_end + 1.5)),
+        {m: (store0[m], store1[m]) for m in store0},
+        "channel.inbound.v1",
+    )
     result = {
         "label": label,
         "rate": rate,
@@ -1113,6 +1219,7 @@ async def run_step(ctx: Context, rate: float, step: int, label: str, duration: f
         "lag": lags_each,
         "lag_series": lags_series,
         "processes": cpu,
+        "per_message": costs,
         "loadavg_before": load0,
         "loadavg_after": load1,
     }
@@ -1236,6 +1343,33 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cost_table(result: dict[str, Any]) -> str:
+    """Where one inbound message's cost goes, per step: CPU milliseconds per process, Kafka
+    records produced and consumed, store documents written and reads."""
+    lines = []
+    hdr = (
+        f"{'step':<8}{'thruput':>8}  {'CPU ms per message: total = ing+tr+cs+sw+met | kafka+ferret':<62}"
+        f"{'records/msg prod/cons':<23}{'store docs written/msg ins/upd/del':<36}{'store reads/msg':>15}"
+    )
+    lines.append(hdr)
+    lines.append("-" * len(hdr))
+    for s in result["steps"]:
+        c = s.get("per_message") or {}
+        if not c:
+            continue
+        cpu = c["cpu_ms"]
+        services = "+".join(f"{cpu.get(n, 0):.2f}" for n in SERVICES)
+        infra = "+".join(f"{cpu.get(n, 0):.2f}" for n in ("kafka", "ferretdb"))
+        w = c["store_written_by_command"]
+        written = "/".join(f"{w.get(k, 0):.2f}" for k in ("insert", "update", "delete"))
+        budget = f"{c['cpu_ms_total']:.2f} = {services} | {infra}"
+        lines.append(
+            f"{s['label']:<8}{s['throughput']:>8.0f}  {budget:<62}"
+            f"{c['records_produced_total']:>5.2f} / {c['records_consumed_total']:<14.2f}{written:<36}{c['store_reads']:>15.2f}"
+        )
+    return "\n".join(lines)
+
+
 def summary_lines(result: dict[str, Any]) -> list[str]:
     b = result["baseline"]
     s = result["summary"]
@@ -1259,6 +1393,7 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
             + "/".join(ms(h["stored_update_histogram_s"].get(k)) for k in ("p50", "p95", "p99", "p99_9"))
             + " ms"
         )
+    out.extend(budget_lines(result))
     idle = result.get("idle_cores") or {}
     if idle:
         out.append("idle cores before the sweep (other users of the stack, timers): " + ", ".join(f"{k} {v:.2f}" for k, v in idle.items() if v is not None))
@@ -1266,6 +1401,38 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         "peak RSS (MB): "
         + ", ".join(f"{k} {v / 1024:.0f}" for k, v in result["peak_rss_kb"].items() if v)
     )
+    return out
+
+
+def budget_lines(result: dict[str, Any]) -> list[str]:
+    """What one message costs at the highest bounded rate, and what that allows on this
+    machine: the CPU budget behind the throughput figures."""
+    s = result["summary"]
+    hop = result["baseline"].get("cpu_ms_per_record_hop")
+    step = next((x for x in result["steps"] if x["rate"] == s["highest_bounded_rate"]), None)
+    c = (step or {}).get("per_message") or {}
+    out = []
+    if hop:
+        out.append(f"one record hop (consume + produce, pass-through process + broker): {hop:.3f} ms of CPU")
+    if not c:
+        return out
+    cores = result["machine"].get("cpus") or os.cpu_count() or 1
+    cpu = c["cpu_ms"]
+    out.append(
+        f"at {step['rate']:g} msg/s one message costs {c['cpu_ms_total']:.2f} ms of CPU: services {c['cpu_ms_services']:.2f} "
+        f"(" + ", ".join(f"{n} {cpu.get(n, 0):.2f}" for n in SERVICES) + f"), Kafka {cpu.get('kafka', 0):.2f}, "
+        f"FerretDB {cpu.get('ferretdb', 0):.2f}; {cores} cores hold at most ~{cores * 1000 / c['cpu_ms_total']:.0f} msg/s at that cost "
+        f"(5,000 msg/s needs <= {cores * 1000 / 5000:.2f} ms)"
+    )
+    if hop:
+        hops = (c["records_produced_total"] + c["records_consumed_total"]) / 2
+        out.append(
+            f"Kafka records per message: {c['records_produced_total']:.2f} produced, {c['records_consumed_total']:.2f} consumed "
+            f"(~{hops:.1f} hops: ~{hops * hop:.2f} ms of CPU at the baseline's cost per hop, before any service work)"
+        )
+    top = sorted(c["store_documents_written"].items(), key=lambda kv: -kv[1])[:6]
+    if top:
+        out.append("store documents written per message (largest): " + ", ".join(f"{k} {v:.2f}" for k, v in top))
     return out
 
 
@@ -1612,6 +1779,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     print()
     print(table(result))
+    print()
+    print(cost_table(result))
     print()
     for line in summary_lines(result):
         print(line)

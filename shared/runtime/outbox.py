@@ -38,6 +38,7 @@ class Publisher:
         self.published = Counter(
             "hometeam_records_published_total", "Records this service published, by topic.", ["topic"], registry=registry
         )
+        self._published_to: dict[str, Any] = {}  # topic → its counter (a label lookup per record cost ~3% of a service)
 
     async def start(self) -> None:
         self._producer = self._make_producer()
@@ -69,7 +70,10 @@ class Publisher:
                 future = await self.producer.send(topic, value, key=key, headers=headers)
         else:
             future = await self.producer.send(topic, value, key=key, headers=_with_trace(headers))
-        self.published.labels(topic).inc()
+        counter = self._published_to.get(topic)
+        if counter is None:
+            counter = self._published_to[topic] = self.published.labels(topic)
+        counter.inc()
         return future
 
 

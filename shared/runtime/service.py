@@ -93,7 +93,7 @@ def build_runtime(
     broker = build_broker(
         settings, metrics_registry=registry, tracer_provider=tracer_provider, description=description
     )
-    client = mongo or build_mongo_client(settings)
+    client = mongo or build_mongo_client(settings, registry)
     db = database(client, settings)
     tracer = tracer_provider.get_tracer("hometeam")
     publisher = Publisher(lambda: build_producer(settings), tracer, registry)

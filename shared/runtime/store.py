@@ -12,7 +12,8 @@ import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from pymongo import AsyncMongoClient
+from prometheus_client import CollectorRegistry, Counter
+from pymongo import AsyncMongoClient, monitoring
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
@@ -20,7 +21,9 @@ from pymongo.errors import BulkWriteError
 from shared.settings import ServiceSettings
 
 
-def build_mongo_client(settings: ServiceSettings) -> AsyncMongoClient:
+def build_mongo_client(settings: ServiceSettings, registry: CollectorRegistry | None = None) -> AsyncMongoClient:
+    """The service's store client; with a registry, its commands are counted there
+    (``StoreCommandMetrics``)."""
     return AsyncMongoClient(
         settings.mongodb_url.get_secret_value(),
         tz_aware=True,
@@ -28,7 +31,73 @@ def build_mongo_client(settings: ServiceSettings) -> AsyncMongoClient:
         serverSelectionTimeoutMS=settings.mongodb_timeout_ms,
         connectTimeoutMS=settings.mongodb_timeout_ms,
         appname=f"hometeam-{settings.service_name}",
+        event_listeners=[StoreCommandMetrics(registry)] if registry is not None else [],
     )
+
+
+# The commands counted by name; any other (createIndexes, buildInfo, ...) as "other".
+_COUNTED_COMMANDS = frozenset({"insert", "update", "delete", "find", "getMore", "aggregate", "count", "findAndModify", "ping"})
+# The documents (statements) a write command carries, by command.
+_WRITE_ITEMS = {"insert": "documents", "update": "updates", "delete": "deletes"}
+
+
+class StoreCommandMetrics(monitoring.CommandListener):
+    """Counts the service's store commands and the documents its writes carry, by collection
+    and command, with the time they took: the store load of each service, in its own terms
+    (bounded labels: collection and command names come from the code, never from data).
+
+    - ``hometeam_store_commands_total{collection, command, outcome}``
+    - ``hometeam_store_command_seconds_total{collection, command}``
+    - ``hometeam_store_documents_written_total{collection, command}``: documents inserted,
+      update statements (a replace is one), delete statements
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.commands = Counter(
+            "hometeam_store_commands_total", "Store commands, by collection, command and outcome.",
+            ["collection", "command", "outcome"], registry=registry,
+        )
+        self.seconds = Counter(
+            "hometeam_store_command_seconds_total", "Seconds store commands took (round trip), by collection and command.",
+            ["collection", "command"], registry=registry,
+        )
+        self.written = Counter(
+            "hometeam_store_documents_written_total",
+            "Documents written: inserted documents, update statements (a replace is one), delete statements.",
+            ["collection", "command"], registry=registry,
+        )
+        self._started: dict[tuple[Any, int], tuple[str, str]] = {}  # (connection, request id) → labels
+        self._children: dict[tuple[Any, ...], Any] = {}  # a label lookup costs more than the increment
+
+    def _child(self, metric: Counter, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        name = event.command_name
+        command = name if name in _COUNTED_COMMANDS else "other"
+        target = event.command.get(name)
+        collection = target if isinstance(target, str) and name != "ping" else "-"
+        items = _WRITE_ITEMS.get(name)
+        if items is not None:
+            self._child(self.written, collection, command).inc(len(event.command.get(items, ())))
+        self._started[(event.connection_id, event.request_id)] = (collection, command)
+
+    def _ended(self, event: monitoring.CommandSucceededEvent | monitoring.CommandFailedEvent, outcome: str) -> None:
+        labels = self._started.pop((event.connection_id, event.request_id), None)
+        if labels is None:
+            return
+        self._child(self.commands, *labels, outcome).inc()
+        self._child(self.seconds, *labels).inc(event.duration_micros / 1e6)
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        self._ended(event, "ok")
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        self._ended(event, "error")
 
 
 def database(client: AsyncMongoClient, settings: ServiceSettings) -> AsyncDatabase:
