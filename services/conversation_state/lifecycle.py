@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from shared.contracts import conversations as ev
 from shared.contracts.agents import ReplyToCustomer, ResolveConversation, TransferConversation
-from shared.contracts.common import ConversationStatus, Direction, WaitingOn
+from shared.contracts.common import Channel, ConversationStatus, Direction, WaitingOn
 from shared.contracts.customers import OptInToHomeTeam, OptOutOfHomeTeam, ReassignHomeTeam, ScheduleCallback
 from shared.contracts.lifecycle import CloseInactiveConversation, StartCallback
 from shared.contracts.envelope import derived_id
@@ -35,6 +35,9 @@ from services.conversation_state.inactivity import InactivityPolicy, inactivity_
 from services.conversation_state.model import Conversation, Customer, Line
 
 MAX_REPLY_GAPS = 50
+# A new conversation within this time of the customer's last resolution is a repeat contact
+# (product brief, "Messaging KPIs").
+REPEAT_CONTACT_WINDOW = timedelta(days=7)
 # Ids of the latest inputs applied to a customer (message, action, command and decision ids),
 # to drop a repeat: a provider's retry, a desktop's resend, a decision republished after a
 # crash. Stored with the customer, so it survives restarts; repeats come within minutes.
@@ -138,6 +141,71 @@ def _reweigh(conv: Conversation, waiting_on: WaitingOn, now: datetime, fx: Effec
         )
 
 
+def _kpi_line(conv: Conversation, direction: Direction, channel: Channel, at: datetime) -> tuple[bool, float | None]:
+    """What a new line means for the KPIs: does it start a turn (the other side wrote last),
+    and is it the first response (seconds since the customer's first message, or since the
+    opening). A line while no team holds the conversation is kept for the team that takes it
+    (``lines_before_placement`` on the placement or ending that follows)."""
+    starts_turn = conv.last_direction is not direction
+    conv.last_direction = direction
+    first_response = None
+    if direction is Direction.INBOUND:
+        if conv.first_customer_message_at is None:
+            conv.first_customer_message_at = at
+    elif conv.first_response_at is None:
+        first_response = max(0.0, (at - (conv.first_customer_message_at or conv.opened_at)).total_seconds())
+    if conv.team_id is None:
+        conv.unplaced_lines = _with_unplaced(conv.unplaced_lines, at, direction, channel, starts_turn)
+    return starts_turn, first_response
+
+
+def _with_unplaced(groups: list[dict], at: datetime, direction: Direction, channel: Channel, starts_turn: bool) -> list[dict]:
+    """Unplaced lines grouped by hour, direction and channel (a new list: stored copies of the
+    old one stay as they were)."""
+    hour = at.replace(minute=0, second=0, microsecond=0)
+    for n, g in enumerate(groups):
+        if g["direction"] == direction.value and g["channel"] == channel.value and g["at"].replace(minute=0, second=0, microsecond=0) == hour:
+            changed = {**g, "lines": g["lines"] + 1, "turns": g["turns"] + int(starts_turn)}
+            return [*groups[:n], changed, *groups[n + 1 :]]
+    return [*groups, {"at": at, "direction": direction.value, "channel": channel.value, "lines": 1, "turns": int(starts_turn)}]
+
+
+def _take_unplaced(conv: Conversation) -> list[ev.LinesBeforePlacement]:
+    lines = [ev.LinesBeforePlacement(**g) for g in conv.unplaced_lines]
+    conv.unplaced_lines = []
+    return lines
+
+
+def _opened(conv: Conversation, previous: Conversation | None) -> ev.ConversationOpened:
+    """The event of a conversation just opened; ``previous`` is the customer's last one."""
+    return ev.ConversationOpened(
+        conversation_id=conv.id,
+        customer_id=conv.customer_id,
+        home_team_id=conv.home_team_id,
+        channel=conv.last_channel,
+        opened_at=conv.opened_at,
+        previous_conversation_id=conv.previous_conversation_id,
+        repeat_of=_repeat_of(previous, conv.opened_at),
+    )
+
+
+def _repeat_of(previous: Conversation | None, opened_at: datetime) -> ev.RepeatContact | None:
+    """The resolved conversation a new one repeats, if it was resolved within the window."""
+    if (
+        previous is None
+        or previous.status is not ConversationStatus.RESOLVED
+        or previous.resolved_at is None
+        or opened_at - previous.resolved_at > REPEAT_CONTACT_WINDOW
+    ):
+        return None
+    return ev.RepeatContact(
+        conversation_id=previous.id,
+        resolved_at=previous.resolved_at,
+        team_id=previous.team_id or previous.home_team_id,
+        agent_id=previous.agent_id,
+    )
+
+
 def input_id(payload: BaseModel) -> str:
     """The id that makes an input unique: a message, action, command or decision id."""
     for name in ("message_id", "action_id", "command_id", "decision_id"):
@@ -204,16 +272,7 @@ def customer_message(records: CustomerRecords, msg: CustomerMessageReceived, rul
                 previous_conversation_id=customer.last_conversation_id,
             )
             records.conversations[conv.id] = conv
-            fx.events.append(
-                ev.ConversationOpened(
-                    conversation_id=conv.id,
-                    customer_id=customer.id,
-                    home_team_id=customer.home_team_id,
-                    channel=msg.channel,
-                    opened_at=now,
-                    previous_conversation_id=conv.previous_conversation_id,
-                )
-            )
+            fx.events.append(_opened(conv, last))
         conv.waiting_since = now
         customer.open_conversation_id = conv.id
         customer.last_conversation_id = conv.id
@@ -230,6 +289,7 @@ def customer_message(records: CustomerRecords, msg: CustomerMessageReceived, rul
     conv.last_customer_message_at = now
     conv.updated_at = now
     conv.inbound_count += 1
+    starts_turn, _ = _kpi_line(conv, Direction.INBOUND, msg.channel, now)
     fx.lines.append(
         Line(
             message_id=msg.message_id,
@@ -252,6 +312,7 @@ def customer_message(records: CustomerRecords, msg: CustomerMessageReceived, rul
             team_id=conv.team_id,
             agent_id=conv.agent_id,
             at=now,
+            starts_turn=starts_turn,
         )
     )
 
@@ -273,6 +334,8 @@ def routed(records: CustomerRecords, decision: ConversationRouted, fx: Effects) 
             )
         )
         return
+    first_placement = conv.assigned_at is None and conv.queued_at is None
+    previous_agent = conv.agent_id
     conv.pool = decision.pool
     conv.team_id = decision.team_id
     conv.agent_id = decision.agent_id
@@ -290,6 +353,9 @@ def routed(records: CustomerRecords, decision: ConversationRouted, fx: Effects) 
                 pool_reason=decision.pool_reason,
                 queue_position=decision.queue_position,
                 at=now,
+                home_team_id=conv.home_team_id,
+                first_placement=first_placement,
+                lines_before_placement=_take_unplaced(conv),
             )
         )
     else:
@@ -304,6 +370,10 @@ def routed(records: CustomerRecords, decision: ConversationRouted, fx: Effects) 
                 reason=decision.reason,
                 pool_reason=decision.pool_reason,
                 at=now,
+                home_team_id=conv.home_team_id,
+                previous_agent_id=previous_agent,
+                first_placement=first_placement,
+                lines_before_placement=_take_unplaced(conv),
             )
         )
 
@@ -390,6 +460,7 @@ def agent_reply(records: CustomerRecords, action: ReplyToCustomer, rules: Rules,
     )
     conv.outbound_count += 1
     conv.last_agent_message_at = now
+    starts_turn, first_response = _kpi_line(conv, Direction.OUTBOUND, channel, now)
     if conv.first_response_at is None:
         conv.first_response_at = now
     customer.known_agent_id = action.agent_id
@@ -404,6 +475,8 @@ def agent_reply(records: CustomerRecords, action: ReplyToCustomer, rules: Rules,
             agent_id=action.agent_id,
             team_id=conv.team_id,
             at=now,
+            starts_turn=starts_turn,
+            first_response_seconds=first_response,
         )
     )
     if conv.status is ConversationStatus.WAITING_ON_AGENT or conv.inactive_after is not None:
@@ -425,14 +498,28 @@ def _end(records: CustomerRecords, conv: Conversation, status: ConversationStatu
         conv.resolved_at = now
         fx.events.append(
             ev.ConversationResolved(
-                conversation_id=conv.id, customer_id=conv.customer_id, team_id=team_id, agent_id=agent_id, resolved_at=now
+                conversation_id=conv.id,
+                customer_id=conv.customer_id,
+                team_id=team_id,
+                agent_id=agent_id,
+                resolved_at=now,
+                home_team_id=conv.home_team_id,
+                opened_at=conv.opened_at,
+                lines_before_placement=_take_unplaced(conv),
             )
         )
     else:
         conv.closed_at = now
         fx.events.append(
             ev.ConversationClosed(
-                conversation_id=conv.id, customer_id=conv.customer_id, team_id=team_id, agent_id=agent_id, status=status, closed_at=now
+                conversation_id=conv.id,
+                customer_id=conv.customer_id,
+                team_id=team_id,
+                agent_id=agent_id,
+                status=status,
+                closed_at=now,
+                home_team_id=conv.home_team_id,
+                lines_before_placement=_take_unplaced(conv),
             )
         )
     if team_id is not None:
@@ -497,6 +584,7 @@ def start_callback(records: CustomerRecords, cmd: StartCallback, rules: Rules, f
     channel = customer.last_channel
     if channel is None:
         return
+    previous = records.conversations.get(customer.last_conversation_id or "")
     conv = Conversation(
         id=derived_id("conversation", "callback", cmd.callback_id),
         customer_id=customer.id,
@@ -510,16 +598,7 @@ def start_callback(records: CustomerRecords, cmd: StartCallback, rules: Rules, f
     )
     records.conversations[conv.id] = conv
     customer.open_conversation_id = customer.last_conversation_id = conv.id
-    fx.events.append(
-        ev.ConversationOpened(
-            conversation_id=conv.id,
-            customer_id=customer.id,
-            home_team_id=customer.home_team_id,
-            channel=channel,
-            opened_at=now,
-            previous_conversation_id=conv.previous_conversation_id,
-        )
-    )
+    fx.events.append(_opened(conv, previous))
     _route_request(customer, conv, now, fx, priority=rules.callback_priority)
 
 

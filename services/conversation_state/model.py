@@ -102,6 +102,12 @@ class Conversation:
     previous_conversation_id: str | None = None
     inbound_count: int = 0
     outbound_count: int = 0
+    # For the KPIs the events carry (see lifecycle): the side that wrote the last line, the
+    # customer's first message, and lines added while no team held the conversation (groups
+    # of {at, direction, channel, lines, turns}, replaced, never changed in place).
+    last_direction: Direction | None = None
+    first_customer_message_at: datetime | None = None
+    unplaced_lines: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def is_open(self) -> bool:
@@ -109,7 +115,7 @@ class Conversation:
 
     def to_doc(self) -> dict[str, Any]:
         doc = _shallow_doc(self)
-        for key in ("status", "last_channel", "pool", "pool_reason", "routing_reason"):
+        for key in ("status", "last_channel", "pool", "pool_reason", "routing_reason", "last_direction"):
             value = getattr(self, key)
             doc[key] = value.value if value is not None else None
         return doc
@@ -120,7 +126,7 @@ class Conversation:
         data["id"] = doc["_id"]
         data["status"] = ConversationStatus(data["status"])
         data["last_channel"] = Channel(data["last_channel"])
-        for key, enum in (("pool", PoolKind), ("pool_reason", RoutingReason), ("routing_reason", RoutingReason)):
+        for key, enum in (("pool", PoolKind), ("pool_reason", RoutingReason), ("routing_reason", RoutingReason), ("last_direction", Direction)):
             if data.get(key) is not None:
                 data[key] = enum(data[key])
         return cls(**data)

@@ -45,16 +45,17 @@ class MetricsSettings(ServiceSettings):
         default=15.0, ge=0, description="How often online agents' time and queues' oldest waits are refreshed; 0: only on events"
     )
     consumer_lag_interval_s: float = Field(default=15.0, ge=0, description="How often consumer lag is read; 0: never")
-    state_cache_customers: int = Field(
-        default=50_000, ge=0, description="Stored customers (and as many hourly buckets) kept in memory between batches; 0: none"
+    state_cache_entries: int = Field(
+        default=50_000,
+        ge=0,
+        description="Stored hourly buckets, and conversations whose team and agent are known (for survey answers), kept in memory; 0: none",
     )
     state_flush_interval_s: float = Field(
         default=5.0,
         gt=0,
         description=(
-            "How often customer KPI state, hourly buckets and the latest pool statuses are stored (replayed from the last "
-            "checkpoint after a crash); /kpis trails by up to this much. Longer: fewer writes (a customer's events spread "
-            "over seconds)"
+            "How often hourly buckets, the credits of ended conversations and the latest pool statuses are stored (replayed "
+            "from the last checkpoint after a crash); /kpis trails by up to this much"
         ),
     )
 
@@ -78,12 +79,19 @@ def create_service(
     credited: dict[str, datetime] = {}
     prefix = settings.kafka_topic_prefix
     events = EventsConsumer(
-        BatchReader(CUSTOMER_INPUTS, runtime.dead_letters, prefix), store, metrics, settings.state_cache_customers
+        BatchReader(CUSTOMER_INPUTS, runtime.dead_letters, prefix), store, metrics, settings.state_cache_entries
     )
     presence = PresenceConsumer(BatchReader((AGENT_PRESENCE,), runtime.dead_letters, prefix), store, metrics, directory, credited)
     pools = PoolStatusConsumer(BatchReader((POOL_STATUS,), runtime.dead_letters, prefix), store, metrics, clock)
     runtime.on_startup.append(store.ensure_indexes)
     runtime.background.append(lambda: directory.watch(settings.teams_reload_interval_s))
+
+    async def expire_counted_events() -> None:
+        while True:
+            await store.drop_counted_events_before(clock())
+            await asyncio.sleep(3600)
+
+    runtime.background.append(expire_counted_events)
 
     if settings.staffed_time_interval_s > 0:
 

@@ -10,14 +10,16 @@ from typing import Any
 
 from aiokafka import ConsumerRecord
 
+from shared.contracts import conversations as ev
 from shared.contracts.agents import AgentPresenceChanged, Presence
 from shared.contracts.pools import PoolStatusChanged
+from shared.contracts.surveys import SurveyAnswered
 from shared.runtime.decoding import BatchReader
 from shared.teams import DirectoryWatcher
 
-from services.metrics.kpis import CustomerKpiState, Fact, facts_for, hour_of, seen_before
+from services.metrics.kpis import Credit, Fact, credit_of, facts_for, hour_of
 from services.metrics.prom import KpiMetrics
-from services.metrics.store import KpiStore, bucket_doc, bucket_id, customer_doc, empty_bucket
+from services.metrics.store import KpiStore, bucket_doc, bucket_id, empty_bucket
 
 Clock = Callable[[], datetime]
 
@@ -25,24 +27,24 @@ Clock = Callable[[], datetime]
 class EventsConsumer:
     """Turns conversation events and survey answers into hourly KPI buckets.
 
-    The customers' tracking state and the buckets this consumer owns stay in memory and are
-    stored behind checkpoints (``shared.runtime.checkpoints``): a customer or bucket changed
-    by several batches between two stores is written once, and a new one is inserted once
-    instead of inserted and then replaced. After a crash or rebalance the consumer replays
-    from the last checkpoint; stored applied offsets (per customer, per bucket) skip what the
-    store already holds, and the Prometheus metrics reflect each record at most once per
-    process (``observed``)."""
+    The events carry what the KPIs need to know of each customer's history (worked out by
+    conversation-state), so this consumer keeps nothing per customer. What it keeps: the
+    hourly buckets it owns, and who holds each recent conversation (for survey answers), in
+    memory and stored behind checkpoints (``shared.runtime.checkpoints``); after a crash or
+    rebalance it replays from the last checkpoint, and stored applied offsets per bucket skip
+    what the store already holds. An event conversation-state published again after a crash
+    (same id, a later offset) is counted once (``KpiStore.repeated_events``); the Prometheus
+    metrics reflect each record at most once per process (``observed``)."""
 
     def __init__(self, reader: BatchReader, store: KpiStore, metrics: KpiMetrics, max_clean: int = 50_000) -> None:
         self.reader = reader
         self.store = store
         self.metrics = metrics
-        self.max_clean = max_clean  # stored entries kept in memory (least recently used go first)
-        self.customers: OrderedDict[str, CustomerKpiState] = OrderedDict()
+        self.max_clean = max_clean  # stored buckets and known credits kept in memory (least recently used go first)
         self.buckets: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        self.dirty_customers: set[str] = set()
-        self.unstored_customers: set[str] = set()  # in memory, no state document yet: inserted when stored
         self.dirty_buckets: set[str] = set()
+        self.credits: OrderedDict[str, Credit] = OrderedDict()  # conversation → who holds or held it
+        self.unstored_credits: dict[str, Credit] = {}  # of conversations that ended, not stored yet
         # writer → last offset reflected in this process's Prometheus metrics; kept across
         # rewinds so that replayed records are not counted there twice.
         self.observed: dict[str, int] = {}
@@ -50,29 +52,29 @@ class EventsConsumer:
     async def handle(self, records: Sequence[ConsumerRecord]) -> None:
         """One batch; call under the checkpoint lock (``Checkpointed.run_batch``)."""
         incoming = await self.reader.read(records)
-        customer_ids = list(dict.fromkeys(i.payload.customer_id for i in incoming))
-        missing = [c for c in customer_ids if c not in self.customers]
-        if missing:
-            loaded, stored = await self.store.claim_or_load_customers(missing)
-            self.customers.update(loaded)
-            self.unstored_customers.update(loaded.keys() - stored)
-        states = self.customers
+        first: dict[str, Any] = {}
+        for item in incoming:
+            first.setdefault(item.envelope.id, item)
+        repeated = await self.store.repeated_events(
+            [(i.envelope.id, _position(i.record), i.envelope.time) for i in first.values()]
+        )
+        surveyed = {i.payload.conversation_id for i in incoming if isinstance(i.payload, SurveyAnswered)} - self.credits.keys()
+        stored_credits = await self.store.load_credits(surveyed) if surveyed else {}
         pending: list[tuple[str, int, Fact]] = []  # (writer, offset, fact)
         for item in incoming:
-            customer_id = item.payload.customer_id
-            state = states[customer_id]
-            states.move_to_end(customer_id)
+            if first[item.envelope.id] is not item or item.envelope.id in repeated:
+                continue  # published again: counted where it was first read
             writer = f"{_topic_tag(item.record.topic)}/{item.record.partition}"
-            if state.applied.get(writer, -1) >= item.offset:
-                continue
-            if seen_before(state, item.envelope.id):
-                state.applied[writer] = item.offset
-                self.dirty_customers.add(customer_id)
-                continue
-            for fact in facts_for(item.payload, state):
+            payload = item.payload
+            credit = None
+            if isinstance(payload, SurveyAnswered):
+                credit = self.credits.get(payload.conversation_id) or stored_credits.get(payload.conversation_id)
+            else:
+                held = credit_of(payload)
+                if held is not None:
+                    self._credit(*held, ended=isinstance(payload, (ev.ConversationResolved, ev.ConversationClosed)))
+            for fact in facts_for(payload, credit):
                 pending.append((writer, item.offset, fact))
-            state.applied[writer] = item.offset
-            self.dirty_customers.add(customer_id)
 
         ids = {bucket_id(hour_of(f.at), f.team, w): (w, f) for w, _, f in pending}
         absent = {i: empty_bucket(i, hour_of(f.at), f.team, w) for i, (w, f) in ids.items() if i not in self.buckets}
@@ -98,45 +100,52 @@ class EventsConsumer:
         for writer, offset, fact in counted:
             if offset > self.observed.get(writer, -1):
                 observe(self.metrics, fact)
-        for writer, offset, _ in pending:
-            self.observed[writer] = max(self.observed.get(writer, -1), offset)
+        for item in incoming:
+            writer = f"{_topic_tag(item.record.topic)}/{item.record.partition}"
+            self.observed[writer] = max(self.observed.get(writer, -1), item.offset)
+
+    def _credit(self, conversation_id: str, credit: Credit, ended: bool) -> None:
+        self.credits[conversation_id] = credit
+        self.credits.move_to_end(conversation_id)
+        if ended:
+            self.unstored_credits[conversation_id] = credit
 
     def snapshot_state(self) -> Callable[[], Awaitable[None]] | None:
-        """The changed customers and buckets as documents now (under the batch lock), and how
-        to store them; stored entries beyond ``max_clean`` leave memory."""
+        """The changed buckets and the credits of ended conversations as documents now (under
+        the batch lock), and how to store them; stored entries beyond ``max_clean`` leave
+        memory."""
         # No write is in flight now (one at a time): what is not dirty is stored.
-        for evicted in _evict_clean(self.customers, self.dirty_customers, self.max_clean):
-            self.unstored_customers.discard(evicted)
         _evict_clean(self.buckets, self.dirty_buckets, self.max_clean)
-        customers = [customer_doc(c, self.customers[c]) for c in self.dirty_customers if c in self.customers]
+        while len(self.credits) > self.max_clean:
+            self.credits.popitem(last=False)  # unstored ones stay in unstored_credits
         buckets = [bucket_doc(self.buckets[b]) for b in self.dirty_buckets if b in self.buckets]
-        new = {c for c in self.dirty_customers if c in self.unstored_customers}
-        dirty = (set(self.dirty_customers), set(self.dirty_buckets))
-        self.dirty_customers.clear()
+        credits, self.unstored_credits = self.unstored_credits, {}
+        dirty = set(self.dirty_buckets)
         self.dirty_buckets.clear()
-        if not customers and not buckets:
+        if not credits and not buckets:
             return None
 
         async def write() -> None:
             try:
-                # Buckets first: a customer stored without the counts its facts made would
-                # skip those records on a replay.
                 await self.store.save_buckets(buckets)
-                await self.store.save_customer_docs(customers, new)
-                self.unstored_customers -= new
+                await self.store.save_credits(credits)
             except BaseException:
-                self.dirty_customers.update(dirty[0])  # stored next time, with whatever they hold by then
-                self.dirty_buckets.update(dirty[1])
+                self.dirty_buckets.update(dirty)  # stored next time, with whatever they hold by then
+                for conversation, credit in credits.items():
+                    self.unstored_credits.setdefault(conversation, credit)
                 raise
 
         return write
 
     def drop_state(self) -> None:
-        self.customers.clear()
         self.buckets.clear()
-        self.dirty_customers.clear()
         self.dirty_buckets.clear()
-        self.unstored_customers.clear()
+        self.credits.clear()
+        self.unstored_credits.clear()
+
+
+def _position(record: ConsumerRecord) -> str:
+    return f"{_topic_tag(record.topic)}/{record.partition}/{record.offset}"
 
 
 def _evict_clean(entries: OrderedDict[str, Any], dirty: set[str], keep: int) -> list[str]:
@@ -166,21 +175,21 @@ def observe(metrics: KpiMetrics, fact: Fact) -> None:
     labels = dict(fact.labels)
     c = fact.counter
     if c == "closed":
-        metrics.closed.labels(fact.team, fact.agent, labels["status"]).inc()
+        metrics.closed.labels(fact.team, fact.agent, labels["status"]).inc(fact.amount)
     elif c == "messages":
-        metrics.messages.labels(fact.team, labels["direction"], labels["channel"]).inc()
+        metrics.messages.labels(fact.team, labels["direction"], labels["channel"]).inc(fact.amount)
     elif c == "turns":
-        metrics.turns.labels(fact.team).inc()
+        metrics.turns.labels(fact.team).inc(fact.amount)
     elif c == "repeats":
-        metrics.repeats.labels(fact.team).inc()
+        metrics.repeats.labels(fact.team).inc(fact.amount)
     elif c == "routed":
-        metrics.routed.labels(labels["pool"], fact.team, labels["reason"]).inc()
+        metrics.routed.labels(labels["pool"], fact.team, labels["reason"]).inc(fact.amount)
     elif c.startswith("overflow_"):
-        metrics.overflow.labels(fact.team, labels["reason"]).inc()
+        metrics.overflow.labels(fact.team, labels["reason"]).inc(fact.amount)
     elif c == "response_target_missed":
-        metrics.response_target_missed.labels(fact.team).inc()
+        metrics.response_target_missed.labels(fact.team).inc(fact.amount)
     elif c == "csat_count":
-        metrics.csat.labels(fact.team, labels["score"]).inc()
+        metrics.csat.labels(fact.team, labels["score"]).inc(fact.amount)
     elif c == "first_response_seconds":
         metrics.first_response.labels(fact.team).observe(fact.amount)
     elif c == "resolution_seconds":

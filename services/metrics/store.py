@@ -5,39 +5,44 @@
   in each (a replay after a crash never counts twice). One document per team rather than per
   agent: a flush replaces a few documents instead of one per active agent (a replace costs
   FerretDB ~20 inserts). Documents stored before (one per agent: ``agent``, ``counters``) are
-  still read;
-- ``kpi_customers``: per-customer tracking needed to derive facts (turns, first response,
-  repeat contacts), with applied offsets; read only by ``_id``, so stored compact (one
-  compressed blob, ``shared.runtime.compact``: FerretDB inserts it for a third and replaces it
-  for about 60% of what the same state costs as fields);
-- ``kpi_customer_claims``: one empty document per customer the service has met, inserted
-  first (a duplicate key says "known: read its state"), so a new customer's state is
-  inserted when first stored instead of claimed and then replaced (a replace costs FerretDB
-  ~20 inserts);
-- both stored behind checkpoints (``kpi_event_checkpoints``);
+  still read; stored behind checkpoints (``kpi_event_checkpoints``);
+- ``kpi_counted_<yyyymmdd>``: one small document per counted event (``_id`` = event id, ``pos``
+  = where it was read), in a collection per day of the event's time: conversation-state
+  publishes a batch's events again with the same ids after a crash, and an id stored at
+  another position is such a repeat (counted once). Inserted before the batch's facts are
+  counted; collections older than ``COUNTED_EVENT_DAYS`` are dropped;
+- ``kpi_conversation_credits``: who ended each conversation (team, agent), for its survey
+  answers; stored behind the same checkpoints;
 - ``kpi_presence``: agents' staffed intervals (online until offline);
 - ``kpi_pools``: each pool's latest queue and staffing, stored behind checkpoints
   (``kpi_pool_checkpoints``).
+
+The metrics service keeps nothing per customer: the events carry what the KPIs need
+(``shared.contracts.conversations``). Databases of earlier versions may still hold
+``kpi_customers`` and ``kpi_customer_claims``; nothing reads them any more.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import asdict
-from datetime import datetime
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pymongo import ASCENDING, ReplaceOne
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
-from shared.runtime.compact import compact_document, expand_document
 from shared.runtime.store import bulk_write_chunked, find_by_ids, insert_absent
 
-from services.metrics.kpis import CustomerKpiState, TrackedConversation
+from services.metrics.kpis import Credit
+
+COUNTED_EVENTS_PREFIX = "kpi_counted_"
+COUNTED_EVENT_DAYS = 8  # a repeat comes minutes after its original; a backlog may take days
 
 
-CLAIMS_BACKFILLED = "customer_claims_backfilled"  # kpi_meta: every stored customer has a claim
+def counted_events_collection(at: datetime) -> str:
+    return COUNTED_EVENTS_PREFIX + at.astimezone(UTC).strftime("%Y%m%d")
 
 
 def bucket_id(hour: datetime, team: str, writer: str) -> str:
@@ -69,10 +74,9 @@ def agent_counters(doc: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:
 
 class KpiStore:
     def __init__(self, db: AsyncDatabase) -> None:
+        self.db = db
         self.buckets = db["kpi_buckets"]
-        self.customers = db["kpi_customers"]
-        self.customer_claims = db["kpi_customer_claims"]
-        self.meta = db["kpi_meta"]
+        self.credits = db["kpi_conversation_credits"]
         self.presence = db["kpi_presence"]
         self.pools = db["kpi_pools"]
         self.pool_checkpoints = db["kpi_pool_checkpoints"]  # see shared.runtime.checkpoints
@@ -81,63 +85,44 @@ class KpiStore:
     async def ensure_indexes(self) -> None:
         await self.buckets.create_index([("hour", ASCENDING), ("team", ASCENDING)])
         await self.presence.create_index([("agent", ASCENDING), ("end", ASCENDING)])
-        await self.backfill_customer_claims()
 
-    async def backfill_customer_claims(self) -> None:
-        """Give every customer stored before claims were kept apart a claim (once per
-        database; repeatable if interrupted: the marker is written last)."""
-        if await self.meta.find_one({"_id": CLAIMS_BACKFILLED}) is not None:
-            return
-        batch: list[dict[str, Any]] = []
-        async for doc in self.customers.find({}, {"_id": 1}):
-            batch.append({"_id": doc["_id"]})
-            if len(batch) == 1000:
-                await insert_absent(self.customer_claims, batch)
-                batch = []
-        await insert_absent(self.customer_claims, batch)
-        await insert_absent(self.meta, [{"_id": CLAIMS_BACKFILLED}])
+    # counted events ------------------------------------------------------------------------
+    async def repeated_events(self, events: Sequence[tuple[str, str, datetime]]) -> set[str]:
+        """Of these (event id, position, event time), the ids counted before at another
+        position (an event published again): insert-first, one insert command per day of
+        events; only the ids that existed are read."""
+        by_day: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for event_id, pos, at in events:
+            by_day[counted_events_collection(at)].append({"_id": event_id, "pos": pos})
+        repeated: set[str] = set()
+        for name, docs in by_day.items():
+            collection = self.db[name]
+            existed = await insert_absent(collection, docs)
+            if existed:
+                stored = await find_by_ids(collection, existed)
+                mine = {d["_id"]: d["pos"] for d in docs}
+                repeated |= {i for i, doc in stored.items() if doc.get("pos") != mine[i]}
+        return repeated
 
-    # customers ---------------------------------------------------------------------------
-    async def load_customers(self, ids: Iterable[str]) -> dict[str, CustomerKpiState]:
-        """The stored states of these customers (those without one are left out)."""
-        states: dict[str, CustomerKpiState] = {}
-        for stored in (await find_by_ids(self.customers, ids)).values():
-            doc = expand_document(stored)
-            states[doc["_id"]] = CustomerKpiState(
-                conversations={k: TrackedConversation(**v) for k, v in doc.get("conversations", {}).items()},
-                last_resolved=doc.get("last_resolved"),
-                applied={a["key"]: a["offset"] for a in doc.get("applied", [])},
-                recent_ids=list(doc.get("recent_ids", [])),
-            )
-        return states
+    async def drop_counted_events_before(self, now: datetime) -> list[str]:
+        """Drop the per-day collections of counted events older than ``COUNTED_EVENT_DAYS``."""
+        oldest_kept = counted_events_collection(now - timedelta(days=COUNTED_EVENT_DAYS))
+        names = [n for n in await self.db.list_collection_names() if n.startswith(COUNTED_EVENTS_PREFIX) and n < oldest_kept]
+        for name in names:
+            await self.db.drop_collection(name)
+        return sorted(names)
 
-    async def claim_or_load_customers(self, ids: Iterable[str]) -> tuple[dict[str, CustomerKpiState], set[str]]:
-        """Like ``load_customers``, but insert-first: a claim is inserted for every customer;
-        those that already had one answer with a duplicate key and their state is read. On
-        FerretDB one insert command costs less than a single point read, and most customers a
-        batch names for the first time are new. Returns the states and which of them have a
-        stored state document (a claimed customer has none until its state is first stored:
-        the same as an empty state)."""
-        wanted = list(dict.fromkeys(ids))
-        if not wanted:
-            return {}, set()
-        existed = await insert_absent(self.customer_claims, [{"_id": cid} for cid in wanted])
-        states = {cid: CustomerKpiState() for cid in wanted}
-        stored = await self.load_customers(existed) if existed else {}
-        return states | stored, set(stored)
+    # conversation credits ------------------------------------------------------------------
+    async def load_credits(self, conversation_ids: Iterable[str]) -> dict[str, Credit]:
+        return {i: (d["team"], d["agent"]) for i, d in (await find_by_ids(self.credits, conversation_ids)).items()}
 
-    async def save_customers(self, states: dict[str, CustomerKpiState], new: Iterable[str] = ()) -> None:
-        await self.save_customer_docs([customer_doc(cid, s) for cid, s in states.items()], new)
-
-    async def save_customer_docs(self, docs: Iterable[dict[str, Any]], new: Iterable[str] = ()) -> None:
-        """Store these states (compact): those in ``new`` (no state document yet) are inserted,
-        the others (and a new one that exists after all) replaced."""
-        docs = [compact_document(d) for d in docs]
-        fresh = set(new)
-        existed = await insert_absent(self.customers, [d for d in docs if d["_id"] in fresh])
-        ops = [ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in docs if d["_id"] not in fresh or d["_id"] in existed]
+    async def save_credits(self, credits: dict[str, Credit]) -> None:
+        """Insert-first (a conversation ends once, mostly); one that existed is replaced."""
+        docs = [{"_id": c, "team": team, "agent": agent} for c, (team, agent) in credits.items()]
+        existed = await insert_absent(self.credits, docs)
+        ops = [ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in docs if d["_id"] in existed]
         if ops:
-            await bulk_write_chunked(self.customers, ops)
+            await bulk_write_chunked(self.credits, ops)
 
     # buckets -----------------------------------------------------------------------------
     async def load_buckets(self, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
@@ -195,14 +180,3 @@ class KpiStore:
 
     async def all_pools(self) -> list[dict[str, Any]]:
         return [d async for d in self.pools.find({})]
-
-
-def customer_doc(customer_id: str, state: CustomerKpiState) -> dict[str, Any]:
-    """The stored form of a customer's tracking state (a copy: later changes do not reach it)."""
-    return {
-        "_id": customer_id,
-        "conversations": {k: asdict(v) for k, v in state.conversations.items()},
-        "last_resolved": dict(state.last_resolved) if state.last_resolved is not None else None,
-        "applied": [{"key": k, "offset": v} for k, v in state.applied.items()],
-        "recent_ids": list(state.recent_ids),
-    }

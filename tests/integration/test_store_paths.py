@@ -255,47 +255,40 @@ async def test_a_new_head_is_inserted_and_one_that_exists_after_all_is_replaced(
         await client.close()
 
 
-async def test_metrics_claims_new_customers_insert_first_and_loads_existing_ones(infra, mongo_db_name) -> None:
-    from services.metrics.kpis import CustomerKpiState
+async def test_metrics_counts_event_ids_insert_first_and_tells_a_repeat_by_its_position(infra, mongo_db_name) -> None:
     from services.metrics.store import KpiStore
 
     commands = Commands()
     client: AsyncMongoClient = AsyncMongoClient(infra.mongodb_url, tz_aware=True, event_listeners=[commands])
+    day1, day2 = datetime(2026, 11, 23, 23, 59, tzinfo=UTC), datetime(2026, 11, 24, 0, 1, tzinfo=UTC)
     try:
         store = KpiStore(client[mongo_db_name])
-        states, stored = await store.claim_or_load_customers(["cus_a", "cus_b"])
-        assert states == {"cus_a": CustomerKpiState(), "cus_b": CustomerKpiState()} and stored == set()
-        assert "find" not in commands.names  # new customers: one insert, no reads
-        states["cus_a"].applied["events/0"] = 7
-        await store.save_customers({"cus_a": states["cus_a"]}, new=["cus_a"])
-        again, stored = await store.claim_or_load_customers(["cus_a", "cus_b", "cus_c"])
-        assert again["cus_a"].applied == {"events/0": 7} and stored == {"cus_a"}  # claimed before and stored
-        assert again["cus_b"] == again["cus_c"] == CustomerKpiState()  # cus_b: claimed, never stored
-        assert await store.customers.count_documents({}) == 1
-        assert await store.customer_claims.count_documents({}) == 3
-        # A "new" state that exists after all (stored by an earlier owner) is replaced.
-        states["cus_a"].applied["events/0"] = 9
-        await store.save_customers({"cus_a": states["cus_a"]}, new=["cus_a"])
-        assert (await store.load_customers(["cus_a"]))["cus_a"].applied == {"events/0": 9}
+        assert await store.repeated_events([("e1", "events/0/1", day1), ("e2", "events/0/2", day1), ("e3", "events/0/3", day2)]) == set()
+        assert "find" not in commands.names  # new events: one insert per day, no reads
+        assert sorted(n for n in await client[mongo_db_name].list_collection_names() if n.startswith("kpi_counted_")) == [
+            "kpi_counted_20261123",
+            "kpi_counted_20261124",
+        ]
+        # Read again where they were first read (a replay of the same records): not repeats.
+        # Published again (same id, another record): a repeat, in the collection of its own day.
+        assert await store.repeated_events([("e1", "events/0/1", day1), ("e2", "events/0/9", day1), ("e3", "events/1/3", day2), ("e4", "events/0/10", day1)]) == {"e2", "e3"}
     finally:
         await client.close()
 
 
-async def test_metrics_gives_customers_stored_before_claims_a_claim_once(infra, mongo_db_name) -> None:
-    from services.metrics.kpis import CustomerKpiState
-    from services.metrics.store import KpiStore
+async def test_metrics_drops_counted_events_of_days_long_past(infra, mongo_db_name) -> None:
+    from services.metrics.store import COUNTED_EVENT_DAYS, KpiStore
 
     client: AsyncMongoClient = AsyncMongoClient(infra.mongodb_url, tz_aware=True)
+    now = datetime(2026, 11, 23, 12, tzinfo=UTC)
     try:
         store = KpiStore(client[mongo_db_name])
-        old = CustomerKpiState(applied={"events/0": 4})
-        await store.save_customers({"cus_old": old})  # stored by a version without claims
-        await store.ensure_indexes()
-        states, stored = await store.claim_or_load_customers(["cus_old"])
-        assert states["cus_old"].applied == {"events/0": 4} and stored == {"cus_old"}
-        await store.customer_claims.delete_many({})
-        await store.ensure_indexes()  # done once per database: not repeated
-        assert await store.customer_claims.count_documents({}) == 0
+        for days in (0, COUNTED_EVENT_DAYS, COUNTED_EVENT_DAYS + 1, 30):
+            await store.repeated_events([(f"e{days}", "events/0/1", now - timedelta(days=days))])
+        dropped = await store.drop_counted_events_before(now)
+        assert dropped == ["kpi_counted_20261024", "kpi_counted_20261114"]
+        kept = sorted(n for n in await client[mongo_db_name].list_collection_names() if n.startswith("kpi_counted_"))
+        assert kept == ["kpi_counted_20261115", "kpi_counted_20261123"]
     finally:
         await client.close()
 

@@ -638,7 +638,9 @@ def test_resolve_ends_the_conversation_and_frees_the_agent():
     assert records.customer.last_conversation_id == conv_id
     assert (conv.status, conv.resolved_at) == (ConversationStatus.RESOLVED, at)
     assert of(fx.events, ev.ConversationResolved) == [
-        ev.ConversationResolved(conversation_id=conv_id, customer_id=CUSTOMER, team_id="pnw", agent_id="sea-ana", resolved_at=at)
+        ev.ConversationResolved(
+            conversation_id=conv_id, customer_id=CUSTOMER, team_id="pnw", agent_id="sea-ana", resolved_at=at, home_team_id="pnw", opened_at=conv.opened_at
+        )
     ]
     [(key, release)] = fx.routing
     assert key == "pnw"
@@ -728,6 +730,7 @@ def test_close_inactive_closes_a_conversation_waiting_on_the_customer_and_frees_
             agent_id="sea-ana",
             status=ConversationStatus.CLOSED_INACTIVE,
             closed_at=at,
+            home_team_id="pnw",
         )
     ]
     [(key, release)] = fx.routing
