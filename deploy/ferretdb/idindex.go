@@ -30,19 +30,24 @@ const idExpression = `_ferretdb_sjson->'$._id'`
 type idIndexKeeper struct {
 	dir    string
 	logger *slog.Logger
-	dbs    map[string]*sql.DB // database file → connection
-	seen   map[string]int64   // database file → schema_version already indexed
+	seen   map[string]indexedSchema // database file → what was last indexed
+}
+
+// indexedSchema names a database file's schema the keeper indexed: which file (a database
+// dropped and created again is a new file under the same name) at which schema_version.
+type indexedSchema struct {
+	file    os.FileInfo
+	version int64
 }
 
 func newIDIndexKeeper(dir string, logger *slog.Logger) *idIndexKeeper {
-	return &idIndexKeeper{dir: dir, logger: logger, dbs: map[string]*sql.DB{}, seen: map[string]int64{}}
+	return &idIndexKeeper{dir: dir, logger: logger, seen: map[string]indexedSchema{}}
 }
 
 // run checks every database file each interval until ctx ends.
 func (k *idIndexKeeper) run(ctx context.Context, interval time.Duration) {
 	ticker := time.NewTicker(interval)
 	defer ticker.Stop()
-	defer k.closeAll()
 
 	for {
 		k.pass(ctx)
@@ -65,37 +70,51 @@ func (k *idIndexKeeper) pass(ctx context.Context) {
 	for _, file := range files {
 		present[file] = true
 		if err := k.check(ctx, file); err != nil {
-			// A database being dropped or created right now: forget it and look again next time.
+			// A database being dropped or created right now: look again next time.
 			k.logger.Debug("id index keeper: check failed", "file", filepath.Base(file), "error", err)
-			k.forget(file)
+			delete(k.seen, file)
 		}
 	}
 
-	for file := range k.dbs {
+	for file := range k.seen {
 		if !present[file] {
-			k.forget(file)
+			delete(k.seen, file)
 		}
 	}
 }
 
+// check indexes the collection tables of one database file that lack the lookup index. It
+// holds a connection only while it checks: a connection kept across passes outlives a drop
+// of the database, and when SQLite closes the last connection of a database it removes the
+// write-ahead log by its name, which by then may belong to a new database of the same name
+// ("file is not a database" for FerretDB afterwards: seen with a database dropped and
+// created again at once).
 func (k *idIndexKeeper) check(ctx context.Context, file string) error {
-	db, ok := k.dbs[file]
-	if !ok {
-		var err error
-		// mode=rw: never create a database file FerretDB has just removed.
-		db, err = sql.Open("sqlite", "file:"+file+"?mode=rw&_pragma=busy_timeout(10000)")
-		if err != nil {
-			return err
-		}
-		db.SetMaxOpenConns(1)
-		k.dbs[file] = db
+	info, err := os.Stat(file)
+	if err != nil {
+		return err
 	}
+	// mode=rw: never create a database file FerretDB has just removed.
+	db, err := sql.Open("sqlite", "file:"+file+"?mode=rw&_pragma=busy_timeout(10000)")
+	if err != nil {
+		return err
+	}
+	db.SetMaxOpenConns(1)
+	defer func() {
+		_ = db.Close()
+		// Dropped while we looked: our close may have left -wal and -shm files behind, which a
+		// later database of the same name must not find.
+		if _, err := os.Stat(file); errors.Is(err, fs.ErrNotExist) {
+			_ = os.Remove(file + "-wal")
+			_ = os.Remove(file + "-shm")
+		}
+	}()
 
 	var version int64
 	if err := db.QueryRowContext(ctx, "PRAGMA schema_version").Scan(&version); err != nil {
 		return err
 	}
-	if seen, ok := k.seen[file]; ok && seen == version {
+	if seen, ok := k.seen[file]; ok && seen.version == version && os.SameFile(seen.file, info) {
 		return nil // no table created since the last pass
 	}
 
@@ -114,7 +133,7 @@ func (k *idIndexKeeper) check(ctx context.Context, file string) error {
 	if err := db.QueryRowContext(ctx, "PRAGMA schema_version").Scan(&version); err != nil {
 		return err
 	}
-	k.seen[file] = version
+	k.seen[file] = indexedSchema{file: info, version: version}
 
 	return nil
 }
@@ -145,24 +164,4 @@ func collectionTables(ctx context.Context, db *sql.DB) ([]string, error) {
 	}
 
 	return tables, rows.Err()
-}
-
-func (k *idIndexKeeper) forget(file string) {
-	if db, ok := k.dbs[file]; ok {
-		_ = db.Close()
-		// Closing our connection after FerretDB removed the database can leave its -wal and
-		// -shm files behind; a later database of the same name must not find them.
-		if _, err := os.Stat(file); errors.Is(err, fs.ErrNotExist) {
-			_ = os.Remove(file + "-wal")
-			_ = os.Remove(file + "-shm")
-		}
-	}
-	delete(k.dbs, file)
-	delete(k.seen, file)
-}
-
-func (k *idIndexKeeper) closeAll() {
-	for file := range k.dbs {
-		k.forget(file)
-	}
 }
