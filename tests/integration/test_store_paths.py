@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from pymongo import AsyncMongoClient, monitoring
+from pymongo import AsyncMongoClient, ReplaceOne, monitoring
 
 from shared.runtime.store import _point_reads, find_by_ids
 
@@ -41,13 +41,9 @@ class Writes(monitoring.CommandListener):
         pass
 
 
-async def _first_and_last_read(docs, before_insert: Any = None) -> tuple[float, float]:
-    """Seconds per find_one of the first and of the last of 20,000 fresh documents
-    (``before_insert``: awaited right before they are inserted)."""
-    fresh = [{"_id": f"k{i:06d}", "pad": "x" * 200} for i in range(20_000)]
-    if before_insert is not None:
-        await before_insert
-    await docs.insert_many(fresh)
+async def _first_and_last_read(docs: Any) -> tuple[float, float]:
+    """Seconds per find_one of the first and of the last of 20,000 fresh documents."""
+    await docs.insert_many([{"_id": f"k{i:06d}", "pad": "x" * 200} for i in range(20_000)])
     await docs.find_one({"_id": "k000000"})
     await asyncio.sleep(1.5)  # the embedded FerretDB indexes new collections within 0.5 s
 
@@ -79,18 +75,28 @@ async def test_a_point_read_does_not_scan_the_collection(infra, mongo_db_name) -
         await client.close()
 
 
-async def test_a_database_dropped_and_created_again_gets_its_lookup_index_again(infra, mongo_db_name) -> None:
-    """The embedded FerretDB's index keeper once kept reading the removed file of a database
-    dropped and created again within one of its passes: the new collections never got their
-    _id lookup index, and every point read scanned (a replace took 10x as long)."""
+async def test_databases_dropped_and_created_again_stay_readable_and_indexed(infra, mongo_db_name) -> None:
+    """The embedded FerretDB's index keeper once kept a connection to each database across
+    its passes: after a database was dropped and created again, closing that connection
+    removed the new database's write-ahead log ("file is not a database" on the next write,
+    and FerretDB no longer started), or the new collections never got their lookup index."""
     client: AsyncMongoClient = AsyncMongoClient(infra.mongodb_url, tz_aware=True)
+    names = (mongo_db_name, mongo_db_name + "_b")
     try:
-        await client[mongo_db_name]["docs"].insert_one({"_id": "before"})
-        await asyncio.sleep(1.0)  # indexed by the keeper
-        # Dropped and at once created again (within one pass of the keeper).
-        first, last = await _first_and_last_read(client[mongo_db_name]["docs"], client.drop_database(mongo_db_name))
+        for _ in range(3):
+            for name in names:
+                await client.drop_database(name)
+            await client[names[0]]["cust"].insert_many([{"_id": f"c{i}", "n": 0, "pad": "x" * 300} for i in range(2000)])
+            await client[names[1]]["msgs"].insert_one({"_id": "m"})
+            await asyncio.sleep(0.7)  # one pass of the keeper sees both
+            for start in range(0, 2000, 20):
+                await client[names[0]]["cust"].bulk_write([ReplaceOne({"_id": f"c{i}"}, {"n": 1}) for i in range(start, start + 20)])
+                await client[names[1]]["msgs"].insert_one({"_id": f"m{start}"})
+        assert await client[names[0]]["cust"].count_documents({"n": 1}) == 2000
+        first, last = await _first_and_last_read(client[names[0]]["docs"])
         assert last < max(5 * first, 0.010), (first, last)
     finally:
+        await client.drop_database(names[1])
         await client.close()
 
 
