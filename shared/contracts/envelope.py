@@ -7,6 +7,7 @@ them: ``specversion``, ``id``, ``type``, ``source``, ``time``, ``subject`` (the 
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from datetime import datetime
 from typing import Any, Generic, Literal, TypeVar
@@ -22,9 +23,19 @@ TYPE_PREFIX = "hometeam."
 ID_NAMESPACE = uuid.UUID("6f1c1d2e-6b8a-4a53-9a7e-3c1f0e9b7d21")
 
 
+_NAMESPACE_BYTES = ID_NAMESPACE.bytes
+
+
 def derived_id(*parts: str) -> str:
-    """Stable id for an effect of an input: the same parts always give the same id."""
-    return str(uuid.uuid5(ID_NAMESPACE, "\x1f".join(parts)))
+    """Stable id for an effect of an input: the same parts always give the same id.
+
+    It is ``str(uuid.uuid5(ID_NAMESPACE, "\x1f".join(parts)))``, computed without building a
+    ``UUID`` object (a third of the time; services derive several ids per message)."""
+    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + "\x1f".join(parts).encode()).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 class InboundModel(BaseModel):
