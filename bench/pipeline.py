@@ -853,6 +853,82 @@ class ProcSampler:
             await asyncio.gather(self._task, return_exceptions=True)
 
 
+class UnstoredSampler:
+    """Every second: each write-behind state's ``hometeam_state_unstored_records`` (what its
+    service holds in memory that the store does not have yet: conversation-state's customers
+    not written, team-routing's and metrics' records no stored checkpoint covers), scraped
+    from the services' /metrics."""
+
+    def __init__(self, ports: dict[str, int], interval_s: float = 1.0) -> None:
+        self.ports = ports
+        self.interval_s = interval_s
+        self.samples: list[tuple[float, dict[str, float]]] = []  # (t, {"<service>/<state>": unstored})
+        self._task: asyncio.Task[None] | None = None
+
+    async def sample(self) -> dict[str, float]:
+        import httpx
+        from prometheus_client.parser import text_string_to_metric_families
+
+        out: dict[str, float] = {}
+        async with httpx.AsyncClient() as client:
+            for service, port in self.ports.items():
+                text = (await client.get(f"http://127.0.0.1:{port}/metrics", timeout=5)).text
+                for family in text_string_to_metric_families(text):
+                    if family.name == "hometeam_state_unstored_records":
+                        for sample in family.samples:
+                            out[f"{service}/{sample.labels['state']}"] = sample.value
+        return out
+
+    async def start(self) -> None:
+        async def run() -> None:
+            while True:
+                started = time.monotonic()
+                try:
+                    self.samples.append((time.time(), await self.sample()))
+                except Exception as exc:  # a missed sample is a gap, never fatal
+                    print(f"bench: unstored sample failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+                await asyncio.sleep(max(0.0, self.interval_s - (time.monotonic() - started)))
+
+        self._task = asyncio.create_task(run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+def unstored_verdict(samples: list[tuple[float, dict[str, float]]], t0: float, t_end: float, rate: float) -> dict[str, Any]:
+    """Write-behind keeps up, per state: the mean of what it holds unstored over the last third
+    of the step is at most two seconds of input above its mean over the first third (a state
+    that keeps up rises and falls with its flushes around a level: about one flush interval
+    of its input; thirds average over those saw teeth). Unbounded, memory grows and a crash
+    replays ever more."""
+    window = [(t, v) for t, v in samples if t0 <= t <= t_end + 0.5]
+    out: dict[str, Any] = {"states": {}, "bounded": True}
+    if len(window) < 6:
+        return out
+    allowance = max(2.0 * rate, 500.0)
+    third = (t_end - t0) / 3
+
+    def mean(points: list[float]) -> float:
+        return sum(points) / len(points) if points else 0.0
+
+    for state in sorted({k for _, v in window for k in v}):
+        series = [(t, v.get(state, 0.0)) for t, v in window]
+        first = mean([v for t, v in series if t < t0 + third])
+        last = mean([v for t, v in series if t >= t_end - third])
+        bounded = last - first <= allowance
+        out["states"][state] = {
+            "end": series[-1][1],
+            "max": max(v for _, v in series),
+            "first_third_mean": first,
+            "last_third_mean": last,
+            "bounded": bounded,
+        }
+        out["bounded"] = out["bounded"] and bounded
+    return out
+
+
 async def scrape_histogram(port: int, name: str) -> list[tuple[float, float]]:
     """Cumulative buckets [(upper bound, count)] of a histogram on a service's /metrics."""
     import httpx
@@ -1101,6 +1177,7 @@ class Context:
     lag: LagSampler
     procs: ProcSampler
     db: Any
+    unstored: UnstoredSampler | None = None
 
 
 async def run_step(ctx: Context, rate: float, step: int, label: str, duration: float) -> dict[str, Any]:
@@ -1136,7 +1213,9 @@ async def run_step(ctx: Context, rate: float, step: int, label: str, duration: f
     while time.monotonic() < drain_deadline:
         done = sum(1 for m in ids_ if m in ctx.collector.added)
         last = ctx.lag.samples[-1] if ctx.lag.samples else None
-        if done >= len(ids_) and last is not None and last[0] > time.time() - 1.5 and all(v == 0 for v in last[1].values()):
+        held = ctx.unstored.samples[-1] if ctx.unstored is not None and ctx.unstored.samples else None
+        caught_up = held is None or (held[0] > time.time() - 1.5 and sum(held[1].values()) <= max(2.0 * rate, 200.0))
+        if done >= len(ids_) and last is not None and last[0] > time.time() - 1.5 and all(v == 0 for v in last[1].values()) and caught_up:
             drained = True
             break
         await asyncio.sleep(0.5)
@@ -1175,6 +1254,7 @@ async def run_step(ctx: Context, rate: float, step: int, label: str, duration: f
             if a is not None and b is not None:
                 cpu[name]["cores_during_send"] = (b - a) / (span * ctx.procs.interval_s)
     lags = lag_verdict(ctx.lag.samples, t0, t_end, rate)
+    held = unstored_verdict(ctx.unstored.samples if ctx.unstored is not None else [], t0, t_end, rate)
     lags_series = [
         {"t": round(t - t0, 2), **{g: v for g, v in lag.items()}} for t, lag, _ in ctx.lag.samples if t0 - 1 <= t <= drain_end
     ]
@@ -1215,7 +1295,9 @@ async def run_step(ctx: Context, rate: float, step: int, label: str, duration: f
         "decision_histogram_s": histogram_quantiles(decided0, decided1, QUANTILES),
         "drained": drained,
         "drain_s": drain_end - t_end,
-        "bounded": lags["bounded"],
+        "bounded": lags["bounded"] and held["bounded"],
+        "lag_bounded": lags["bounded"],
+        "write_behind": held,
         "lag": lags_each,
         "lag_series": lags_series,
         "processes": cpu,
@@ -1319,7 +1401,8 @@ def table(result: dict[str, Any]) -> str:
     hdr = (
         f"{'step':<8}{'offered':>8}{'sent/s':>8}{'genlag99':>9}{'thruput':>8}{'done%':>6}"
         f"{'bounded':>8}  {'to decision ms p50/p95/p99/p99.9':<32}{'to MessageAdded ms p50/p95/p99/p99.9':<36}"
-        f"{'stored (hist) ms p50/p95/p99/p99.9':<35}{'end lag (ing/tr/cs/sw/met)':<28}cores (ing/tr/cs/sw/met | kafka/ferret/bench)"
+        f"{'stored (hist) ms p50/p95/p99/p99.9':<35}{'end lag (ing/tr/cs/sw/met)':<28}{'unstored, last 1/3 (cs/tr/met)':<32}"
+        f"cores (ing/tr/cs/sw/met | kafka/ferret/bench)"
     )
     lines.append(hdr)
     lines.append("-" * len(hdr))
@@ -1334,11 +1417,16 @@ def table(result: dict[str, Any]) -> str:
             f"{(pr.get(n, {}).get('cores') or 0):.2f}" for n in ("ingest", "team_routing", "conversation_state", "timeout_sweeper", "metrics")
         )
         infra = "/".join(f"{(pr.get(n, {}).get('cores') or 0):.2f}" for n in ("kafka", "ferretdb", "bench"))
+        states = (s.get("write_behind") or {}).get("states", {})
+        held = "/".join(
+            f"{sum(v['last_third_mean'] for k, v in states.items() if k.startswith(service + '/')):.0f}"
+            for service in ("conversation_state", "team_routing", "metrics")
+        )
         lines.append(
             f"{s['label']:<8}{s['rate']:>8g}{(s['achieved_send_rate'] or 0):>8.1f}{ms(s['generator_lag_s']['p99']):>9}"
             f"{s['throughput']:>8.0f}{100 * (s['completed_share'] or 0):>6.1f}{('yes' if s['bounded'] else 'NO'):>8}  "
             f"{q4(s['latency_to_decision_s']):<32}{q4(s['latency_to_message_added_s']):<36}"
-            f"{q4(s['stored_update_histogram_s']):<35}{end:<28}{cores} | {infra}"
+            f"{q4(s['stored_update_histogram_s']):<35}{end:<28}{held:<32}{cores} | {infra}"
         )
     return "\n".join(lines)
 
@@ -1596,10 +1684,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         collector = Collector(bootstrap, ids.prefix)
         lag = LagSampler(bootstrap, ids.group_prefix)
         procs = ProcSampler(pids)
-        for o in (collector, lag, procs):
+        unstored = UnstoredSampler({m: processes[m].port for m in ("conversation_state", "team_routing", "metrics")})
+        for o in (collector, lag, procs, unstored):
             await o.start()
             observers.append(o)
-        ctx = Context(args, ids, bootstrap, processes, collector, lag, procs, db)
+        ctx = Context(args, ids, bootstrap, processes, collector, lag, procs, db, unstored)
 
         # What the machine does with no load from this run (other users of a shared stack,
         # the services' own timers): the floor under every step's CPU figures.
