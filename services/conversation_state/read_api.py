@@ -19,8 +19,9 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError
 from shared.contracts.common import ConversationStatus, Identifier
 from shared.contracts.customers import ScheduleCallback
 from shared.contracts.registry import CUSTOMER_COMMANDS
-from shared.runtime.outbox import Outbox
 from shared.contracts.routing import STANDARD_POOL_ID
+from shared.runtime.compact import expand_document
+from shared.runtime.outbox import Outbox
 from shared.runtime.http import problem
 from shared.teams import DirectoryWatcher
 
@@ -43,7 +44,8 @@ def _page(request: Request, default_size: int = 50) -> tuple[int, int] | Respons
 
 
 def _conversation_json(doc: dict[str, Any]) -> dict[str, Any]:
-    out = {k: v for k, v in doc.items() if k not in ("_id",)}
+    # unplaced_lines: bookkeeping for the KPI events, not part of what a conversation shows.
+    out = {k: v for k, v in doc.items() if k not in ("_id", "unplaced_lines")}
     out["conversation_id"] = doc["_id"]
     return _jsonable(out)
 
@@ -97,17 +99,17 @@ def read_routes(
         if customer is None:
             return problem(404, "unknown customer", customer_id=customer_id)
         current_id = customer.get("open_conversation_id") or customer.get("last_conversation_id")
-        current = (latest(current_id, customer_id) or await store.conversations.find_one({"_id": current_id})) if current_id else None
+        current = (latest(current_id, customer_id) or await store.find_conversation(current_id)) if current_id else None
         others = {"customer_id": customer_id, "_id": {"$ne": current_id}}
         held = {k: v for k, v in (memory.conversations_of(customer_id) if memory is not None else {}).items() if k != current_id}
         if held:  # some may not be stored yet: merge, then page here (a customer has few)
-            docs = {d["_id"]: d async for d in store.conversations.find(others)} | held
+            docs = {d["_id"]: expand_document(d) async for d in store.conversations.find(others)} | held
             ordered = sorted(docs.values(), key=lambda d: d["_id"])
             ordered.sort(key=lambda d: d["opened_at"].timestamp(), reverse=True)
             page_docs, total_earlier = ordered[(page - 1) * size : page * size], len(ordered)
         else:
             cursor = store.conversations.find(others).sort([("opened_at", DESCENDING), ("_id", ASCENDING)])
-            page_docs = [d async for d in cursor.skip((page - 1) * size).limit(size)]
+            page_docs = [expand_document(d) async for d in cursor.skip((page - 1) * size).limit(size)]
             total_earlier = await store.conversations.count_documents(others)
         earlier = [{**_conversation_json(doc), "transcript": await transcript(doc["_id"])} for doc in page_docs]
         return JSONResponse(
@@ -136,7 +138,7 @@ def read_routes(
             return paging
         page, size = paging
         conversation_id = request.path_params["conversation_id"]
-        doc = latest(conversation_id) or await store.conversations.find_one({"_id": conversation_id})
+        doc = latest(conversation_id) or await store.find_conversation(conversation_id)
         if doc is not None:
             doc = latest(conversation_id, doc["customer_id"]) or doc
         if doc is None:
@@ -158,7 +160,7 @@ def read_routes(
         base = {"team_id": team_id, "status": {"$in": OPEN}}
         waiting_filter = {**base, "agent_id": None}
         waiting = [
-            _conversation_json(d)
+            _conversation_json(expand_document(d))
             async for d in store.conversations.find(waiting_filter)
             .sort([("queued_at", ASCENDING), ("_id", ASCENDING)])
             .skip((page - 1) * size)
@@ -166,7 +168,7 @@ def read_routes(
         ]
         assigned: dict[str, list[dict[str, Any]]] = {}
         async for d in store.conversations.find({**base, "agent_id": {"$ne": None}}).sort([("assigned_at", ASCENDING)]):
-            assigned.setdefault(d["agent_id"], []).append(_conversation_json(d))
+            assigned.setdefault(d["agent_id"], []).append(_conversation_json(expand_document(d)))
         return JSONResponse(
             {
                 "team_id": team_id,

@@ -40,7 +40,7 @@ from pymongo import DeleteOne
 
 from shared.runtime.checkpoints import CheckpointMetrics, StoreBeforeRevocation
 from shared.runtime.compact import COMPACT_FORMAT, pack, unpack
-from shared.runtime.store import bulk_write_chunked, find_by_ids
+from shared.runtime.store import bulk_write_chunked
 
 from services.conversation_state.lifecycle import CustomerRecords
 from services.conversation_state.model import Conversation, Customer
@@ -177,7 +177,7 @@ class JournaledCustomers:
             x for r in overlaid for x in (r.customer.open_conversation_id, r.customer.last_conversation_id)  # type: ignore[union-attr]
             if x and x not in r.conversations
         }
-        found = await find_by_ids(self.store.conversations, missing) if missing else {}
+        found = await self.store.find_conversations(missing) if missing else {}
         for r in overlaid:
             c = r.customer
             assert c is not None

@@ -72,3 +72,18 @@ def test_the_blob_is_smaller_than_the_fields() -> None:
     import bson
 
     assert len(bson.encode(compact_document(NESTED))) < len(bson.encode(NESTED))
+
+
+def test_a_conversation_keeps_the_fields_it_is_queried_by() -> None:
+    from services.conversation_state.model import Conversation
+    from services.conversation_state.store import CONVERSATION_QUERY_FIELDS
+    from shared.contracts.common import Channel, ConversationStatus
+
+    doc = Conversation(
+        id="conv-1", customer_id="cus_1", home_team_id="pnw", status=ConversationStatus.WAITING_ON_AGENT,
+        opened_at=AT, updated_at=AT, last_channel=Channel.SMS, team_id="pnw", agent_id=None, queued_at=AT,
+    ).to_doc()
+    stored = compact_document(doc, CONVERSATION_QUERY_FIELDS)
+    # The read API's queries (a customer's conversations, a team's queue) and sorts see these.
+    assert {k: stored[k] for k in CONVERSATION_QUERY_FIELDS} == {k: doc[k] for k in CONVERSATION_QUERY_FIELDS}
+    assert "inbound_count" not in stored and expand_document(stored) == doc
