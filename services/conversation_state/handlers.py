@@ -200,7 +200,7 @@ class ConversationConsumer:
             self._mark_applied(records, applied_key, item.offset)
             return  # sent again: a provider retry, a desktop resend, a republished decision
         self._apply(records, payload, fx)
-        lifecycle.remember_applied(records, payload)
+        lifecycle.remember_applied(records, payload, item.envelope.time)
         self._mark_applied(records, applied_key, item.offset)
         lines.extend(fx.lines)
         effects.append((records, fx, item))

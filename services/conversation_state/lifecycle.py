@@ -41,6 +41,11 @@ REPEAT_CONTACT_WINDOW = timedelta(days=7)
 # Ids of the latest inputs applied to a customer (message, action, command and decision ids),
 # to drop a repeat: a provider's retry, a desktop's resend, a decision republished after a
 # crash. Stored with the customer, so it survives restarts; repeats come within minutes.
+# Kept: the latest RECENT_INPUTS_ALWAYS whatever their age, and any other of the last
+# RECENT_INPUT_WINDOW, at most MAX_RECENT_INPUT_IDS. (Keeping 512 whatever their age made a
+# busy customer's document ~20 KB, written on every change.)
+RECENT_INPUTS_ALWAYS = 64
+RECENT_INPUT_WINDOW = timedelta(minutes=15)
 MAX_RECENT_INPUT_IDS = 512
 
 
@@ -220,10 +225,30 @@ def already_applied(records: CustomerRecords, payload: BaseModel) -> bool:
     return records.customer is not None and input_id(payload) in records.customer.recent_input_ids
 
 
-def remember_applied(records: CustomerRecords, payload: BaseModel) -> None:
-    if records.customer is not None:
-        recent = records.customer.recent_input_ids
-        records.customer.recent_input_ids = [*recent, input_id(payload)][-MAX_RECENT_INPUT_IDS:]
+def remember_applied(records: CustomerRecords, payload: BaseModel, at: datetime) -> None:
+    """Remember an applied input (``at``: its time) among the customer's recent inputs."""
+    customer = records.customer
+    if customer is not None:
+        customer.recent_input_ids, customer.recent_input_times = recent_inputs(
+            customer.recent_input_ids, customer.recent_input_times, input_id(payload), at.timestamp()
+        )
+
+
+def recent_inputs(ids: list[str], times: list[float], new_id: str, at: float) -> tuple[list[str], list[float]]:
+    """The recent inputs after one more (ids with their times, oldest first): the latest
+    ``RECENT_INPUTS_ALWAYS``, and older ones within ``RECENT_INPUT_WINDOW`` of ``at``, at most
+    ``MAX_RECENT_INPUT_IDS``. Ids remembered before times were kept count as of ``at``."""
+    if len(times) < len(ids):
+        times = [at] * (len(ids) - len(times)) + times
+    elif len(times) > len(ids):
+        times = times[len(times) - len(ids) :]
+    ids, times = [*ids, new_id], [*times, at]
+    oldest = at - RECENT_INPUT_WINDOW.total_seconds()
+    first = max(0, len(ids) - MAX_RECENT_INPUT_IDS)
+    always = len(ids) - RECENT_INPUTS_ALWAYS
+    while first < always and times[first] < oldest:
+        first += 1
+    return ids[first:], times[first:]
 
 
 already_received = already_applied

@@ -54,6 +54,7 @@ class Customer:
     last_conversation_id: str | None = None
     reply_gaps_s: list[float] = field(default_factory=list)
     recent_input_ids: list[str] = field(default_factory=list)
+    recent_input_times: list[float] = field(default_factory=list)  # when each was applied (its input's time, Unix)
     callbacks: dict[str, datetime] = field(default_factory=dict)
     seq: int = 0
     applied: dict[str, int] = field(default_factory=dict)

@@ -185,7 +185,7 @@ def step(records: CustomerRecords, payload: BaseModel) -> Effects:
         lifecycle.customer_command(records, payload, RULES, fx)
     else:
         raise TypeError(type(payload))
-    lifecycle.remember_applied(records, payload)
+    lifecycle.remember_applied(records, payload, T0)
     return fx
 
 
