@@ -63,6 +63,15 @@ class ServiceSettings(BaseSettings):
     )
     otel_traces_sampler_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
 
+    # Python's garbage collector (shared/runtime/gc_tuning.py)
+    gc_thresholds: tuple[int, int, int] = Field(
+        default=(50_000, 20, 20),
+        description=(
+            "Collection thresholds of the service process (gc.set_threshold), as a JSON list, e.g. [700, 10, 10] for "
+            "CPython's own; what exists once the service is built is frozen either way"
+        ),
+    )
+
     def topic(self, name: str) -> str:
         return f"{self.kafka_topic_prefix}{name}"
 

@@ -26,6 +26,7 @@ from starlette.routing import BaseRoute
 from shared.contracts.registry import Topic
 from shared.runtime.dead_letter import DeadLetters
 from shared.runtime.decoding import documented_payloads
+from shared.runtime.gc_tuning import GcPauses, tune
 from shared.runtime.http import ReadinessCheck, health_routes
 from shared.runtime.kafka import build_broker, build_producer
 from shared.runtime.outbox import Outbox, Publisher
@@ -138,8 +139,11 @@ class Service:
 def assemble(runtime: Runtime, *, title: str, description: str, routes: Sequence[BaseRoute] = ()) -> Service:
     """Build the FastStream and HTTP apps around a runtime whose subscribers are registered."""
 
+    gc_pauses = GcPauses(runtime.registry)
+
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        gc_pauses.start()
         for hook in runtime.on_startup:
             await hook()
         await runtime.publisher.start()
@@ -162,6 +166,7 @@ def assemble(runtime: Runtime, *, title: str, description: str, routes: Sequence
             shutdown = getattr(runtime.tracer_provider, "shutdown", None)  # the no-op provider has none
             if shutdown is not None:
                 shutdown()
+            gc_pauses.stop()
             log.info("service stopped", extra={"service_name": runtime.settings.service_name})
 
     all_routes = [*health_routes(runtime.registry, runtime.readiness), *routes]
@@ -186,6 +191,7 @@ def serve(service: Service) -> None:
         access_log=False,
         timeout_graceful_shutdown=20,
     )
+    tune(settings.gc_thresholds)  # the service is built: what exists now is never garbage
     asyncio.run(uvicorn.Server(config).serve())
 
 
