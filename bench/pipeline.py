@@ -899,15 +899,16 @@ class UnstoredSampler:
 
 def unstored_verdict(samples: list[tuple[float, dict[str, float]]], t0: float, t_end: float, rate: float) -> dict[str, Any]:
     """Write-behind keeps up, per state: the mean of what it holds unstored over the last third
-    of the step is at most two seconds of input above its mean over the first third (a state
-    that keeps up rises and falls with its flushes around a level: about one flush interval
-    of its input; thirds average over those saw teeth). Unbounded, memory grows and a crash
+    of the step is at most three seconds of input above its mean over the middle third. A state
+    that keeps up rises and falls with its flushes around a level (about one flush interval of
+    its input; a third of a 20 s step averages over a 5 s saw tooth); the first third is left
+    out because the state fills up from nothing then. Unbounded, memory grows and a crash
     replays ever more."""
     window = [(t, v) for t, v in samples if t0 <= t <= t_end + 0.5]
     out: dict[str, Any] = {"states": {}, "bounded": True}
     if len(window) < 6:
         return out
-    allowance = max(2.0 * rate, 500.0)
+    allowance = max(3.0 * rate, 500.0)
     third = (t_end - t0) / 3
 
     def mean(points: list[float]) -> float:
@@ -915,13 +916,13 @@ def unstored_verdict(samples: list[tuple[float, dict[str, float]]], t0: float, t
 
     for state in sorted({k for _, v in window for k in v}):
         series = [(t, v.get(state, 0.0)) for t, v in window]
-        first = mean([v for t, v in series if t < t0 + third])
+        middle = mean([v for t, v in series if t0 + third <= t < t_end - third])
         last = mean([v for t, v in series if t >= t_end - third])
-        bounded = last - first <= allowance
+        bounded = last - middle <= allowance
         out["states"][state] = {
             "end": series[-1][1],
             "max": max(v for _, v in series),
-            "first_third_mean": first,
+            "middle_third_mean": middle,
             "last_third_mean": last,
             "bounded": bounded,
         }

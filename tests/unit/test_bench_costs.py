@@ -1,11 +1,13 @@
 """The pipeline benchmark's per-message costs: CPU, Kafka records and store writes of a step,
-divided by the messages it completed."""
+divided by the messages it completed; and whether its write-behind states keep up."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
-from bench.pipeline import at_or_before, message_costs
+from bench.pipeline import at_or_before, message_costs, unstored_verdict
 
 
 def test_costs_are_the_step_deltas_per_message() -> None:
@@ -43,3 +45,35 @@ def test_a_step_that_completed_nothing_has_no_costs() -> None:
 )
 def test_at_or_before_takes_the_last_sample_not_after_t(t: float, expected: dict) -> None:
     assert at_or_before([(1.0, {"a": 1}), (2.0, {"a": 2}), (3.0, {"a": 3})], t) == expected
+
+
+def _series(values: Callable[[float], float], seconds: float = 20.0, state: str = "metrics/kpi_events") -> list[tuple[float, dict[str, float]]]:
+    return [(t / 2, {state: values(t / 2)}) for t in range(int(seconds * 2) + 1)]
+
+
+def _saw(rate: float, period: float, ramp: bool = True) -> Callable[[float], float]:
+    """Unstored records of a write-behind state storing every ``period`` seconds: rising at
+    ``rate`` and back to zero at each flush (from nothing at the start of the step)."""
+    return lambda t: rate * (t % period) if ramp or t >= period else rate * t
+
+
+@pytest.mark.parametrize(
+    ("name", "values", "bounded"),
+    [
+        ("flat", lambda t: 300.0, True),
+        ("5 s saw tooth of 2.6 events per message at 200 msg/s, filling up from nothing", _saw(520, 5.0), True),
+        ("1 s saw tooth at 1,000 msg/s", _saw(1000, 1.0), True),
+        ("a level reached in the first third", lambda t: min(t, 5.0) * 800, True),
+        ("growing by 200 records a second", lambda t: 200 + 200 * t, False),
+        ("growing by half the input rate", lambda t: 500 * t, False),
+        ("saw tooth on a growing base", lambda t: 150 * t + 520 * (t % 5.0), False),
+    ],
+)
+def test_write_behind_keeps_up_unless_what_it_holds_grows(name: str, values: Callable[[float], float], bounded: bool) -> None:
+    verdict = unstored_verdict(_series(values), 0.0, 20.0, rate=200.0)
+    assert verdict["bounded"] is bounded, (name, verdict)
+    assert verdict["states"]["metrics/kpi_events"]["bounded"] is bounded
+
+
+def test_too_few_samples_say_nothing_against_the_step() -> None:
+    assert unstored_verdict(_series(lambda t: 1e6 * t, seconds=2.0), 0.0, 2.0, rate=200.0) == {"states": {}, "bounded": True}
