@@ -41,10 +41,14 @@ class ServiceSettings(BaseSettings):
     )
     consumer_batch_max_records: int = Field(default=500, ge=1, le=10_000)
     consumer_batch_timeout_ms: int = Field(default=20, ge=1, le=5_000)
+    # A fetch is answered once 64 KB are there (~100 messages) or after 40 ms: under load every
+    # consumer then handles fewer, larger batches (measured in make bench at 375-1,000 msg/s:
+    # 10-35% less CPU per message; at 750-1,000 msg/s p99 to the routing decision about halved),
+    # for up to 40 ms more per hop when traffic is light (p50 ~50 -> ~125 ms at 5 msg/s).
     consumer_fetch_min_bytes: int = Field(
-        default=1, ge=1, le=1_048_576, description="The broker answers a fetch once this much is there (or after the max wait)"
+        default=65_536, ge=1, le=1_048_576, description="The broker answers a fetch once this much is there (or after the max wait)"
     )
-    consumer_fetch_max_wait_ms: int = Field(default=500, ge=0, le=5_000, description="Longest the broker holds a fetch for the min bytes")
+    consumer_fetch_max_wait_ms: int = Field(default=40, ge=0, le=5_000, description="Longest the broker holds a fetch for the min bytes")
     producer_linger_ms: int = Field(default=5, ge=0, le=1_000)
 
     # Store
