@@ -853,6 +853,18 @@ class ProcSampler:
             await asyncio.gather(self._task, return_exceptions=True)
 
 
+async def metric_families(port: int, timeout: float = 10.0, client: Any = None) -> list[Any]:
+    """The metric families a service serves on /metrics (``client``: an open httpx client to reuse)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    if client is None:
+        async with httpx.AsyncClient() as own:
+            return await metric_families(port, timeout, own)
+    text = (await client.get(f"http://127.0.0.1:{port}/metrics", timeout=timeout)).text
+    return list(text_string_to_metric_families(text))
+
+
 class UnstoredSampler:
     """Every second: each write-behind state's ``hometeam_state_unstored_records`` (what its
     service holds in memory that the store does not have yet: conversation-state's customers
@@ -867,13 +879,11 @@ class UnstoredSampler:
 
     async def sample(self) -> dict[str, float]:
         import httpx
-        from prometheus_client.parser import text_string_to_metric_families
 
         out: dict[str, float] = {}
         async with httpx.AsyncClient() as client:
             for service, port in self.ports.items():
-                text = (await client.get(f"http://127.0.0.1:{port}/metrics", timeout=5)).text
-                for family in text_string_to_metric_families(text):
+                for family in await metric_families(port, 5.0, client):
                     if family.name == "hometeam_state_unstored_records":
                         for sample in family.samples:
                             out[f"{service}/{sample.labels['state']}"] = sample.value
@@ -932,12 +942,7 @@ def unstored_verdict(samples: list[tuple[float, dict[str, float]]], t0: float, t
 
 async def scrape_histogram(port: int, name: str) -> list[tuple[float, float]]:
     """Cumulative buckets [(upper bound, count)] of a histogram on a service's /metrics."""
-    import httpx
-    from prometheus_client.parser import text_string_to_metric_families
-
-    async with httpx.AsyncClient() as client:
-        text = (await client.get(f"http://127.0.0.1:{port}/metrics", timeout=10)).text
-    for family in text_string_to_metric_families(text):
+    for family in await metric_families(port):
         if family.name == name:
             return sorted(
                 (float(s.labels["le"]), s.value) for s in family.samples if s.name == name + "_bucket"
@@ -955,13 +960,8 @@ STORE_COUNTERS = {
 async def scrape_store_counters(port: int) -> dict[tuple[str, str, str], float]:
     """A service's store counters (``shared.runtime.store.StoreCommandMetrics``) as
     {(kind, collection, command): value}, kind one of written / commands / seconds."""
-    import httpx
-    from prometheus_client.parser import text_string_to_metric_families
-
-    async with httpx.AsyncClient() as client:
-        text = (await client.get(f"http://127.0.0.1:{port}/metrics", timeout=10)).text
     out: dict[tuple[str, str, str], float] = defaultdict(float)
-    for family in text_string_to_metric_families(text):
+    for family in await metric_families(port):
         for sample in family.samples:
             kind = STORE_COUNTERS.get(sample.name)
             if kind is not None:
