@@ -58,7 +58,13 @@ class EventsConsumer:
         repeated = await self.store.repeated_events(
             [(i.envelope.id, _position(i.record), i.envelope.time) for i in first.values()]
         )
-        surveyed = {i.payload.conversation_id for i in incoming if isinstance(i.payload, SurveyAnswered)} - self.credits.keys()
+        # Not ``set - self.credits.keys()``: that walks every held credit (up to ``max_clean``)
+        # in each batch; it was ~10% of this service's CPU under load.
+        surveyed = {
+            i.payload.conversation_id
+            for i in incoming
+            if isinstance(i.payload, SurveyAnswered) and i.payload.conversation_id not in self.credits
+        }
         stored_credits = await self.store.load_credits(surveyed) if surveyed else {}
         pending: list[tuple[str, int, Fact]] = []  # (writer, offset, fact)
         for item in incoming:

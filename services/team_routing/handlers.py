@@ -29,7 +29,7 @@ from shared.runtime.tracing import RecordTracer
 from shared.teams import DirectoryWatcher
 
 from services.team_routing.pool import Decision, Handoff, Output, PoolState, apply_command, command_time, status_of
-from services.team_routing.store import PoolStore, pool_to_doc
+from services.team_routing.store import PlacementRows, PoolStore, pool_to_doc
 
 
 class PoolConsumer:
@@ -45,6 +45,7 @@ class PoolConsumer:
     ) -> None:
         self.states: dict[str, PoolState] = {}  # the pools this consumer owns, in memory
         self.dirty: set[str] = set()  # changed since last stored
+        self.rows: dict[str, PlacementRows] = {}  # each pool's placements as last encoded
         self.reader = reader
         self.store = store
         self.outbox = outbox
@@ -59,7 +60,7 @@ class PoolConsumer:
         self.dirty.clear()
         if not ids:
             return None
-        docs = [pool_to_doc(self.states[p]) for p in ids]
+        docs = [pool_to_doc(self.states[p], self.rows.setdefault(p, PlacementRows())) for p in ids]
 
         async def write() -> None:
             try:
@@ -73,6 +74,7 @@ class PoolConsumer:
     def drop_state(self) -> None:
         self.states.clear()
         self.dirty.clear()
+        self.rows.clear()
 
     async def handle(self, records: Sequence[ConsumerRecord]) -> None:
         """One batch; call under the checkpoint lock (``Checkpointed.run_batch``)."""

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import json
 import zlib
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from services.team_routing.pool import AgentPresenceState, Placement, PoolState
-from services.team_routing.store import PLACEMENTS_FORMAT, decode_placements, encode_placements, pool_from_doc, pool_to_doc
+from services.team_routing.store import (
+    PLACEMENTS_FORMAT,
+    PlacementRows,
+    decode_placements,
+    encode_placements,
+    pool_from_doc,
+    pool_to_doc,
+)
 from shared.contracts.agents import Presence
 from shared.contracts.common import Channel, RoutingReason, WaitingOn
 
@@ -134,3 +142,56 @@ def test_unknown_layouts_are_refused(change, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         pool_from_doc(doc)
 
+
+
+# Changes made in place between two flushes, each to a field the row caches must notice.
+IN_PLACE_CHANGES = [
+    ("agent_id", "a-2"),
+    ("agent_id", None),
+    ("assigned_at", T + timedelta(microseconds=1)),
+    ("assigned_at", None),
+    ("waiting_on", WaitingOn.CUSTOMER),
+    ("priority", 9),
+    ("enqueued_at", T - timedelta(microseconds=1)),
+    ("pool_reason", RoutingReason.SURGE),
+    ("known_agent_id", "a-9"),
+    ("known_agent_served_at", None),
+    ("home_team_id", "sw"),
+    ("channel", Channel.APP),
+    ("opted_out", False),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), IN_PLACE_CHANGES, ids=[f"{f}={v}" for f, v in IN_PLACE_CHANGES])
+def test_cached_rows_follow_changes_made_in_place(field: str, value: object) -> None:
+    placements = {p.conversation_id: replace(p) for p in PLACEMENTS}
+    state = PoolState(pool_id="pnw", placements=placements)
+    rows = PlacementRows()
+    first = pool_to_doc(state, rows)
+    assert first["placements"] == pool_to_doc(state)["placements"]  # the same bytes as encoding afresh
+
+    setattr(placements["c-1"], field, value)
+    second = pool_to_doc(state, rows)
+    assert second["placements"] == pool_to_doc(state)["placements"]
+    assert getattr(decode_placements(second["placements"])[0], field) == value
+    assert pool_from_doc(second) == state
+
+
+def test_cached_rows_follow_placements_added_and_removed() -> None:
+    state = PoolState(pool_id="pnw", placements={p.conversation_id: replace(p) for p in PLACEMENTS})
+    rows = PlacementRows()
+    pool_to_doc(state, rows)
+    del state.placements["c-1"]
+    state.placements["c-3"] = replace(PLACEMENTS[0], conversation_id="c-3", customer_id="cust-3")
+    doc = pool_to_doc(state, rows)
+    assert [p.conversation_id for p in decode_placements(doc["placements"])] == ["c-2", "c-3"]
+    assert set(rows.rows) == {"c-2", "c-3"}  # a removed placement's row is not kept
+    assert pool_from_doc(doc) == state
+
+
+def test_rows_are_the_json_of_their_fields() -> None:
+    odd = replace(PLACEMENTS[0], conversation_id='c-"4"\\', customer_id="kunde-ü-😀\n", agent_id=None, priority=-3)
+    blob = encode_placements([odd, PLACEMENTS[1]])
+    columns, rows = json.loads(zlib.decompress(blob))
+    assert zlib.decompress(blob).decode() == json.dumps([columns, rows], separators=(",", ":"))
+    assert decode_placements(blob) == [odd, PLACEMENTS[1]]
