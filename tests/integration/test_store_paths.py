@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from pymongo import AsyncMongoClient, ReplaceOne, monitoring
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from shared.runtime.store import _point_reads, find_by_ids
 
@@ -71,6 +72,28 @@ async def test_a_point_read_does_not_scan_the_collection(infra, mongo_db_name) -
         # The form MongoDB gets (one $in) answers the same, here too (slowly: FerretDB scans).
         _point_reads[id(client)] = False
         assert await find_by_ids(docs, ["k000001", "missing", "k019998", "k000001"]) == found
+    finally:
+        await client.close()
+
+
+async def test_the_id_index_the_reads_use_still_refuses_duplicates(infra, mongo_db_name) -> None:
+    """The embedded FerretDB rebuilds each collection's unique _id index on the expression its
+    lookups use (``deploy/ferretdb/idindex.go``): duplicates are refused as before, by insert
+    and by an upsert, and the index FerretDB lists is still there."""
+    client: AsyncMongoClient = AsyncMongoClient(infra.mongodb_url, tz_aware=True)
+    try:
+        docs = client[mongo_db_name]["docs"]
+        await _first_and_last_read(docs)  # waits for the keeper's pass
+        with pytest.raises(DuplicateKeyError):
+            await docs.insert_one({"_id": "k000007"})
+        with pytest.raises(BulkWriteError) as refused:
+            await docs.insert_many([{"_id": "fresh"}, {"_id": "k019999"}], ordered=True)
+        assert refused.value.details["writeErrors"][0]["code"] == 11000
+        await docs.replace_one({"_id": "k000007"}, {"pad": "y"}, upsert=True)
+        await docs.replace_one({"_id": "new"}, {"pad": "z"}, upsert=True)
+        assert [d["pad"] async for d in docs.find({"_id": {"$in": ["k000007", "new"]}}).sort("_id", 1)] == ["y", "z"]
+        assert await docs.count_documents({}) == 20_002  # 20,000 + "fresh" + "new": nothing doubled
+        assert "_id_" in {i["name"] async for i in await docs.list_indexes()}
     finally:
         await client.close()
 
