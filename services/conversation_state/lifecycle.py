@@ -81,6 +81,9 @@ class CustomerRecords:
     # The documents as the store last wrote or read them, by id: the store writes only what
     # changed (bookkeeping of the store's, which the rules never read).
     stored: dict[str, dict[str, object]] = field(default_factory=dict, repr=False, compare=False)
+    # Conversations whose own stored document may trail ``stored`` (the customer's document
+    # holds the newer copy; see the store): written in full once no longer current.
+    trailing: set[str] = field(default_factory=set, repr=False, compare=False)
 
     @property
     def open_conversation(self) -> Conversation | None:

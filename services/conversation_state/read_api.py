@@ -25,7 +25,7 @@ from shared.runtime.outbox import Outbox
 from shared.runtime.http import problem
 from shared.teams import DirectoryWatcher
 
-from services.conversation_state.store import ConversationStore
+from services.conversation_state.store import ConversationStore, held_conversations
 from services.conversation_state.write_behind import JournaledCustomers
 
 MAX_PAGE_SIZE = 200
@@ -99,7 +99,10 @@ def read_routes(
         if customer is None:
             return problem(404, "unknown customer", customer_id=customer_id)
         current_id = customer.get("open_conversation_id") or customer.get("last_conversation_id")
-        current = (latest(current_id, customer_id) or await store.find_conversation(current_id)) if current_id else None
+        current = None
+        if current_id:  # from memory, else as the customer's document holds it, else its own
+            current = latest(current_id, customer_id) or held_conversations(customer).get(current_id)
+            current = current or await store.find_conversation(current_id)
         others = {"customer_id": customer_id, "_id": {"$ne": current_id}}
         held = {k: v for k, v in (memory.conversations_of(customer_id) if memory is not None else {}).items() if k != current_id}
         if held:  # some may not be stored yet: merge, then page here (a customer has few)
@@ -159,20 +162,25 @@ def read_routes(
             return problem(404, "unknown team", team_id=team_id)
         base = {"team_id": team_id, "status": {"$in": OPEN}}
         waiting_filter = {**base, "agent_id": None}
-        waiting = [
-            _conversation_json(expand_document(d))
-            async for d in store.conversations.find(waiting_filter)
-            .sort([("queued_at", ASCENDING), ("_id", ASCENDING)])
-            .skip((page - 1) * size)
-            .limit(size)
-        ]
+        # The query fields of ``conversations`` are current; the rest of a current
+        # conversation is read from its customer's document (``overlay_held``).
+        waiting = await store.overlay_held(
+            [
+                expand_document(d)
+                async for d in store.conversations.find(waiting_filter)
+                .sort([("queued_at", ASCENDING), ("_id", ASCENDING)])
+                .skip((page - 1) * size)
+                .limit(size)
+            ]
+        )
+        cursor = store.conversations.find({**base, "agent_id": {"$ne": None}}).sort([("assigned_at", ASCENDING)])
         assigned: dict[str, list[dict[str, Any]]] = {}
-        async for d in store.conversations.find({**base, "agent_id": {"$ne": None}}).sort([("assigned_at", ASCENDING)]):
-            assigned.setdefault(d["agent_id"], []).append(_conversation_json(expand_document(d)))
+        for doc in await store.overlay_held([expand_document(d) async for d in cursor]):
+            assigned.setdefault(doc["agent_id"], []).append(_conversation_json(doc))
         return JSONResponse(
             {
                 "team_id": team_id,
-                "waiting": waiting,
+                "waiting": [_conversation_json(d) for d in waiting],
                 "waiting_total": await store.conversations.count_documents(waiting_filter),
                 "page": page,
                 "page_size": size,

@@ -8,12 +8,20 @@ Customers are read only by ``_id``, so they are stored compact (one compressed b
 of what the same customer costs as fields. Conversations keep the fields they are queried
 and sorted by (``CONVERSATION_QUERY_FIELDS``: a customer's earlier conversations, a team's
 queue) and are compact otherwise (measured: an insert half, a replace two thirds of the cost
-as fields). Read both through this store (``find_customers``, ``find_conversations``,
-``expand_document`` on what a query returns)."""
+as fields).
+
+A customer's document also holds a copy of their current (open or last) conversation
+(``HELD``), and that conversation's own document is rewritten only when a field it is
+queried by changes (status, team, agent, ...) or when it stops being current: most messages
+change only its counters and times, so a message costs one replace instead of two (on
+FerretDB each is a transaction). So in ``conversations`` the query fields are always
+current, the other fields of a current conversation may trail its customer's copy, and the
+copy is what to read (``find_conversation``, ``overlay_held``). Read through this store
+(``find_customers``, ``find_conversations``, ``expand_document`` on what a query returns)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +38,48 @@ from services.conversation_state.model import Conversation, Customer, Line
 
 # What the read API queries and sorts conversations by; the rest of a conversation is compact.
 CONVERSATION_QUERY_FIELDS = ("customer_id", "opened_at", "team_id", "status", "agent_id", "assigned_at", "queued_at")
+# The field of a customer document that holds their current conversations' documents.
+HELD = "held"
+
+
+def current_ids(customer: Customer) -> set[str]:
+    """The customer's current conversations: open, and last (the same one while it is open)."""
+    return {x for x in (customer.open_conversation_id, customer.last_conversation_id) if x}
+
+
+def _query_part(doc: Mapping[str, Any]) -> tuple[Any, ...]:
+    return tuple(doc.get(f) for f in CONVERSATION_QUERY_FIELDS)
+
+
+def customer_document(records: CustomerRecords) -> dict[str, Any]:
+    """The customer's document as stored: with their current conversations held."""
+    customer = records.customer
+    assert customer is not None
+    current = current_ids(customer)
+    held = [conv.to_doc() for conv_id, conv in records.conversations.items() if conv_id in current]
+    return {**customer.to_doc(), HELD: held}
+
+
+def held_conversations(customer_doc: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The conversation documents a stored customer document holds, by id (none if it was
+    stored before customers held them)."""
+    return {d["_id"]: d for d in customer_doc.get(HELD) or ()}
+
+
+def take_held(records: CustomerRecords, customer_doc: Mapping[str, Any]) -> None:
+    """Add the conversations a stored customer document holds to the records (unless they
+    have them already), as stored, with their own documents possibly trailing."""
+    for conv_id, held in held_conversations(customer_doc).items():
+        if conv_id not in records.conversations:
+            conv = Conversation.from_doc(held)
+            records.conversations[conv_id] = conv
+            records.stored[conv_id] = conv.to_doc()
+            records.trailing.add(conv_id)
+
+
+def customer_fields(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """A customer document without the conversations it holds (``Customer.to_doc``'s shape)."""
+    return {k: v for k, v in doc.items() if k != HELD}
 
 
 class ConversationStore:
@@ -57,8 +107,18 @@ class ConversationStore:
         return {cid: expand_document(doc) for cid, doc in (await find_by_ids(self.conversations, ids)).items()}
 
     async def find_conversation(self, conversation_id: str) -> dict[str, Any] | None:
+        """The conversation as current as the store has it (its customer's copy if held)."""
         doc = await self.conversations.find_one({"_id": conversation_id})
-        return expand_document(doc) if doc is not None else None
+        return (await self.overlay_held([expand_document(doc)]))[0] if doc is not None else None
+
+    async def overlay_held(self, docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Conversation documents read from ``conversations`` (expanded), each replaced by its
+        customer's copy where the customer's document holds one (see the module's doc)."""
+        customers = await self.find_customers({d["customer_id"] for d in docs})
+        held: dict[str, dict[str, Any]] = {}
+        for customer in customers.values():
+            held.update(held_conversations(customer))
+        return [held.get(d["_id"], d) for d in docs]
 
     async def journal_for(self, partitions: Iterable[int]) -> list[dict[str, Any]]:
         """The journal entries of these partitions, oldest first (the journal holds only what
@@ -91,9 +151,11 @@ class ConversationStore:
         wanted = set(conversation_ids)
         for doc in (await self.find_customers(missing)).values():
             customer = Customer.from_doc(doc)
-            records[customer.id].customer = customer
-            records[customer.id].stored[customer.id] = customer.to_doc()  # a copy: the model shares the doc's lists
-            wanted.update(x for x in (customer.open_conversation_id, customer.last_conversation_id) if x)
+            r = records[customer.id]
+            r.customer = customer
+            take_held(r, doc)
+            r.stored[customer.id] = customer_document(r)  # a copy: the model shares the doc's lists
+            wanted.update(current_ids(customer))
         wanted -= {conv_id for r in records.values() for conv_id in r.conversations}
         if wanted:
             for conv_id, doc in (await self.find_conversations(wanted)).items():
@@ -120,29 +182,48 @@ class ConversationStore:
         await _upsert(self.customers, [(compact_document(d), known) for d, known in changes.customers])
         for r, doc in changes.written:
             r.stored[doc["_id"]] = doc
+            r.trailing.discard(doc["_id"])
+        for r, doc in changes.held_only:  # as the customer's document now holds it
+            r.stored[doc["_id"]] = doc
+            r.trailing.add(doc["_id"])
 
 
 @dataclass(slots=True)
 class Changes:
-    """What differs from the store: (document, stored or read before?) per collection, and
-    which records each written document belongs to."""
+    """What differs from the store: (document, stored or read before?) per collection, which
+    records each written document belongs to, and which conversations only their customer's
+    document carries once written (their own documents trail)."""
 
     conversations: list[tuple[dict[str, Any], bool]] = field(default_factory=list)
     customers: list[tuple[dict[str, Any], bool]] = field(default_factory=list)
     written: list[tuple[CustomerRecords, dict[str, Any]]] = field(default_factory=list)
+    held_only: list[tuple[CustomerRecords, dict[str, Any]]] = field(default_factory=list)
 
 
 def changes_of(records: Iterable[CustomerRecords]) -> Changes:
+    """The documents to write. A current conversation that changed: its own document if it is
+    new or a queried field changed, else only its customer's document (which holds it). A
+    conversation no longer current: its own document if it changed or trails. The customer
+    (holding their current conversations) if that changed."""
     changes = Changes()
     for r in records:
         if r.customer is None:
             continue
+        current = current_ids(r.customer)
         for conv in r.conversations.values():
             doc = conv.to_doc()
-            if r.stored.get(conv.id) != doc:
-                changes.conversations.append((doc, conv.id in r.stored))
-                changes.written.append((r, doc))
-        doc = r.customer.to_doc()
+            before = r.stored.get(conv.id)
+            if conv.id in current:
+                if before == doc:
+                    continue
+                if before is not None and _query_part(before) == _query_part(doc):
+                    changes.held_only.append((r, doc))
+                    continue
+            elif before == doc and conv.id not in r.trailing:
+                continue
+            changes.conversations.append((doc, before is not None))
+            changes.written.append((r, doc))
+        doc = customer_document(r)
         if r.stored.get(r.customer.id) != doc:
             changes.customers.append((doc, r.customer.id in r.stored))
             changes.written.append((r, doc))
@@ -158,13 +239,14 @@ async def _upsert(collection: AsyncCollection, docs: list[tuple[dict[str, Any], 
         await bulk_write_chunked(collection, ops)
 
 
-def keep_current(records: CustomerRecords) -> CustomerRecords:
-    """What is worth keeping of a customer's records between batches: the customer with
-    their open and last conversations (an older one is read again if a record names it)."""
+def keep_current(records: CustomerRecords) -> dict[str, tuple[Conversation, dict[str, Any] | None]]:
+    """Keep of a customer's records between batches what is worth keeping: the customer with
+    their open and last conversations (an older one is read again if a record names it).
+    Returns the conversations let go, with what was stored of each."""
     customer = records.customer
+    let_go: dict[str, tuple[Conversation, dict[str, Any] | None]] = {}
     if customer is not None:
-        keep = {x for x in (customer.open_conversation_id, customer.last_conversation_id) if x}
+        keep = current_ids(customer)
         for conv_id in [c for c in records.conversations if c not in keep]:
-            del records.conversations[conv_id]
-            records.stored.pop(conv_id, None)
-    return records
+            let_go[conv_id] = (records.conversations.pop(conv_id), records.stored.pop(conv_id, None))
+    return let_go

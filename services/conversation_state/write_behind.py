@@ -44,7 +44,15 @@ from shared.runtime.store import bulk_write_chunked
 
 from services.conversation_state.lifecycle import CustomerRecords
 from services.conversation_state.model import Conversation, Customer
-from services.conversation_state.store import Changes, ConversationStore, changes_of, keep_current
+from services.conversation_state.store import (
+    Changes,
+    ConversationStore,
+    changes_of,
+    current_ids,
+    customer_fields,
+    keep_current,
+    take_held,
+)
 
 log = logging.getLogger(__name__)
 
@@ -171,17 +179,19 @@ class JournaledCustomers:
                 if conv["customer_id"] == cid:
                     r.conversations[conv_id] = Conversation.from_doc(conv)
             overlaid.append(r)
-        # The open and last conversations no entry changed are as stored.
-        assert all(r.customer is not None for r in overlaid)
-        missing = {
-            x for r in overlaid for x in (r.customer.open_conversation_id, r.customer.last_conversation_id)  # type: ignore[union-attr]
-            if x and x not in r.conversations
-        }
+        # The conversations no entry changed are as stored: as the stored customer document
+        # holds them, or else in ``conversations``. One held there that is no longer current
+        # (a later batch opened another) is kept too: its held copy may be newer than its own
+        # document, which the next store then writes.
+        for r in overlaid:
+            assert r.customer is not None
+            take_held(r, stored.get(r.customer.id, {}))
+        missing = {x for r in overlaid for x in current_ids(r.customer) if x not in r.conversations}  # type: ignore[arg-type]
         found = await self.store.find_conversations(missing) if missing else {}
         for r in overlaid:
             c = r.customer
             assert c is not None
-            for conv_id in (c.open_conversation_id, c.last_conversation_id):
+            for conv_id in current_ids(c):
                 if conv_id in found and conv_id not in r.conversations:
                     r.conversations[conv_id] = Conversation.from_doc(found[conv_id])
                     r.stored[conv_id] = found[conv_id]
@@ -207,7 +217,7 @@ class JournaledCustomers:
             before = self.written.get(cid) or r.stored
             convs = [d for d in (c.to_doc() for c in r.conversations.values()) if before.get(d["_id"]) != d]
             doc = r.customer.to_doc()
-            if not convs and before.get(cid) == doc:
+            if not convs and customer_fields(before.get(cid) or {}) == doc:
                 continue
             r.customer.rev += 1
             doc = r.customer.to_doc()
@@ -262,8 +272,9 @@ class JournaledCustomers:
             return
         held = [(cid, r) for cid in ready if (r := self.records.get(cid)) is not None]
         changes = changes_of(r for _, r in held)
+        let_go: list[tuple[CustomerRecords, dict[str, tuple[Conversation, dict[str, Any] | None]]]] = []
         for cid, r in held:
-            keep_current(r)  # older conversations are read again if a record names them
+            let_go.append((r, keep_current(r)))  # older conversations are read again if a record names them
             self._forget(cid, keep=lambda k, r=r, cid=cid: k == cid or k in r.conversations)  # type: ignore[misc]
         # What the entries held before, to put back if the write fails.
         before = {e: set(customers) for e, customers in self.entries.items() if e in done or customers & ready}
@@ -272,13 +283,22 @@ class JournaledCustomers:
         for customers in self.entries.values():
             customers -= ready
         dirty = {cid: self.dirty.pop(cid) for cid in ready}
-        self.writing = asyncio.create_task(self._store(changes, dirty, sorted(done), before, stored_until, self.epoch))
+        self.writing = asyncio.create_task(self._store(changes, dirty, sorted(done), before, stored_until, self.epoch, let_go))
 
     async def _store(
-        self, changes: Changes, dirty: dict[str, float], done: list[str], before: dict[str, set[str]], stored_until: float, epoch: int
+        self,
+        changes: Changes,
+        dirty: dict[str, float],
+        done: list[str],
+        before: dict[str, set[str]],
+        stored_until: float,
+        epoch: int,
+        let_go: list[tuple[CustomerRecords, dict[str, tuple[Conversation, dict[str, Any] | None]]]],
     ) -> None:
         """Write what ``flush`` captured under the memory of ``epoch`` (the memory as it was
-        then: after a ``drop`` nothing is put back)."""
+        then: after a ``drop`` nothing is put back). If the write fails, the conversations
+        ``flush`` let go of (no longer current: their changes are in this write) are taken
+        back, to be written next time."""
         try:
             await self.store.write_changes(changes)
             if done:
@@ -292,6 +312,12 @@ class JournaledCustomers:
                     self.dirty[cid] = min(since, self.dirty.get(cid, since))
                 for e, customers in before.items():
                     self.entries.setdefault(e, set()).update(customers)
+                for r, conversations in let_go:
+                    for conv_id, (conv, stored) in conversations.items():
+                        if conv_id not in r.conversations:
+                            r.conversations[conv_id] = conv
+                            if stored is not None:
+                                r.stored[conv_id] = stored
             return
         if epoch == self.epoch:
             for cid in [c for c in dirty if c not in self.dirty]:  # (a keys difference walks all of self.dirty)

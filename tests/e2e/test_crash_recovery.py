@@ -21,6 +21,7 @@ import pytest
 import yaml
 from pymongo import AsyncMongoClient
 
+from services.conversation_state.store import ConversationStore
 from services.ingest.normalize import address_key
 from services.metrics.store import agent_counters
 from services.team_routing.store import stored_placements
@@ -117,6 +118,7 @@ async def test_kill_dash_nine_mid_stream_loses_and_duplicates_nothing(infra, tmp
     processes = {m: Process(m, {**base_env, "HTTP_PORT": str(port)}, tmp_path / f"{m}.log") for m, port in zip(SERVICES, ports)}
     client: AsyncMongoClient = AsyncMongoClient(infra.mongodb_url, tz_aware=True)
     db = client[db_name]
+    store = ConversationStore(db)
     try:
         for p in processes.values():
             p.start()
@@ -153,7 +155,9 @@ async def test_kill_dash_nine_mid_stream_loses_and_duplicates_nothing(infra, tmp
             async def all_stored() -> bool:
                 # Conversations are written behind (up to STATE_FLUSH_INTERVAL_S after their
                 # lines): wait until each holds all its messages (exact counts checked below).
-                assigned = [expand_document(c) async for c in db["conversations"].find({"agent_id": {"$ne": None}})]
+                # Read as the store answers (a current conversation's counters are in its
+                # customer's document; see services.conversation_state.store).
+                assigned = await store.overlay_held([expand_document(c) async for c in db["conversations"].find({"agent_id": {"$ne": None}})])
                 settled = [c for c in assigned if c["inbound_count"] >= MESSAGES_PER_CUSTOMER]
                 return await db["messages"].count_documents({}) == TOTAL and len(settled) == CUSTOMERS
 
@@ -185,7 +189,7 @@ async def test_kill_dash_nine_mid_stream_loses_and_duplicates_nothing(infra, tmp
                 ) from exc
 
             # Nothing done twice in the store: one conversation per customer, each message once.
-            conversations = [expand_document(d) async for d in db["conversations"].find({})]
+            conversations = await store.overlay_held([expand_document(d) async for d in db["conversations"].find({})])
             assert len(conversations) == CUSTOMERS
             assert all(c["inbound_count"] == MESSAGES_PER_CUSTOMER for c in conversations)
             # Team-routing stores pool state behind its decisions (every second, and replays

@@ -14,6 +14,7 @@ import pytest
 from pymongo import AsyncMongoClient
 
 from shared.contracts.common import Channel, ConversationStatus
+from shared.runtime.compact import expand_document
 
 from services.conversation_state.lifecycle import CustomerRecords
 from services.conversation_state.model import Conversation, Customer
@@ -312,3 +313,144 @@ async def test_recovery_ignores_an_entry_older_than_a_later_store_of_its_custome
     await flushed(after)
     assert (await stored(store, "conversations", "conv_a"))["agent_id"] == "ben"
     assert await store.journal.count_documents({}) == 0
+
+
+def messaged(records: CustomerRecords, count: int = 1) -> Conversation:
+    """A customer's further messages: counters and times change, no field the read API queries."""
+    assert records.customer is not None and records.customer.last_conversation_id is not None
+    conv = records.conversations[records.customer.last_conversation_id]
+    conv.inbound_count += count
+    conv.updated_at = conv.last_customer_message_at = NOW + timedelta(seconds=10 + conv.inbound_count)
+    records.customer.applied["messages/0"] += count
+    return conv
+
+
+def reopened(records: CustomerRecords, conv_id: str) -> None:
+    """The customer's last conversation ended and a new one opens."""
+    assert records.customer is not None
+    fresh = opened(records.customer.id, conv_id).conversations[conv_id]
+    records.conversations[conv_id] = fresh
+    records.customer.open_conversation_id = records.customer.last_conversation_id = conv_id
+
+
+async def expanded(store: ConversationStore, conv_id: str) -> dict[str, Any]:
+    doc = await stored(store, "conversations", conv_id)
+    assert doc is not None
+    return expand_document(doc)
+
+
+async def held_then_reopened(memory: JournaledCustomers, messages: int) -> CustomerRecords:
+    """conv_1 stored, then ``messages`` more stored only in the customer's document (held),
+    then conv_2 opened and journaled, not stored."""
+    records = opened("cus_1", "conv_1")
+    await memory.append({"cus_1": records}, {"cus_1": 0})
+    await flushed(memory)
+    messaged(records, messages)
+    await memory.append({"cus_1": records}, {"cus_1": 0})
+    await flushed(memory)  # conv_1's count is only in the customer's document
+    reopened(records, "conv_2")
+    await memory.append({"cus_1": records}, {"cus_1": 0})
+    return records
+
+
+async def test_a_change_to_no_queried_field_rewrites_only_the_customer(store) -> None:
+    store, writes = store
+    memory = JournaledCustomers(store, interval_s=60)
+    records = opened("cus_1", "conv_1")
+    routed(records, "ana")
+    await memory.append({"cus_1": records}, {"cus_1": 0})
+    await flushed(memory)
+    writes.ops.clear()
+
+    messaged(records, 2)
+    await memory.append({"cus_1": records}, {"cus_1": 0})
+    await flushed(memory)
+    assert writes.of("customers") == [("update", "cus_1")]
+    assert writes.of("conversations") == []  # its customer's document holds the change
+    assert (await expanded(store, "conv_1"))["inbound_count"] == 0  # trails ...
+    assert (await store.find_conversation("conv_1"))["inbound_count"] == 2  # ... what the store answers with
+    assert (await store.overlay_held([await expanded(store, "conv_1")]))[0]["inbound_count"] == 2
+    loaded = await store.load(["cus_1"], ["conv_1"])
+    assert loaded["cus_1"].conversations["conv_1"].inbound_count == 2
+
+    writes.ops.clear()
+    conv = loaded["cus_1"].conversations["conv_1"]
+    conv.status = ConversationStatus.WAITING_ON_CUSTOMER  # a queried field
+    await store.save(loaded.values(), [])
+    assert writes.of("conversations") == [("update", "conv_1")]
+    assert (await expanded(store, "conv_1"))["inbound_count"] == 2  # written in full
+
+
+async def test_a_conversation_no_longer_current_is_written_in_full(store) -> None:
+    store, writes = store
+    memory = JournaledCustomers(store, interval_s=60)
+    records = await held_then_reopened(memory, 1)
+    writes.ops.clear()
+    await flushed(memory)
+    assert sorted(writes.of("conversations")) == [("insert", "conv_2"), ("update", "conv_1")]
+    assert (await expanded(store, "conv_1"))["inbound_count"] == 1
+    assert list(records.conversations) == ["conv_2"]  # the earlier one is read again if needed
+
+
+async def test_recovery_keeps_a_held_conversation_a_later_batch_let_go(store) -> None:
+    store, _ = store
+    await held_then_reopened(JournaledCustomers(store, interval_s=60), 3)
+    # kill -9: conv_2 is only journaled
+
+    after = JournaledCustomers(store, interval_s=60)
+    await after.recover([0])
+    await flushed(after)
+    assert (await expanded(store, "conv_1"))["inbound_count"] == 3
+    assert (await expanded(store, "conv_2"))["status"] == "waiting_on_agent"
+    customer = expand_document(await stored(store, "customers", "cus_1"))
+    assert customer["last_conversation_id"] == "conv_2"
+    assert [c["_id"] for c in customer["held"]] == ["conv_2"]
+
+
+async def test_a_failed_write_keeps_the_conversation_it_let_go(store, monkeypatch) -> None:
+    store, _ = store
+    memory = JournaledCustomers(store, interval_s=60)
+    records = await held_then_reopened(memory, 2)
+
+    async def down(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("store unreachable")
+
+    monkeypatch.setattr(store.conversations, "bulk_write", down)
+    await flushed(memory)
+    monkeypatch.undo()
+    assert set(records.conversations) == {"conv_1", "conv_2"}  # taken back
+    await flushed(memory)
+    assert (await expanded(store, "conv_1"))["inbound_count"] == 2
+    assert list(records.conversations) == ["conv_2"]
+
+
+async def test_the_read_api_answers_with_the_copy_the_customer_holds(store) -> None:
+    """Another replica reads from the store: a current conversation's counters come from its
+    customer's document, in every view (conversation, customer, team queue)."""
+    import httpx
+    from starlette.applications import Starlette
+
+    from services.conversation_state.read_api import read_routes
+    from shared.teams import DirectoryWatcher
+
+    store, _ = store
+    memory = JournaledCustomers(store, interval_s=60)
+    assigned, waiting = opened("cus_1", "conv_1"), opened("cus_2", "conv_2")
+    for r in (assigned, waiting):
+        r.conversations[r.customer.last_conversation_id].team_id = "pnw-seattle"  # type: ignore[union-attr]
+    routed(assigned, "ana")
+    await memory.append({"cus_1": assigned, "cus_2": waiting}, {"cus_1": 0, "cus_2": 0})
+    await flushed(memory)
+    messaged(assigned, 3)
+    messaged(waiting, 2)
+    await memory.append({"cus_1": assigned, "cus_2": waiting}, {"cus_1": 0, "cus_2": 0})
+    await flushed(memory)
+    assert [(await expanded(store, c))["inbound_count"] for c in ("conv_1", "conv_2")] == [0, 0]  # their own documents trail
+
+    other = Starlette(routes=read_routes(store, DirectoryWatcher(Path("deploy/teams.yaml")), None, None))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=other), base_url="http://test") as elsewhere:
+        assert (await elsewhere.get("/conversations/conv_1")).json()["inbound_count"] == 3
+        assert (await elsewhere.get("/customers/cus_1/conversation")).json()["current"]["inbound_count"] == 3
+        queue = (await elsewhere.get("/teams/pnw-seattle/queue")).json()
+        assert [c["inbound_count"] for c in queue["assigned"]["ana"]] == [3]
+        assert [(c["conversation_id"], c["inbound_count"]) for c in queue["waiting"]] == [("conv_2", 2)]

@@ -1,0 +1,76 @@
+"""Which of a customer's documents a store writes (``changes_of``): a conversation whose change
+touches no field the read API queries is carried by its customer's document while it is
+current, and written in full when new, when a queried field changes, or once it is no longer
+current."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from shared.contracts.common import Channel, ConversationStatus
+
+from services.conversation_state.lifecycle import CustomerRecords
+from services.conversation_state.model import Conversation, Customer
+from services.conversation_state.store import HELD, changes_of, customer_document
+
+T = datetime(2026, 12, 4, 9, tzinfo=UTC)
+CONV = Conversation(
+    id="conv_1", customer_id="cus_1", home_team_id="pnw", status=ConversationStatus.WAITING_ON_AGENT,
+    opened_at=T, updated_at=T, last_channel=Channel.SMS, team_id="pnw", agent_id="ana", assigned_at=T,
+)  # fmt: skip
+
+
+def counted(c: Conversation) -> Conversation:
+    return replace(c, inbound_count=c.inbound_count + 1, updated_at=T + timedelta(seconds=5))
+
+
+def records_with(conv: Conversation, stored: dict | None, current: bool = True, trailing: bool = False) -> CustomerRecords:
+    customer = Customer(id="cus_1", home_team_id="pnw", home_team_source="area_code", created_at=T)
+    customer.open_conversation_id = customer.last_conversation_id = conv.id if current else "conv_2"
+    r = CustomerRecords(customer=customer, conversations={conv.id: conv})
+    if stored is not None:
+        r.stored[conv.id] = stored
+    if trailing:
+        r.trailing.add(conv.id)
+    return r
+
+
+CASES = [
+    # (what, conversation now, what the store holds of it, its own document trails?, current?, written as)
+    ("unchanged", CONV, CONV.to_doc(), False, True, None),
+    ("new", CONV, None, False, True, False),
+    ("new, not current", CONV, None, False, False, False),
+    ("counters only, current", counted(CONV), CONV.to_doc(), False, True, None),
+    ("counters only, not current", counted(CONV), CONV.to_doc(), False, False, True),
+    ("status", replace(CONV, status=ConversationStatus.WAITING_ON_CUSTOMER), CONV.to_doc(), False, True, True),
+    ("agent", replace(CONV, agent_id="ben"), CONV.to_doc(), False, True, True),
+    ("team", replace(CONV, team_id="std", agent_id=None), CONV.to_doc(), False, True, True),
+    ("queued", replace(CONV, queued_at=T), CONV.to_doc(), False, True, True),
+    ("trailing, counters, current", counted(CONV), CONV.to_doc(), True, True, None),
+    ("trailing, unchanged, current", CONV, CONV.to_doc(), True, True, None),
+    ("trailing, unchanged, no longer current", CONV, CONV.to_doc(), True, False, True),
+    ("unchanged, no longer current", CONV, CONV.to_doc(), False, False, None),
+]
+
+
+@pytest.mark.parametrize(("what", "conv", "stored", "trailing", "current", "written_as"), CASES, ids=[c[0] for c in CASES])
+def test_a_conversation_is_written_when_it_must_be(what, conv, stored, trailing, current, written_as) -> None:
+    records = records_with(conv, stored, current, trailing)
+    changes = changes_of([records])
+    assert [(d["_id"], known) for d, known in changes.conversations] == ([] if written_as is None else [(conv.id, written_as)])
+    # The customer's document holds the conversation exactly while it is current.
+    (customer_doc, _), *_ = changes.customers
+    assert customer_doc[HELD] == ([conv.to_doc()] if current else [])
+    # A change only the customer's document carries leaves the conversation's own document trailing.
+    assert [d["_id"] for _, d in changes.held_only] == (["conv_1"] if current and stored not in (None, conv.to_doc()) and written_as is None else [])
+
+
+def test_a_customer_document_holding_the_same_is_not_written_again() -> None:
+    records = records_with(CONV, CONV.to_doc())
+    records.stored["cus_1"] = customer_document(records)
+    assert changes_of([records]).customers == []
+    records.conversations["conv_1"] = counted(CONV)
+    assert [d["_id"] for d, _ in changes_of([records]).customers] == ["cus_1"]  # the held copy changed
