@@ -220,7 +220,7 @@ class JournaledCustomers:
             if not convs and customer_fields(before.get(cid) or {}) == doc:
                 continue
             r.customer.rev += 1
-            doc = r.customer.to_doc()
+            doc["rev"] = r.customer.rev  # (the document is the batch's own: no second to_doc)
             entry = by_partition.setdefault(partition_of[cid], {"customers": [], "conversations": []})
             entry["customers"].append(doc)
             entry["conversations"].extend(convs)
