@@ -51,12 +51,14 @@ def _query_part(doc: Mapping[str, Any]) -> tuple[Any, ...]:
     return tuple(doc.get(f) for f in CONVERSATION_QUERY_FIELDS)
 
 
-def customer_document(records: CustomerRecords) -> dict[str, Any]:
-    """The customer's document as stored: with their current conversations held."""
+def customer_document(records: CustomerRecords, docs: Mapping[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The customer's document as stored: with their current conversations held (taken from
+    ``docs``, conversation documents already made, where given: shared, not copied)."""
     customer = records.customer
     assert customer is not None
     current = current_ids(customer)
-    held = [conv.to_doc() for conv_id, conv in records.conversations.items() if conv_id in current]
+    docs = docs or {}
+    held = [docs.get(conv_id) or conv.to_doc() for conv_id, conv in records.conversations.items() if conv_id in current]
     return {**customer.to_doc(), HELD: held}
 
 
@@ -154,7 +156,8 @@ class ConversationStore:
             r = records[customer.id]
             r.customer = customer
             take_held(r, doc)
-            r.stored[customer.id] = customer_document(r)  # a copy: the model shares the doc's lists
+            # A copy (the model shares the doc's lists); the held documents are those in ``stored``.
+            r.stored[customer.id] = customer_document(r, r.stored)
             wanted.update(current_ids(customer))
         wanted -= {conv_id for r in records.values() for conv_id in r.conversations}
         if wanted:
@@ -210,11 +213,13 @@ def changes_of(records: Iterable[CustomerRecords]) -> Changes:
         if r.customer is None:
             continue
         current = current_ids(r.customer)
+        docs: dict[str, dict[str, Any]] = {}  # each conversation's document, for the customer's to hold
         for conv in r.conversations.values():
-            doc = conv.to_doc()
+            doc = docs[conv.id] = conv.to_doc()
             before = r.stored.get(conv.id)
             if conv.id in current:
                 if before == doc:
+                    docs[conv.id] = before  # the same document twice in memory: keep one
                     continue
                 if before is not None and _query_part(before) == _query_part(doc):
                     changes.held_only.append((r, doc))
@@ -223,7 +228,7 @@ def changes_of(records: Iterable[CustomerRecords]) -> Changes:
                 continue
             changes.conversations.append((doc, before is not None))
             changes.written.append((r, doc))
-        doc = customer_document(r)
+        doc = customer_document(r, docs)
         if r.stored.get(r.customer.id) != doc:
             changes.customers.append((doc, r.customer.id in r.stored))
             changes.written.append((r, doc))
