@@ -454,3 +454,28 @@ async def test_the_read_api_answers_with_the_copy_the_customer_holds(store) -> N
         queue = (await elsewhere.get("/teams/pnw-seattle/queue")).json()
         assert [c["inbound_count"] for c in queue["assigned"]["ana"]] == [3]
         assert [(c["conversation_id"], c["inbound_count"]) for c in queue["waiting"]] == [("conv_2", 2)]
+
+
+async def test_documents_stored_before_customers_held_conversations_are_read_and_carried_on(store) -> None:
+    """An upgrade: the customer's document holds no conversation (written by an earlier
+    version), the conversation's own document is whole; the new version reads both, and the
+    next counters-only change goes into the customer's document."""
+    from shared.runtime.compact import compact_document
+
+    from services.conversation_state.store import CONVERSATION_QUERY_FIELDS
+
+    store, writes = store
+    old = opened("cus_1", "conv_1")
+    messaged(old, 2)
+    assert old.customer is not None
+    await store.customers.insert_one(compact_document(old.customer.to_doc()))
+    await store.conversations.insert_one(compact_document(old.conversations["conv_1"].to_doc(), CONVERSATION_QUERY_FIELDS))
+
+    loaded = await store.load(["cus_1"], [])
+    assert loaded["cus_1"].conversations["conv_1"].inbound_count == 2
+    writes.ops.clear()
+    messaged(loaded["cus_1"])
+    await store.save(loaded.values(), [])
+    assert writes.of("conversations") == [] and writes.of("customers") == [("update", "cus_1")]
+    assert (await store.find_conversation("conv_1"))["inbound_count"] == 3
+    assert (await expanded(store, "conv_1"))["inbound_count"] == 2
