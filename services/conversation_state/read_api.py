@@ -102,7 +102,8 @@ def read_routes(
         current = None
         if current_id:  # from memory, else as the customer's document holds it, else its own
             current = latest(current_id, customer_id) or held_conversations(customer).get(current_id)
-            current = current or await store.find_conversation(current_id)
+            # (not find_conversation: it would read this customer's document again)
+            current = current or (await store.find_conversations([current_id])).get(current_id)
         others = {"customer_id": customer_id, "_id": {"$ne": current_id}}
         held = {k: v for k, v in (memory.conversations_of(customer_id) if memory is not None else {}).items() if k != current_id}
         if held:  # some may not be stored yet: merge, then page here (a customer has few)

@@ -244,12 +244,16 @@ async def _upsert(collection: AsyncCollection, docs: list[tuple[dict[str, Any], 
         await bulk_write_chunked(collection, ops)
 
 
-def keep_current(records: CustomerRecords) -> dict[str, tuple[Conversation, dict[str, Any] | None]]:
+# Conversations ``keep_current`` let go of, each with what was stored of it.
+LetGo = dict[str, tuple[Conversation, dict[str, Any] | None]]
+
+
+def keep_current(records: CustomerRecords) -> LetGo:
     """Keep of a customer's records between batches what is worth keeping: the customer with
     their open and last conversations (an older one is read again if a record names it).
     Returns the conversations let go, with what was stored of each."""
     customer = records.customer
-    let_go: dict[str, tuple[Conversation, dict[str, Any] | None]] = {}
+    let_go: LetGo = {}
     if customer is not None:
         keep = current_ids(customer)
         for conv_id in [c for c in records.conversations if c not in keep]:

@@ -47,6 +47,7 @@ from services.conversation_state.model import Conversation, Customer
 from services.conversation_state.store import (
     Changes,
     ConversationStore,
+    LetGo,
     changes_of,
     current_ids,
     customer_fields,
@@ -272,7 +273,7 @@ class JournaledCustomers:
             return
         held = [(cid, r) for cid in ready if (r := self.records.get(cid)) is not None]
         changes = changes_of(r for _, r in held)
-        let_go: list[tuple[CustomerRecords, dict[str, tuple[Conversation, dict[str, Any] | None]]]] = []
+        let_go: list[tuple[CustomerRecords, LetGo]] = []
         for cid, r in held:
             let_go.append((r, keep_current(r)))  # older conversations are read again if a record names them
             self._forget(cid, keep=lambda k, r=r, cid=cid: k == cid or k in r.conversations)  # type: ignore[misc]
@@ -293,7 +294,7 @@ class JournaledCustomers:
         before: dict[str, set[str]],
         stored_until: float,
         epoch: int,
-        let_go: list[tuple[CustomerRecords, dict[str, tuple[Conversation, dict[str, Any] | None]]]],
+        let_go: list[tuple[CustomerRecords, LetGo]],
     ) -> None:
         """Write what ``flush`` captured under the memory of ``epoch`` (the memory as it was
         then: after a ``drop`` nothing is put back). If the write fails, the conversations
