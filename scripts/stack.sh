@@ -15,7 +15,8 @@
 # HOMETEAM_PYTHON (<repo>/.venv/bin/python), HOMETEAM_KAFKA_HEAP_OPTS (-Xms256m -Xmx768m),
 # HOMETEAM_KAFKA_START_TIMEOUT (120 s), HOMETEAM_MONGO_START_TIMEOUT (60 s), HOMETEAM_STOP_TIMEOUT
 # (30 s before SIGKILL), HOMETEAM_FERRET_DEBUG_ADDR (unset; host:port to serve FerretDB's Go
-# pprof profiles, for profiling the store under `make bench`).
+# pprof profiles, for profiling the store under `make bench`), HOMETEAM_FERRET_ARGS (unset; extra
+# flags for deploy/ferretdb, e.g. "-sqlite-wal-autocheckpoint 1000" to compare SQLite settings).
 #
 # Progress goes to stderr; only the env lines go to stdout. Processes are only ever stopped by
 # the pids this script recorded, after checking /proc/<pid>/cmdline is what it started.
@@ -391,7 +392,8 @@ start_ferret() {
     printf '\n===== %s stack.sh: starting ferretdb =====\n' "$(date -Is)" >>"$FERRET_LOG"
     (cd "$STATE_DIR/ferretdb" && launch "$FERRET_LOG" "$FERRET_BIN" \
         -listen-addr "127.0.0.1:$MONGO_PORT" -data-dir "$FERRET_DATA" -log-level warn \
-        ${HOMETEAM_FERRET_DEBUG_ADDR:+-debug-addr "$HOMETEAM_FERRET_DEBUG_ADDR"} &&
+        ${HOMETEAM_FERRET_DEBUG_ADDR:+-debug-addr "$HOMETEAM_FERRET_DEBUG_ADDR"} \
+        ${HOMETEAM_FERRET_ARGS:-} &&
         printf '%s\n' "$LAUNCHED_PID" >"$PID_DIR/ferretdb.pid")
     pid=$(<"$PID_DIR/ferretdb.pid")
     log "ferretdb: started pid $pid (log $FERRET_LOG)"

@@ -39,7 +39,13 @@ class ServiceSettings(BaseSettings):
     kafka_topic_prefix: str = Field(
         default="", description="Prepended to every topic name (isolates test runs)"
     )
-    consumer_batch_max_records: int = Field(default=500, ge=1, le=10_000)
+    # Up to 2,000 records per batch: with 500, conversation-state (five input topics) fell
+    # behind at 1,750 msg/s while the machine still had CPU to spare: a batch's store and
+    # Kafka round trips take about as long for 2,000 records as for 500 (make bench,
+    # docs/benchmarks.md 2026-12-04 evening). Batches are that large only under load.
+    consumer_batch_max_records: int = Field(
+        default=2_000, ge=1, le=10_000, description="Most records one batch handles (per consumer)"
+    )
     consumer_batch_timeout_ms: int = Field(default=20, ge=1, le=5_000)
     # A fetch is answered once 64 KB are there (~100 messages) or after 40 ms: under load every
     # consumer then handles fewer, larger batches (measured in make bench at 375-1,000 msg/s:

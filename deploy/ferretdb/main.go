@@ -34,6 +34,13 @@ func main() {
 		"SQLite temp_store pragma: memory keeps statement journals (written for every multi-row "+
 			"statement inside a transaction) in RAM; with file they were ~12% of FerretDB's CPU in "+
 			"pwrite calls under load; default keeps SQLite's own choice")
+	cacheKiB := flag.Int("sqlite-cache-kib", 0,
+		"SQLite page cache per connection in KiB (cache_size pragma); 0 keeps SQLite's default (2 MiB)")
+	mmapMiB := flag.Int("sqlite-mmap-mib", 0,
+		"SQLite mmap_size in MiB: database pages are read through a memory map instead of pread; 0 keeps it off")
+	autocheckpoint := flag.Int("sqlite-wal-autocheckpoint", 0,
+		"SQLite wal_autocheckpoint in pages: a checkpoint copies the WAL into the database and fsyncs both; "+
+			"0 keeps SQLite's default (1000 pages)")
 	indexInterval := flag.Duration("id-index-interval", 500*time.Millisecond,
 		"how often new collections get their _id lookup index (see idindex.go)")
 	gcPercent := flag.Int("gc-percent", 400,
@@ -65,7 +72,7 @@ func main() {
 		Listener:  ferretdb.ListenerConfig{TCP: *addr},
 		Logger:    logger,
 		Handler:   "sqlite",
-		SQLiteURL: "file:" + abs + "/?_pragma=synchronous(" + *synchronous + ")&_pragma=temp_store(" + *tempStore + ")",
+		SQLiteURL: sqliteURL(abs, *synchronous, *tempStore, *cacheKiB, *mmapMiB, *autocheckpoint),
 	})
 	if err != nil {
 		fail(err)
@@ -89,6 +96,21 @@ func main() {
 	if err := db.Run(ctx); err != nil {
 		fail(err)
 	}
+}
+
+// sqliteURL is the handler's data directory URL with the pragmas every connection runs.
+func sqliteURL(dir, synchronous, tempStore string, cacheKiB, mmapMiB, autocheckpoint int) string {
+	url := "file:" + dir + "/?_pragma=synchronous(" + synchronous + ")&_pragma=temp_store(" + tempStore + ")"
+	if cacheKiB > 0 {
+		url += fmt.Sprintf("&_pragma=cache_size(-%d)", cacheKiB)
+	}
+	if mmapMiB > 0 {
+		url += fmt.Sprintf("&_pragma=mmap_size(%d)", int64(mmapMiB)<<20)
+	}
+	if autocheckpoint > 0 {
+		url += fmt.Sprintf("&_pragma=wal_autocheckpoint(%d)", autocheckpoint)
+	}
+	return url
 }
 
 func fail(err error) {
