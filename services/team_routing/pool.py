@@ -8,6 +8,7 @@ by pool id), so these transitions run one at a time per pool. Every transition t
 
 from __future__ import annotations
 
+from bisect import bisect_left, insort
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -89,7 +90,10 @@ class PoolState:
     """A pool's agents and placements. Change placements only through ``add``, ``remove``,
     ``assign`` and ``set_waiting_on``: they keep the per-agent counts (``loads``) and the
     waiting set (``queue``) current, so a route command costs the same with ten or ten
-    thousand open conversations (both were rebuilt from every placement per command)."""
+    thousand open conversations (both were rebuilt from every placement per command), and
+    the waiting set in service order and by age, so neither a queue's depth, its oldest wait
+    nor a conversation's place in it needs a sort (sorting the whole queue for every command
+    made team-routing the bottleneck once thousands waited)."""
 
     pool_id: str
     agents: dict[str, AgentPresenceState] = field(default_factory=dict)
@@ -99,6 +103,9 @@ class PoolState:
     # agent → [its conversations waiting on the agent, those waiting on the customer]
     held: dict[str, list[int]] = field(default_factory=dict, init=False, repr=False, compare=False)
     waiting: dict[str, Placement] = field(default_factory=dict, init=False, repr=False, compare=False)
+    # The waiting placements' ``queue_key``s, sorted (service order), and (enqueued_at, id), sorted.
+    _order: list[tuple[int, datetime, str]] = field(default_factory=list, init=False, repr=False, compare=False)
+    _by_age: list[tuple[datetime, str]] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for p in self.placements.values():
@@ -111,9 +118,12 @@ class PoolState:
     def _count(self, p: Placement, sign: int) -> None:
         if p.agent_id is None:
             if sign > 0:
+                self._unqueue(p.conversation_id)
                 self.waiting[p.conversation_id] = p
+                insort(self._order, queue_key(p))
+                insort(self._by_age, (p.enqueued_at, p.conversation_id))
             else:
-                self.waiting.pop(p.conversation_id, None)
+                self._unqueue(p.conversation_id)
         else:
             self.held.setdefault(p.agent_id, [0, 0])[0 if p.waiting_on is WaitingOn.AGENT else 1] += sign
 
@@ -139,9 +149,26 @@ class PoolState:
         p.waiting_on = waiting_on
         self._count(p, 1)
 
+    def _unqueue(self, conversation_id: str) -> None:
+        p = self.waiting.pop(conversation_id, None)
+        if p is not None:
+            _discard(self._order, queue_key(p))
+            _discard(self._by_age, (p.enqueued_at, p.conversation_id))
+
     def queue(self) -> list[Placement]:
         """Waiting conversations in service order: priority first, then longest waiting."""
-        return sorted(self.waiting.values(), key=lambda p: (-p.priority, p.enqueued_at, p.conversation_id))
+        return [self.waiting[conversation_id] for _, _, conversation_id in self._order]
+
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    def oldest_waiting_since(self) -> datetime | None:
+        """When the longest-waiting conversation was queued (not necessarily the queue's head)."""
+        return self._by_age[0][0] if self._by_age else None
+
+    def position(self, conversation_id: str) -> int:
+        """A waiting conversation's place in the queue, from 1."""
+        return 1 + bisect_left(self._order, queue_key(self.waiting[conversation_id]))
 
     def loads(self, directory: TeamDirectory) -> dict[str, float]:
         """Each agent's load: the weights of the conversations it holds."""
@@ -165,6 +192,17 @@ class PoolState:
                 idle_since=presence.idle_since,
             )
         return views
+
+
+def queue_key(p: Placement) -> tuple[int, datetime, str]:
+    """A waiting placement's place in service order: priority first, then longest waiting."""
+    return (-p.priority, p.enqueued_at, p.conversation_id)
+
+
+def _discard(ordered: list[Any], key: Any) -> None:
+    i = bisect_left(ordered, key)
+    if i < len(ordered) and ordered[i] == key:
+        del ordered[i]
 
 
 def weight_of(directory: TeamDirectory, waiting_on: WaitingOn) -> float:
@@ -237,11 +275,11 @@ def route(state: PoolState, cmd: RouteConversation, directory: TeamDirectory, ou
             from shared.runtime.dead_letter import PoisonMessage
 
             raise PoisonMessage("unknown_pool", f"no team {state.pool_id!r} in the directory")
-        queue = state.queue()
         # The head of the queue is the highest priority, not necessarily the longest waiting.
-        oldest = now - min(p.enqueued_at for p in queue) if queue else None
+        since = state.oldest_waiting_since()
+        oldest = now - since if since is not None else None
         surging = is_surging(
-            len(queue), oldest, team.surge.max_queue_depth, timedelta(seconds=team.surge.max_oldest_wait_seconds)
+            state.queue_depth(), oldest, team.surge.max_queue_depth, timedelta(seconds=team.surge.max_oldest_wait_seconds)
         )
         familiar = [a for a in (cmd.current_agent_id, known) if a and a in views and views[a].has_room(weight)]
         choice = choose_pool(
@@ -283,7 +321,7 @@ def route(state: PoolState, cmd: RouteConversation, directory: TeamDirectory, ou
     state.add(placement)
     position = None
     if agent.agent_id is None:
-        position = 1 + [q.conversation_id for q in state.queue()].index(cmd.conversation_id)
+        position = state.position(cmd.conversation_id)
     out.routed(state, placement, agent.reason, now, position)
 
 
@@ -395,7 +433,7 @@ def reassign_from(
             views, weight=weight_of(directory, placement.waiting_on), known_agent_id=known, exclude=(agent_id,)
         )
         if choice.agent_id is None:
-            position = 1 + [q.conversation_id for q in state.queue()].index(placement.conversation_id)
+            position = state.position(placement.conversation_id)
             out.routed(state, placement, RoutingReason.QUEUED, now, position)
         else:
             state.assign(placement, choice.agent_id)
@@ -435,12 +473,12 @@ def surge_now(state: PoolState, directory: TeamDirectory, now: datetime) -> bool
     team = directory.team(state.pool_id)
     if team is None:
         return False
-    queue = state.queue()
-    oldest = now - min(p.enqueued_at for p in queue) if queue else None
+    since, queued = state.oldest_waiting_since(), state.queue_depth()
+    oldest = now - since if since is not None else None
     depth, wait = team.surge.max_queue_depth, timedelta(seconds=team.surge.max_oldest_wait_seconds)
     if state.surging:
-        return not (len(queue) <= depth // 2 and (oldest is None or oldest <= wait / 2))
-    return is_surging(len(queue), oldest, depth, wait)
+        return not (queued <= depth // 2 and (oldest is None or oldest <= wait / 2))
+    return is_surging(queued, oldest, depth, wait)
 
 
 def offer_to_teammate(state: PoolState, cmd: OfferToTeammate, directory: TeamDirectory, out: Outputs) -> None:
@@ -525,13 +563,12 @@ def apply_command(state: PoolState, command: Any, directory: TeamDirectory, inpu
 def status_of(state: PoolState, directory: TeamDirectory, now: datetime) -> PoolStatusChanged:
     """The pool's queue and staffing as dashboards and the metrics service see it."""
     views = state.agent_views(directory)
-    queue = state.queue()
     online = [v for v in views.values() if v.online]
     return PoolStatusChanged(
         pool_id=state.pool_id,
         kind=state.kind,
-        queue_depth=len(queue),
-        oldest_waiting_since=min((p.enqueued_at for p in queue), default=None),
+        queue_depth=state.queue_depth(),
+        oldest_waiting_since=state.oldest_waiting_since(),
         agents_online=len(online),
         capacity_online=float(sum(v.max_concurrency for v in online)),
         load=sum(v.load for v in views.values()),
