@@ -218,22 +218,33 @@ def make_population(size: int, teams: int, seed: int) -> list[Customer]:
     """``size`` customers with a channel each (about 50% SMS, 30% app, 20% business chat) and
     an address that maps to one of the teams (SMS by area code, the others by market)."""
     rng = random.Random(seed)
-    out = []
-    for i in range(size):
-        r, acc, channel = rng.random(), 0.0, "sms"
-        for name, share in CHANNEL_MIX:
-            acc += share
-            if r < acc:
-                channel = name
-                break
-        team = rng.randrange(teams)
-        if channel == "sms":
-            out.append(Customer("sms", f"+1{rng.choice(area_codes_of(team))}{2_000_000 + i:07d}", None, None))
-        elif channel == "app":
-            out.append(Customer("app", f"acct-{seed}-{i:08d}", None, market_of(team)))
-        else:
-            out.append(Customer("business_chat", f"urn:biz:{seed}:{i:08x}", f"biz-{i % 4}", market_of(team)))
-    return out
+    return [make_customer(rng, i, teams, seed) for i in range(size)]
+
+
+def make_customer(rng: random.Random, i: int, teams: int, seed: int) -> Customer:
+    """Customer number ``i`` (below ``MAX_CUSTOMERS``: the SMS numbers have seven digits)."""
+    r, acc, channel = rng.random(), 0.0, "sms"
+    for name, share in CHANNEL_MIX:
+        acc += share
+        if r < acc:
+            channel = name
+            break
+    team = rng.randrange(teams)
+    if channel == "sms":
+        return Customer("sms", f"+1{rng.choice(area_codes_of(team))}{2_000_000 + i:07d}", None, None)
+    if channel == "app":
+        return Customer("app", f"acct-{seed}-{i:08d}", None, market_of(team))
+    return Customer("business_chat", f"urn:biz:{seed}:{i:08x}", f"biz-{i % 4}", market_of(team))
+
+
+MAX_CUSTOMERS = 8_000_000
+FRESH_PER_STEP = 200_000  # customer numbers each step may take for new customers
+
+
+def fresh_base(population: int, step: int) -> int:
+    """The first customer number step ``step`` gives its new customers: after the population
+    and every earlier step's, so a new customer is new to the whole run."""
+    return min(population + step * FRESH_PER_STEP, MAX_CUSTOMERS - FRESH_PER_STEP)
 
 
 def make_texts(rng: random.Random, count: int = 4000) -> list[str]:
@@ -263,6 +274,7 @@ class Plan:
     message_ids: list[str] = field(default_factory=list)
     customers: list[int] = field(default_factory=list)
     bursts: int = 0
+    new_customers: int = 0
 
 
 def envelope_body(customer: Customer, provider_message_id: str, text: str, key: str, attachment: bool) -> bytes:
@@ -309,11 +321,18 @@ def plan_messages(
     skew: float = 1.5,
     burst_share: float = 0.03,
     burst_size: tuple[int, int] = (3, 6),
+    new_share: float = 0.0,
+    first_new: int = 0,
+    teams: int = 4,
+    population_seed: int = 0,
 ) -> Plan:
     """Poisson arrivals at ``rate`` messages/s for ``duration`` s. A customer is drawn with
     index ``floor(N * u**skew)``: a heavy head of frequent writers and a long tail (with
     skew 1.5 the top 1% of customers send ~5% of the messages, the top 10% ~22%). A share of
-    arrivals are bursts: 3-6 messages from one customer about a millisecond apart."""
+    arrivals are bursts: 3-6 messages from one customer about a millisecond apart. A
+    ``new_share`` of arrivals come from customers never seen before (numbers ``first_new``
+    on, made like the population's): every step then opens conversations, so the latency to
+    the routing decision is measured at every rate, not only while the population is new."""
     from services.ingest.normalize import address_key, message_id
     from shared.contracts.common import Channel
 
@@ -323,14 +342,20 @@ def plan_messages(
     arrivals_per_s = rate / (1 + burst_share * (mean_burst - 1))
     plan = Plan()
     keys: dict[int, str] = {}
-    t, n = 0.0, 0
+    t, n, fresh = 0.0, 0, 0
     size = len(population)
     while True:
         t += rng.expovariate(arrivals_per_s)
         if t >= duration:
             break
-        idx = min(size - 1, int(size * rng.random() ** skew))
-        customer = population[idx]
+        if new_share and rng.random() < new_share and fresh < FRESH_PER_STEP:
+            idx = first_new + fresh
+            customer = make_customer(random.Random(population_seed * 1_000_003 + idx), idx, teams, population_seed)
+            fresh += 1
+            plan.new_customers += 1
+        else:
+            idx = min(size - 1, int(size * rng.random() ** skew))
+            customer = population[idx]
         count = 1
         if rng.random() < burst_share:
             count = rng.randint(*burst_size)
@@ -624,7 +649,16 @@ async def _generate(spec: dict[str, Any], conn: Any) -> None:
 
     population = make_population(spec["customers"], spec["teams"], spec["seed"])
     plan = plan_messages(
-        population, rate=spec["rate"], duration=spec["duration"], seed=spec["step_seed"], tag=spec["tag"], skew=spec["skew"]
+        population,
+        rate=spec["rate"],
+        duration=spec["duration"],
+        seed=spec["step_seed"],
+        tag=spec["tag"],
+        skew=spec["skew"],
+        new_share=spec["new_share"],
+        first_new=spec["first_new"],
+        teams=spec["teams"],
+        population_seed=spec["seed"],
     )
     check_plan(plan)
     producer = AIOKafkaProducer(bootstrap_servers=spec["bootstrap"], client_id="bench-adapter", **PRODUCER_SETTINGS)
@@ -670,6 +704,7 @@ async def _generate(spec: dict[str, Any], conn: Any) -> None:
                 "messages": n,
                 "bursts": plan.bursts,
                 "distinct_customers": len(set(plan.customers)),
+                "new_customers": plan.new_customers,
                 "message_ids": plan.message_ids,
                 "offsets": offsets,
                 "lags": lags,
@@ -1203,6 +1238,8 @@ async def run_step(ctx: Context, rate: float, step: int, label: str, duration: f
         "rate": rate,
         "duration": duration,
         "skew": args.skew,
+        "new_share": args.new_customers,
+        "first_new": fresh_base(args.customers, step),
     }
     print(f"bench: {label}: {rate:g} msg/s for {duration:g} s ...", file=sys.stderr, flush=True)
     t0, gen = await run_generator(spec)
@@ -1277,6 +1314,7 @@ async def run_step(ctx: Context, rate: float, step: int, label: str, duration: f
         "messages": gen["messages"],
         "bursts": gen["bursts"],
         "distinct_customers": gen["distinct_customers"],
+        "new_customers": gen["new_customers"],
         "bytes": gen["bytes"],
         "send_errors": gen["errors"],
         "generator_cpu_seconds": gen["cpu_seconds"],
@@ -1806,14 +1844,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=20.0, help="seconds of sending per rate")
     p.add_argument("--out", default="bench-results", help="folder for the JSON and PNG")
     p.add_argument("--customers", type=int, default=20_000, help="distinct customers (addresses) messages come from")
+    p.add_argument(
+        "--new-customers",
+        type=float,
+        default=0.05,
+        help="share of messages from customers new to the run (each opens a conversation; 0: only the population)",
+    )
     p.add_argument("--skew", type=float, default=1.5, help="customer reuse skew (1: uniform; higher: a heavier head)")
     p.add_argument("--teams", type=int, default=4, help="home teams (plus the standard pool)")
     p.add_argument(
         "--agents-per-team",
         type=int,
-        default=50,
+        default=100,
         help="agents per team (each with --max-concurrency conversations; the bench never ends one, so the teams must "
-        "hold every customer a sweep meets: with 35, queues formed in the last steps)",
+        "hold every customer a sweep meets: with 35, and with 50 once 5%% of the messages came from new customers, "
+        "queues formed in the last steps)",
     )
     p.add_argument("--max-concurrency", type=int, default=100, help="conversations per agent (room for every customer)")
     p.add_argument("--baseline-messages", type=int, default=60_000)

@@ -77,3 +77,31 @@ def test_write_behind_keeps_up_unless_what_it_holds_grows(name: str, values: Cal
 
 def test_too_few_samples_say_nothing_against_the_step() -> None:
     assert unstored_verdict(_series(lambda t: 1e6 * t, seconds=2.0), 0.0, 2.0, rate=200.0) == {"states": {}, "bounded": True}
+
+
+def test_a_share_of_a_steps_messages_come_from_customers_new_to_the_run() -> None:
+    from bench.pipeline import FRESH_PER_STEP, fresh_base, make_population, plan_messages
+
+    population = make_population(500, 4, seed=7)
+    plans = [
+        plan_messages(population, rate=400, duration=5, seed=100 + step, tag=f"s{step}", new_share=0.1,
+                      first_new=fresh_base(len(population), step), teams=4, population_seed=7)
+        for step in range(2)
+    ]
+    known = {(c.channel, c.address) for c in population}
+    seen: set[int] = set()
+    for step, plan in enumerate(plans):
+        fresh = [i for i in plan.customers if i >= len(population)]
+        assert 0.07 * len(plan.customers) < len(fresh) and plan.new_customers == len(set(fresh))
+        first = fresh_base(len(population), step)
+        assert all(first <= i < first + FRESH_PER_STEP for i in fresh)
+        assert not set(fresh) & seen  # new to the whole run, not only to the step
+        seen |= set(fresh)
+    # A new customer's address is none of the population's (ingest would know them otherwise).
+    bodies = [b for p in plans for b, i in zip(p.bodies, p.customers, strict=True) if i >= len(population)]
+    import json
+
+    addresses = {(json.loads(b)["data"]["channel"], json.loads(b)["data"]["address"]) for b in bodies}
+    assert addresses and not addresses & known
+    # Without a share, every message comes from the population.
+    assert max(plan_messages(population, rate=400, duration=2, seed=1, tag="x").customers) < len(population)
