@@ -181,8 +181,8 @@ class ConversationStore:
     async def write_changes(self, changes: Changes) -> None:
         """Conversations before customers (which carry the applied offsets); then the records
         know what the store holds."""
-        await _upsert(self.conversations, [(compact_document(d, CONVERSATION_QUERY_FIELDS), known) for d, known in changes.conversations])
-        await _upsert(self.customers, [(compact_document(d), known) for d, known in changes.customers])
+        await _upsert(self.conversations, changes.conversations, CONVERSATION_QUERY_FIELDS)
+        await _upsert(self.customers, changes.customers)
         for r, doc in changes.written:
             r.stored[doc["_id"]] = doc
             r.trailing.discard(doc["_id"])
@@ -235,13 +235,22 @@ def changes_of(records: Iterable[CustomerRecords]) -> Changes:
     return changes
 
 
-async def _upsert(collection: AsyncCollection, docs: list[tuple[dict[str, Any], bool]]) -> None:
-    """Store documents: insert the ones never stored or read before (and replace those of
-    them that turn out to exist), replace the others."""
-    existed = await insert_absent(collection, [dict(d) for d, known in docs if not known])
-    ops = [ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d, known in docs if known or d["_id"] in existed]
-    if ops:
-        await bulk_write_chunked(collection, ops)
+# Documents encoded and written at a time by ``_upsert``: a write-behind flush after a backlog
+# can hold tens of thousands of customers, and encoding them all before the first write held
+# every compact copy at once and the event loop for as long as the encoding took.
+UPSERT_SLICE = 500
+
+
+async def _upsert(collection: AsyncCollection, docs: list[tuple[dict[str, Any], bool]], keep: tuple[str, ...] = ()) -> None:
+    """Store documents, in their compact form (``keep``: the fields kept as fields), in order,
+    ``UPSERT_SLICE`` at a time: insert the ones never stored or read before (and replace those
+    of them that turn out to exist), replace the others."""
+    for start in range(0, len(docs), UPSERT_SLICE):
+        part = [(compact_document(d, keep), known) for d, known in docs[start : start + UPSERT_SLICE]]
+        existed = await insert_absent(collection, [d for d, known in part if not known])
+        ops = [ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d, known in part if known or d["_id"] in existed]
+        if ops:
+            await bulk_write_chunked(collection, ops)
 
 
 # Conversations ``keep_current`` let go of, each with what was stored of it.

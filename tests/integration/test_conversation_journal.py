@@ -479,3 +479,28 @@ async def test_documents_stored_before_customers_held_conversations_are_read_and
     assert writes.of("conversations") == [] and writes.of("customers") == [("update", "cus_1")]
     assert (await store.find_conversation("conv_1"))["inbound_count"] == 3
     assert (await expanded(store, "conv_1"))["inbound_count"] == 2
+
+
+async def test_a_flush_larger_than_one_slice_writes_every_customer_and_conversation(store, monkeypatch) -> None:
+    """A flush after a backlog is encoded and written a slice at a time: every document still
+    lands, the new ones inserted, one that exists already (a replay) replaced."""
+    import services.conversation_state.store as conversation_store
+
+    store, _ = store
+    monkeypatch.setattr(conversation_store, "UPSERT_SLICE", 7)
+    memory = JournaledCustomers(store, interval_s=60)
+    # Stored before by another owner, but not known to this one: its insert is refused and replaced.
+    earlier = opened("cus_03", "conv_03")
+    await store.write_changes(conversation_store.changes_of([earlier]))
+    customers = {f"cus_{n:02d}": opened(f"cus_{n:02d}", f"conv_{n:02d}") for n in range(30)}
+    await memory.append(customers, dict.fromkeys(customers, 0))
+    for r in customers.values():
+        routed(r, "ana")
+    await memory.append(customers, dict.fromkeys(customers, 0))
+    await flushed(memory)
+    found = await store.find_customers(customers)
+    assert sorted(found) == sorted(customers)
+    assert all(doc["rev"] == customers[cid].customer.rev for cid, doc in found.items())  # type: ignore[union-attr]
+    conversations = await store.find_conversations(f"conv_{n:02d}" for n in range(30))
+    assert len(conversations) == 30
+    assert all(doc["agent_id"] == "ana" for doc in conversations.values())
