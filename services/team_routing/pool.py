@@ -195,7 +195,9 @@ class PoolState:
 
 
 def queue_key(p: Placement) -> tuple[int, datetime, str]:
-    """A waiting placement's place in service order: priority first, then longest waiting."""
+    """A waiting placement's place in service order: priority first, then longest waiting.
+    (A placement's priority and ``enqueued_at`` never change once made: the pool finds a
+    waiting one in its sorted lists by this key.)"""
     return (-p.priority, p.enqueued_at, p.conversation_id)
 
 
