@@ -640,6 +640,24 @@ def topic_partitions(prefix: str) -> dict[str, int]:
 # once if the generator is behind; it never waits for the system.
 
 
+def plan_of(spec: dict[str, Any]) -> Plan:
+    """The messages a generator process sends for ``spec`` (a step of this bench, or
+    bench.memory's load, which has no new customers)."""
+    population = make_population(spec["customers"], spec["teams"], spec["seed"])
+    return plan_messages(
+        population,
+        rate=spec["rate"],
+        duration=spec["duration"],
+        seed=spec["step_seed"],
+        tag=spec["tag"],
+        skew=spec["skew"],
+        new_share=spec.get("new_share", 0.0),
+        first_new=spec.get("first_new", 0),
+        teams=spec["teams"],
+        population_seed=spec["seed"],
+    )
+
+
 def _generator_main(spec: dict[str, Any], conn: Any) -> None:
     asyncio.run(_generate(spec, conn))
 
@@ -647,19 +665,7 @@ def _generator_main(spec: dict[str, Any], conn: Any) -> None:
 async def _generate(spec: dict[str, Any], conn: Any) -> None:
     from aiokafka import AIOKafkaProducer
 
-    population = make_population(spec["customers"], spec["teams"], spec["seed"])
-    plan = plan_messages(
-        population,
-        rate=spec["rate"],
-        duration=spec["duration"],
-        seed=spec["step_seed"],
-        tag=spec["tag"],
-        skew=spec["skew"],
-        new_share=spec["new_share"],
-        first_new=spec["first_new"],
-        teams=spec["teams"],
-        population_seed=spec["seed"],
-    )
+    plan = plan_of(spec)
     check_plan(plan)
     producer = AIOKafkaProducer(bootstrap_servers=spec["bootstrap"], client_id="bench-adapter", **PRODUCER_SETTINGS)
     await producer.start()

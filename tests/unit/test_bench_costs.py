@@ -105,3 +105,14 @@ def test_a_share_of_a_steps_messages_come_from_customers_new_to_the_run() -> Non
     assert addresses and not addresses & known
     # Without a share, every message comes from the population.
     assert max(plan_messages(population, rate=400, duration=2, seed=1, tag="x").customers) < len(population)
+
+
+def test_the_generator_plans_bench_memorys_load_which_has_no_new_customers() -> None:
+    from bench.pipeline import plan_of
+
+    # bench.memory's spec (bench/memory.py) has no new-customer keys: its load is the known customers.
+    spec = {"customers": 300, "teams": 4, "seed": 3, "step_seed": 3001, "tag": "mem", "rate": 100, "duration": 2, "skew": 1.0}
+    plan = plan_of(spec)
+    assert plan.offsets and plan.new_customers == 0 and max(plan.customers) < 300
+    fresh = plan_of({**spec, "new_share": 0.5, "first_new": 1_000})
+    assert fresh.new_customers > 0 and min(i for i in fresh.customers if i >= 300) >= 1_000
