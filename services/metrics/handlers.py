@@ -55,8 +55,19 @@ class EventsConsumer:
         first: dict[str, Any] = {}
         for item in incoming:
             first.setdefault(item.envelope.id, item)
+        # What each event contributes (a survey answer's facts wait for its credit). Only an
+        # event that contributes a fact or a credit is recorded as counted: reading one that
+        # contributes neither again changes nothing (57% of the events in make bench's load:
+        # conversations opened, lines before a placement, preference changes).
+        facts: dict[str, list[Fact]] = {
+            event_id: facts_for(i.payload) for event_id, i in first.items() if not isinstance(i.payload, SurveyAnswered)
+        }
         repeated = await self.store.repeated_events(
-            [(i.envelope.id, _position(i.record), i.envelope.time) for i in first.values()]
+            [
+                (event_id, _position(i.record), i.envelope.time)
+                for event_id, i in first.items()
+                if isinstance(i.payload, SurveyAnswered) or facts[event_id] or credit_of(i.payload) is not None
+            ]
         )
         # Not ``set - self.credits.keys()``: that walks every held credit (up to ``max_clean``)
         # in each batch; it was ~10% of this service's CPU under load.
@@ -72,14 +83,15 @@ class EventsConsumer:
                 continue  # published again: counted where it was first read
             writer = f"{_topic_tag(item.record.topic)}/{item.record.partition}"
             payload = item.payload
-            credit = None
             if isinstance(payload, SurveyAnswered):
                 credit = self.credits.get(payload.conversation_id) or stored_credits.get(payload.conversation_id)
+                contributed = facts_for(payload, credit)
             else:
                 held = credit_of(payload)
                 if held is not None:
                     self._credit(*held, ended=isinstance(payload, (ev.ConversationResolved, ev.ConversationClosed)))
-            for fact in facts_for(payload, credit):
+                contributed = facts[item.envelope.id]
+            for fact in contributed:
                 pending.append((writer, item.offset, fact))
 
         ids = {bucket_id(hour_of(f.at), f.team, w): (w, f) for w, _, f in pending}

@@ -6,8 +6,9 @@
   agent: a flush replaces a few documents instead of one per active agent (a replace costs
   FerretDB ~20 inserts). Documents stored before (one per agent: ``agent``, ``counters``) are
   still read; stored behind checkpoints (``kpi_event_checkpoints``);
-- ``kpi_counted_<yyyymmdd>``: one small document per counted event (``_id`` = event id, ``pos``
-  = where it was read), in a collection per day of the event's time: conversation-state
+- ``kpi_counted_<yyyymmdd>``: one small document per counted event (one that contributes a
+  fact or a credit; ``_id`` = event id, ``pos`` = where it was read), in a collection per day
+  of the event's time: conversation-state
   publishes a batch's events again with the same ids after a crash, and an id stored at
   another position is such a repeat (counted once). Inserted before the batch's facts are
   counted; collections older than ``COUNTED_EVENT_DAYS`` are dropped;
