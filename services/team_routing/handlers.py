@@ -29,7 +29,7 @@ from shared.runtime.tracing import RecordTracer
 from shared.teams import DirectoryWatcher
 
 from services.team_routing.pool import Decision, Handoff, Output, PoolState, apply_command, command_time, status_of
-from services.team_routing.store import PlacementRows, PoolStore, pool_to_doc
+from services.team_routing.store import PlacementLog, PoolStore, capture
 
 
 class PoolConsumer:
@@ -45,7 +45,7 @@ class PoolConsumer:
     ) -> None:
         self.states: dict[str, PoolState] = {}  # the pools this consumer owns, in memory
         self.dirty: set[str] = set()  # changed since last stored
-        self.rows: dict[str, PlacementRows] = {}  # each pool's placements as last encoded
+        self.logs: dict[str, PlacementLog] = {}  # what of each pool's placements is stored
         self.reader = reader
         self.store = store
         self.outbox = outbox
@@ -60,21 +60,26 @@ class PoolConsumer:
         self.dirty.clear()
         if not ids:
             return None
-        docs = [pool_to_doc(self.states[p], self.rows.setdefault(p, PlacementRows())) for p in ids]
+        logs = {p: self.logs.get(p, PlacementLog()) for p in ids}
+        writes = {p: capture(self.states[p], logs[p]) for p in ids}
 
         async def write() -> None:
             try:
-                await self.store.save_docs(docs)
+                await self.store.save(writes.values())
             except BaseException:
                 self.dirty.update(ids)  # stored next time, with whatever they hold by then
+                for p in ids:
+                    self.logs[p] = logs[p].failed()
                 raise
+            for p, w in writes.items():
+                self.logs[p] = w.after
 
         return write
 
     def drop_state(self) -> None:
         self.states.clear()
         self.dirty.clear()
-        self.rows.clear()
+        self.logs.clear()
 
     async def handle(self, records: Sequence[ConsumerRecord]) -> None:
         """One batch; call under the checkpoint lock (``Checkpointed.run_batch``)."""
@@ -82,7 +87,9 @@ class PoolConsumer:
         pool_ids = list(dict.fromkeys(i.envelope.subject for i in incoming))
         missing = [p for p in pool_ids if p not in self.states]
         if missing:
-            self.states.update(await self.store.load(missing))
+            for pool_id, (state, log) in (await self.store.load(missing)).items():
+                self.states[pool_id] = state
+                self.logs[pool_id] = log
         states = self.states
         directory = self.directory.current
         published: list[tuple[Any, list[Output]]] = []

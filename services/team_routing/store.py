@@ -1,18 +1,20 @@
 """Pool documents (``pools`` collection): one per pool, written only by the consumer that owns
-the pool's partition, with the offsets of the commands already applied to it."""
+the pool's partition, with the offsets of the commands already applied to it; its placements
+in ``pool_placements`` (a snapshot, then the changes of each flush: see ``capture``)."""
 
 from __future__ import annotations
 
 import json
 import zlib
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pymongo import ReplaceOne
+from pymongo import DeleteOne, ReplaceOne
 from pymongo.asynchronous.database import AsyncDatabase
 
-from shared.runtime.store import bulk_write_chunked, find_by_ids
+from shared.runtime.store import bulk_write_chunked, find_by_ids, insert_absent
 
 from shared.contracts.agents import Presence
 from shared.contracts.common import Channel, RoutingReason, WaitingOn
@@ -20,12 +22,11 @@ from shared.contracts.common import Channel, RoutingReason, WaitingOn
 from services.team_routing.pool import AgentPresenceState, Placement, PoolState
 
 
-# Placements are stored as one compressed blob, not as an array of subdocuments: the pool
-# document is rewritten at every flush, and a store decodes and re-encodes every element of a
-# nested array on each replace (FerretDB 1.24: ~540 ms for a pool document with a few
-# thousand placements; a blob: a few ms). It also keeps a pool far below MongoDB's 16 MB
-# document limit (~70 bytes per placement compressed instead of ~400). Read it with
-# pool_from_doc; PLACEMENTS_FORMAT names the layout below.
+# Placements are stored as compressed blobs of rows, not as arrays of subdocuments: a store
+# decodes and re-encodes every element of a nested array on each write (FerretDB 1.24: ~540
+# ms for a few thousand placements; a blob: a few ms). It also keeps a snapshot far below
+# MongoDB's 16 MB document limit (~70 bytes per placement compressed instead of ~400).
+# PLACEMENTS_FORMAT names the layout below.
 PLACEMENTS_FORMAT = "json-rows-zlib/1"
 _PLACEMENT_COLUMNS = (
     "conversation_id",
@@ -101,34 +102,39 @@ def _opt_int(value: int | None) -> str:
 _HEAD = json.dumps(list(_PLACEMENT_COLUMNS), separators=(",", ":"))
 
 
-class PlacementRows:
-    """Encodes a pool's placements, re-encoding only the rows that changed since the last call.
+# A pool's placements as stored: conversation id → (every stored field, its encoded row).
+Rows = dict[str, tuple[tuple[Any, ...], str]]
 
-    A pool is rewritten at every flush with all its placements, and most of them have not
-    changed since the previous flush: encoding every row each time (timestamps to
-    microseconds, JSON) was a fifth of team-routing's CPU under load in ``make bench``, whose
-    conversations never end. A row is reused while every field of its placement equals what
-    it was encoded from (placements are changed in place, so the fields are compared, not
-    the objects)."""
 
-    def __init__(self) -> None:
-        self.rows: dict[str, tuple[tuple[Any, ...], str]] = {}
+def rows_of(placements: Iterable[Placement]) -> Rows:
+    return {p.conversation_id: (key, _row(key)) for p in placements for key in (_key(p),)}
 
-    def encode(self, placements: Iterable[Placement]) -> bytes:
-        old, new, rows = self.rows, {}, []
-        for p in placements:
-            key = _key(p)
-            cached = old.get(p.conversation_id)
-            if cached is None or cached[0] != key:
-                cached = (key, _row(key))
-            new[p.conversation_id] = cached
-            rows.append(cached[1])
-        self.rows = new  # placements gone from the pool are dropped with the old dict
-        return zlib.compress(f"[{_HEAD},[{','.join(rows)}]]".encode(), 1)
+
+def diff_rows(before: Rows, placements: Iterable[Placement]) -> tuple[Rows, list[str], list[str]]:
+    """The placements' rows now, the rows that differ from ``before`` (new or changed) and
+    the conversations ``before`` has that are gone. A row is reused while every field of its
+    placement equals what it was encoded from (placements are changed in place, so the fields
+    are compared, not the objects): encoding every row at each flush (timestamps to
+    microseconds, JSON) was a fifth of team-routing's CPU under load in ``make bench``."""
+    now: Rows = {}
+    changed: list[str] = []
+    for p in placements:
+        key = _key(p)
+        cached = before.get(p.conversation_id)
+        if cached is None or cached[0] != key:
+            cached = (key, _row(key))
+            changed.append(cached[1])
+        now[p.conversation_id] = cached
+    removed = [c for c in before if c not in now]
+    return now, changed, removed
+
+
+def encode_rows(rows: Iterable[str]) -> bytes:
+    return zlib.compress(f"[{_HEAD},[{','.join(rows)}]]".encode(), 1)
 
 
 def encode_placements(placements: Iterable[Placement]) -> bytes:
-    return PlacementRows().encode(placements)
+    return encode_rows(_row(_key(p)) for p in placements)
 
 
 def decode_placements(blob: bytes) -> list[Placement]:
@@ -155,25 +161,6 @@ def decode_placements(blob: bytes) -> list[Placement]:
     ]
 
 
-def pool_to_doc(state: PoolState, rows: PlacementRows | None = None) -> dict[str, Any]:
-    """The pool's document; ``rows`` (kept per pool between flushes) spares re-encoding the
-    placements that did not change."""
-    placements = state.placements.values()
-    return {
-        "_id": state.pool_id,
-        "agents": {a: {"presence": s.presence.value, "idle_since": s.idle_since} for a, s in state.agents.items()},
-        # Readable summary; the placements themselves are in the blob.
-        "assigned": sum(1 for p in placements if p.agent_id is not None),
-        "waiting": sum(1 for p in placements if p.agent_id is None),
-        "placements_format": PLACEMENTS_FORMAT,
-        "placements": (rows or PlacementRows()).encode(placements),
-        # Offsets are stored as a list: topic names contain dots, which MongoDB field names
-        # must not.
-        "applied": [{"key": k, "offset": v} for k, v in state.applied.items()],
-        "surging": state.surging,
-    }
-
-
 def _placements_v0(rows: list[dict[str, Any]]) -> list[Placement]:
     """Placements as stored before PLACEMENTS_FORMAT: an array of subdocuments (read so an
     upgrade resumes from the pools the previous version stored; the next flush rewrites them)."""
@@ -198,7 +185,8 @@ def _placements_v0(rows: list[dict[str, Any]]) -> list[Placement]:
 
 
 def stored_placements(doc: dict[str, Any]) -> list[Placement]:
-    """Every placement row of a stored pool document, in either layout."""
+    """The placements a pool document holds itself (as stored before ``pool_placements``, in
+    either layout of that time)."""
     stored = doc.get("placements")
     if not stored:
         return []
@@ -209,33 +197,165 @@ def stored_placements(doc: dict[str, Any]) -> list[Placement]:
     return decode_placements(stored)
 
 
-def pool_from_doc(doc: dict[str, Any]) -> PoolState:
-    return PoolState(
+# A pool's placements are stored apart from its document, in ``pool_placements``: a snapshot
+# (every placement) and then, at each flush that changed any, only the rows that changed and
+# the conversations that left (``changes``), each an insert numbered ``seq`` and never
+# rewritten in place. The pool document, replaced at every flush, is small: its agents, the
+# applied offsets and which ``seq`` it reads (``placements_from`` .. ``placements_to``, a
+# snapshot first). Rewriting a pool's document with all its placements at every flush cost
+# FerretDB ~14 ms per 5,000 placements (~340 KB) every second per team, growing with the
+# open conversations (bench: ~6,000 per team; a large team: far more).
+SNAPSHOT, CHANGES = "snapshot", "changes"
+# A new snapshot once the changes since the last one hold as many rows as it would, or there
+# are this many of them (each is a read when the pool is loaded).
+MAX_CHANGE_DOCS = 100
+
+
+def placements_doc_id(pool_id: str, seq: int) -> str:
+    return f"{pool_id}|{seq}"
+
+
+@dataclass(slots=True)
+class PlacementLog:
+    """What of a pool's placements is stored: their rows as of ``to`` (the last ``seq``
+    written; 0: none), the snapshot they start from, how many changed rows came after it, and
+    the lowest ``seq`` that may still be stored (older ones are deleted once a snapshot
+    supersedes them)."""
+
+    rows: Rows = field(default_factory=dict)
+    start: int = 0  # seq of the snapshot
+    to: int = 0
+    changed_since_start: int = 0
+    kept_from: int = 1
+    snapshot_next: bool = False
+
+    def failed(self) -> PlacementLog:
+        """What is known after a write from this log failed somewhere: the pool document may
+        or may not name the ``seq`` it tried, so the next write is a snapshot past it."""
+        return PlacementLog(self.rows, self.start, self.to + 1, self.changed_since_start, self.kept_from, snapshot_next=True)
+
+
+@dataclass(slots=True)
+class PoolWrite:
+    """One pool's part of a flush: the placements document to insert (none if no placement
+    changed), the pool document, the superseded ``seq`` to delete after both, and the log
+    once all of it is stored."""
+
+    placements: dict[str, Any] | None
+    pool: dict[str, Any]
+    obsolete: list[str]
+    after: PlacementLog
+
+
+def capture(state: PoolState, log: PlacementLog) -> PoolWrite:
+    """What to store of a pool now, given what is stored (``log``). Pure."""
+    rows, changed, removed = diff_rows(log.rows, state.placements.values())
+    seq = log.to + 1
+    placements: dict[str, Any] | None = None
+    after = PlacementLog(rows, log.start, log.to, log.changed_since_start, log.kept_from)
+    obsolete: list[str] = []
+    snapshot = log.to == 0 or log.snapshot_next or (
+        (changed or removed)
+        and (log.to - log.start >= MAX_CHANGE_DOCS or log.changed_since_start + len(changed) + len(removed) >= len(rows))
+    )
+    if snapshot:
+        placements = {"_id": placements_doc_id(state.pool_id, seq), "kind": SNAPSHOT, "format": PLACEMENTS_FORMAT, "rows": encode_rows(r for _, r in rows.values())}
+        obsolete = [placements_doc_id(state.pool_id, n) for n in range(log.kept_from, seq)]
+        after = PlacementLog(rows, seq, seq, 0, seq)
+    elif changed or removed:
+        placements = {"_id": placements_doc_id(state.pool_id, seq), "kind": CHANGES, "format": PLACEMENTS_FORMAT, "rows": encode_rows(changed), "removed": removed}
+        after = PlacementLog(rows, log.start, seq, log.changed_since_start + len(changed) + len(removed), log.kept_from)
+    pool = pool_to_doc(state, after)
+    pool["placements_kept_from"] = log.kept_from  # the obsolete ones are deleted after this write
+    return PoolWrite(placements, pool, obsolete, after)
+
+
+def pool_to_doc(state: PoolState, log: PlacementLog) -> dict[str, Any]:
+    """The pool's document; its placements are the ``pool_placements`` it names."""
+    placements = state.placements.values()
+    return {
+        "_id": state.pool_id,
+        "agents": {a: {"presence": s.presence.value, "idle_since": s.idle_since} for a, s in state.agents.items()},
+        # Readable summary; the placements themselves are in pool_placements.
+        "assigned": sum(1 for p in placements if p.agent_id is not None),
+        "waiting": sum(1 for p in placements if p.agent_id is None),
+        "placements_from": log.start,
+        "placements_to": log.to,
+        "placements_kept_from": log.kept_from,
+        # Offsets are stored as a list: topic names contain dots, which MongoDB field names
+        # must not.
+        "applied": [{"key": k, "offset": v} for k, v in state.applied.items()],
+        "surging": state.surging,
+    }
+
+
+def placements_needed(doc: dict[str, Any]) -> list[str]:
+    """The ``pool_placements`` ids a pool document reads, in order (none for a document that
+    holds its placements itself, as stored before)."""
+    if "placements_to" not in doc or doc["placements_to"] == 0:
+        return []
+    return [placements_doc_id(doc["_id"], n) for n in range(doc["placements_from"], doc["placements_to"] + 1)]
+
+
+def pool_from_doc(doc: dict[str, Any], placements_docs: dict[str, dict[str, Any]] | None = None) -> tuple[PoolState, PlacementLog]:
+    """The pool a document and the ``pool_placements`` it names (by id) hold, and what of it
+    is stored."""
+    placements = {p.conversation_id: p for p in stored_placements(doc)}
+    needed = placements_needed(doc)
+    changed = 0
+    for n, doc_id in enumerate(needed):
+        part = (placements_docs or {}).get(doc_id)
+        if part is None:
+            raise ValueError(f"pool {doc['_id']}: placements {doc_id} are missing")
+        if part.get("format") != PLACEMENTS_FORMAT or part.get("kind") != (SNAPSHOT if n == 0 else CHANGES):
+            raise ValueError(f"pool {doc['_id']}: placements {doc_id} are {part.get('kind')!r} in format {part.get('format')!r}")
+        rows = decode_placements(part["rows"])
+        if n:
+            for conv in part["removed"]:
+                placements.pop(conv, None)
+            changed += len(rows) + len(part["removed"])
+        placements.update((p.conversation_id, p) for p in rows)
+    state = PoolState(
         pool_id=doc["_id"],
         agents={
             a: AgentPresenceState(presence=Presence(s["presence"]), idle_since=s["idle_since"])
             for a, s in doc.get("agents", {}).items()
         },
-        placements={p.conversation_id: p for p in stored_placements(doc)},
+        placements=placements,
         applied={a["key"]: a["offset"] for a in doc.get("applied", [])},
         surging=doc.get("surging", False),
     )
+    if not needed:  # never stored apart: the next flush writes a snapshot
+        return state, PlacementLog()
+    log = PlacementLog(rows_of(placements.values()), doc["placements_from"], doc["placements_to"], changed, doc.get("placements_kept_from", 1))
+    return state, log
 
 
 class PoolStore:
     def __init__(self, db: AsyncDatabase) -> None:
         self.pools = db["pools"]
+        self.placements = db["pool_placements"]
         self.checkpoints = db["pool_checkpoints"]  # see shared.runtime.checkpoints
 
-    async def load(self, pool_ids: Iterable[str]) -> dict[str, PoolState]:
-        """These pools' stored states (a pool never stored starts empty)."""
+    async def load(self, pool_ids: Iterable[str]) -> dict[str, tuple[PoolState, PlacementLog]]:
+        """These pools' stored states and what of each is stored (a pool never stored starts
+        empty)."""
         ids = list(dict.fromkeys(pool_ids))
-        states = {pid: PoolState(pool_id=pid) for pid in ids}
-        for pool_id, doc in (await find_by_ids(self.pools, ids)).items():
-            states[pool_id] = pool_from_doc(doc)
-        return states
+        docs = await find_by_ids(self.pools, ids)
+        parts = await find_by_ids(self.placements, [i for d in docs.values() for i in placements_needed(d)])
+        loaded = {pid: (PoolState(pool_id=pid), PlacementLog()) for pid in ids}
+        loaded.update((pid, pool_from_doc(doc, parts)) for pid, doc in docs.items())
+        return loaded
 
-    async def save_docs(self, docs: Iterable[dict[str, Any]]) -> None:
-        ops = [ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in docs]
-        if ops:
-            await bulk_write_chunked(self.pools, ops)
+    async def save(self, writes: Iterable[PoolWrite]) -> None:
+        """Each pool's new placements (insert-first: one a failed write stored already is
+        replaced), then the pool documents naming them, then the superseded placements."""
+        writes = list(writes)
+        parts = [w.placements for w in writes if w.placements is not None]
+        existed = await insert_absent(self.placements, parts)
+        if existed:
+            await bulk_write_chunked(self.placements, [ReplaceOne({"_id": d["_id"]}, d) for d in parts if d["_id"] in existed])
+        await bulk_write_chunked(self.pools, [ReplaceOne({"_id": w.pool["_id"]}, w.pool, upsert=True) for w in writes])
+        obsolete = [DeleteOne({"_id": i}) for w in writes for i in w.obsolete]
+        if obsolete:
+            await bulk_write_chunked(self.placements, obsolete)

@@ -24,7 +24,7 @@ from pymongo import AsyncMongoClient
 from services.conversation_state.store import ConversationStore
 from services.ingest.normalize import address_key
 from services.metrics.store import agent_counters
-from services.team_routing.store import stored_placements
+from services.team_routing.store import PoolStore
 from shared.contracts.agents import AgentPresenceChanged, Presence
 from shared.contracts.channel import ChannelMessagePosted
 from shared.runtime.compact import expand_document
@@ -166,8 +166,8 @@ async def test_kill_dash_nine_mid_stream_loses_and_duplicates_nothing(infra, tmp
             except AssertionError as exc:
                 stored = await db["messages"].count_documents({})
                 unassigned = [(c["_id"][:8], c.get("team_id"), c["status"]) async for c in db["conversations"].find({"agent_id": None})]
-                pool = await db["pools"].find_one({"_id": "pnw"}) or {}
-                placed = {p.conversation_id[:8]: p.agent_id for p in stored_placements(pool)}
+                pool, _ = (await PoolStore(db).load(["pnw"]))["pnw"]
+                placed = {p.conversation_id[:8]: p.agent_id for p in pool.placements.values()}
                 # What conversation-state was given for the first unassigned one (offsets, order).
                 trail: list[str] = []
                 first = await db["conversations"].find_one({"agent_id": None})
@@ -195,19 +195,22 @@ async def test_kill_dash_nine_mid_stream_loses_and_duplicates_nothing(infra, tmp
             # Team-routing stores pool state behind its decisions (every second, and replays
             # from its checkpoint after a crash): wait for the stored pool to catch up.
             async def pool_stored() -> list[str] | None:
-                pool = await db["pools"].find_one({"_id": "pnw"}) or {}
-                placements = [p.conversation_id for p in stored_placements(pool)]
+                try:
+                    pool, _ = (await PoolStore(db).load(["pnw"]))["pnw"]
+                except ValueError:  # read while team-routing replaced a snapshot: read again
+                    return None
+                placements = list(pool.placements)
                 return placements if len(set(placements)) == CUSTOMERS else None
 
             try:
                 placements = await eventually(pool_stored, timeout_s=30, what=f"{CUSTOMERS} placements stored in pool pnw")
             except AssertionError as exc:
-                pool = await db["pools"].find_one({"_id": "pnw"}) or {}
-                stored_ids = {p.conversation_id for p in stored_placements(pool)}
+                pool_doc = await db["pools"].find_one({"_id": "pnw"}) or {}
+                stored_ids = set((await PoolStore(db).load(["pnw"]))["pnw"][0].placements)
                 missing = [(c["_id"][:8], c.get("team_id"), c.get("agent_id")) for c in conversations if c["_id"] not in stored_ids]
                 marks = [d async for d in db["pool_checkpoints"].find({})]
                 raise AssertionError(
-                    f"{exc}: pool pnw stores {len(stored_ids)} placements, applied {pool.get('applied')}; "
+                    f"{exc}: pool pnw stores {len(stored_ids)} placements, applied {pool_doc.get('applied')}; "
                     f"checkpoints {marks}; not stored: {missing}"
                 ) from exc
             assert len(placements) == len(set(placements)) == CUSTOMERS

@@ -372,3 +372,49 @@ async def test_metrics_claims_new_buckets_insert_first_and_keeps_stored_counters
         assert sorted(a for d in stored for a, c in agent_counters(d) if c) == ["ana", "ben", "cy"]
     finally:
         await client.close()
+
+
+async def test_team_routing_rewrites_only_a_small_pool_document_and_inserts_its_changed_placements(infra, mongo_db_name) -> None:
+    """A flush replaces the pool's small document and inserts the placements that changed;
+    the snapshot is inserted too (never replaced), the ones it supersedes are deleted; a
+    write that failed after storing its placements is followed by a snapshot past them; what
+    is loaded is what was handled."""
+    from dataclasses import replace
+
+    from services.team_routing.pool import Placement, PoolState
+    from services.team_routing.store import PlacementLog, PoolStore, capture
+    from shared.contracts.common import RoutingReason, WaitingOn
+    from tests.support import StoreWrites
+
+    writes = StoreWrites()
+    client: AsyncMongoClient = AsyncMongoClient(infra.mongodb_url, tz_aware=True, event_listeners=[writes])
+    T = datetime(2026, 12, 4, 9, tzinfo=UTC)
+    waiting = Placement(conversation_id="c-0", customer_id="cus-0", agent_id=None, waiting_on=WaitingOn.AGENT, priority=0, enqueued_at=T, pool_reason=RoutingReason.HOME_TEAM)
+    try:
+        store = PoolStore(client[mongo_db_name])
+        state = PoolState(pool_id="pnw", placements={f"c-{n}": replace(waiting, conversation_id=f"c-{n}") for n in range(50)})
+        log = PlacementLog()
+        for step in range(3):
+            if step:
+                state.placements[f"c-{step}"].agent_id = "a-1"
+            write = capture(state, log)
+            await store.save([write])
+            log = write.after
+        assert writes.inserted("pool_placements") == ["pnw|1", "pnw|2", "pnw|3"]  # a snapshot, then changes
+        assert writes.replaced("pool_placements") == [] and writes.replaced("pools") == ["pnw"] * 3
+
+        # The pool document was not replaced (the store failed after the placements): the next
+        # write is a snapshot past them, and they are deleted with the older ones.
+        state.placements["c-9"].priority = 3
+        tried = capture(state, log)
+        await client[mongo_db_name]["pool_placements"].insert_one(tried.placements)
+        write = capture(state, log.failed())
+        await store.save([write])
+        assert write.after.start == write.after.to == 5
+        assert sorted([d["_id"] async for d in client[mongo_db_name]["pool_placements"].find({})]) == ["pnw|5"]
+
+        loaded, loaded_log = (await store.load(["pnw", "std"]))["pnw"]
+        assert loaded == state and capture(loaded, loaded_log).placements is None
+        assert (await store.load(["std"]))["std"][0] == PoolState(pool_id="std")  # never stored: empty
+    finally:
+        await client.close()

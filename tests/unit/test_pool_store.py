@@ -11,12 +11,17 @@ import pytest
 
 from services.team_routing.pool import AgentPresenceState, Placement, PoolState
 from services.team_routing.store import (
-    PLACEMENTS_FORMAT,
-    PlacementRows,
+    CHANGES,
+    MAX_CHANGE_DOCS,
+    SNAPSHOT,
+    PlacementLog,
+    capture,
     decode_placements,
+    diff_rows,
     encode_placements,
+    encode_rows,
     pool_from_doc,
-    pool_to_doc,
+    rows_of,
 )
 from shared.contracts.agents import Presence
 from shared.contracts.common import Channel, RoutingReason, WaitingOn
@@ -53,7 +58,27 @@ PLACEMENTS = [
 ]
 
 
-def test_pool_round_trips_through_its_document() -> None:
+class Stored:
+    """A store in a dict: what ``PoolStore.save`` writes, applied in its order."""
+
+    def __init__(self) -> None:
+        self.pools: dict[str, dict] = {}
+        self.placements: dict[str, dict] = {}
+
+    def save(self, state: PoolState, log: PlacementLog) -> PlacementLog:
+        write = capture(state, log)
+        if write.placements is not None:
+            self.placements[write.placements["_id"]] = write.placements
+        self.pools[state.pool_id] = write.pool
+        for doc_id in write.obsolete:
+            self.placements.pop(doc_id, None)
+        return write.after
+
+    def load(self, pool_id: str) -> tuple[PoolState, PlacementLog]:
+        return pool_from_doc(self.pools[pool_id], self.placements)
+
+
+def test_pool_round_trips_through_its_documents() -> None:
     state = PoolState(
         pool_id="pnw",
         agents={"a-1": AgentPresenceState(presence=Presence.ONLINE, idle_since=T)},
@@ -61,11 +86,102 @@ def test_pool_round_trips_through_its_document() -> None:
         applied={"routing.commands.v1/3": 41},
         surging=True,
     )
-    doc = pool_to_doc(state)
-    assert (doc["assigned"], doc["waiting"], doc["placements_format"]) == (1, 1, PLACEMENTS_FORMAT)
-    assert isinstance(doc["placements"], bytes)
-    back = pool_from_doc(doc)
+    store = Stored()
+    log = store.save(state, PlacementLog())
+    doc = store.pools["pnw"]
+    assert (doc["assigned"], doc["waiting"], doc["placements_from"], doc["placements_to"]) == (1, 1, 1, 1)
+    assert "placements" not in doc  # the placements are apart
+    assert store.placements["pnw|1"]["kind"] == SNAPSHOT
+    back, back_log = store.load("pnw")
     assert back == state
+    assert (back_log.start, back_log.to, back_log.rows) == (log.start, log.to, log.rows)
+
+
+def test_a_flush_stores_only_the_placements_that_changed_and_a_load_applies_them_in_order() -> None:
+    placements = {p.conversation_id: replace(p) for p in PLACEMENTS}
+    for n in range(3, 40):  # many placements, so that a few changes stay changes
+        placements[f"c-{n}"] = replace(PLACEMENTS[1], conversation_id=f"c-{n}", customer_id=f"cust-{n}")
+    state = PoolState(pool_id="pnw", placements=placements)
+    store = Stored()
+    log = store.save(state, PlacementLog())
+    assert store.placements["pnw|1"]["kind"] == SNAPSHOT
+
+    placements["c-1"].agent_id = "a-2"  # changed in place
+    del placements["c-2"]
+    placements["c-40"] = replace(PLACEMENTS[0], conversation_id="c-40")
+    log = store.save(state, log)
+    part = store.placements["pnw|2"]
+    assert part["kind"] == CHANGES and part["removed"] == ["c-2"]
+    assert sorted(p.conversation_id for p in decode_placements(part["rows"])) == ["c-1", "c-40"]
+    assert log.changed_since_start == 3
+
+    log = store.save(state, log)  # nothing changed: no placements document
+    assert sorted(store.placements) == ["pnw|1", "pnw|2"] and log.to == 2
+    placements["c-40"].priority = 5
+    placements["c-2"] = replace(PLACEMENTS[1])  # back again
+    log = store.save(state, log)
+    assert store.pools["pnw"]["placements_from"] == 1 and store.pools["pnw"]["placements_to"] == 3
+    back, back_log = store.load("pnw")
+    assert back == state
+    assert back_log.changed_since_start == log.changed_since_start == 5
+    assert capture(back, back_log).placements is None  # what was loaded is what is stored
+
+
+def test_a_snapshot_comes_once_the_changes_hold_as_many_rows_or_are_many() -> None:
+    placements = {f"c-{n}": replace(PLACEMENTS[1], conversation_id=f"c-{n}") for n in range(10)}
+    state = PoolState(pool_id="pnw", placements=placements)
+    store = Stored()
+    log = store.save(state, PlacementLog())
+    kinds = []
+    for n in range(12):
+        placements[f"c-{n % 10}"].priority = n + 1
+        log = store.save(state, log)
+        kinds.append(store.placements[f"pnw|{log.to}"]["kind"])
+    # One row per flush; the tenth would make the changes as large as a snapshot.
+    assert kinds == [CHANGES] * 9 + [SNAPSHOT] + [CHANGES] * 2
+    assert sorted(store.placements) == ["pnw|11", "pnw|12", "pnw|13"]  # older ones deleted
+
+    big = {f"c-{n}": replace(PLACEMENTS[1], conversation_id=f"c-{n}") for n in range(10 * MAX_CHANGE_DOCS)}
+    state = PoolState(pool_id="big", placements=big)
+    log = store.save(state, PlacementLog())
+    for n in range(MAX_CHANGE_DOCS + 1):
+        big[f"c-{n}"].priority = 1
+        log = store.save(state, log)
+    assert store.placements[f"big|{log.to}"]["kind"] == SNAPSHOT and log.to == MAX_CHANGE_DOCS + 2
+    assert store.load("big")[0] == state
+
+
+def test_after_a_failed_write_the_next_is_a_snapshot_past_the_seq_it_tried() -> None:
+    placements = {p.conversation_id: replace(p) for p in PLACEMENTS}
+    state = PoolState(pool_id="pnw", placements=placements)
+    store = Stored()
+    log = store.save(state, PlacementLog())
+    placements["c-1"].priority = 7
+    tried = capture(state, log)
+    store.placements[tried.placements["_id"]] = tried.placements  # stored; the pool document was not
+    log = store.save(state, log.failed())
+    assert log.to == log.start == 3 and store.placements["pnw|3"]["kind"] == SNAPSHOT
+    assert sorted(store.placements) == ["pnw|3"]  # the one the failed write left is deleted too
+    assert store.load("pnw")[0] == state
+    # With no placement at all, too: the pool names a snapshot that exists.
+    empty = PoolState(pool_id="std")
+    log = store.save(empty, PlacementLog())
+    log = store.save(empty, log.failed())
+    assert store.load("std")[0] == empty
+
+
+def test_a_missing_or_unknown_placements_document_is_refused() -> None:
+    state = PoolState(pool_id="pnw", placements={p.conversation_id: replace(p) for p in PLACEMENTS})
+    store = Stored()
+    log = store.save(state, PlacementLog())
+    state.placements["c-1"].priority = 9
+    store.save(state, log)
+    del store.placements["pnw|2"]
+    with pytest.raises(ValueError, match="missing"):
+        store.load("pnw")
+    store.placements["pnw|2"] = {**store.placements["pnw|1"], "_id": "pnw|2"}  # a snapshot where changes belong
+    with pytest.raises(ValueError, match="'snapshot'"):
+        store.load("pnw")
 
 
 def test_a_pool_stored_by_the_previous_version_is_read() -> None:
@@ -94,15 +210,27 @@ def test_a_pool_stored_by_the_previous_version_is_read() -> None:
         "applied": [{"key": "routing.commands.v1/3", "offset": 41}],
         "surging": False,
     }
-    state = pool_from_doc(old)
+    state, log = pool_from_doc(old)
     assert state.placements == {p.conversation_id: p for p in PLACEMENTS}
     assert state.applied == {"routing.commands.v1/3": 41}
-    assert pool_from_doc(pool_to_doc(state)) == state  # and the next flush writes the blob
+    assert log == PlacementLog()  # nothing stored apart: the next flush writes a snapshot
+    store = Stored()
+    store.save(state, log)
+    assert store.load("pnw")[0] == state
+
+
+def test_a_pool_stored_with_its_placements_inside_is_read() -> None:
+    """Before pool_placements, the blob was the pool document's own ``placements``."""
+    old = {"_id": "pnw", "placements_format": "json-rows-zlib/1", "placements": encode_placements(PLACEMENTS), "applied": []}
+    state, log = pool_from_doc(old)
+    assert list(state.placements.values()) == PLACEMENTS and log == PlacementLog()
 
 
 def test_empty_pool_round_trips() -> None:
     state = PoolState(pool_id="std")
-    assert pool_from_doc(pool_to_doc(state)) == state
+    store = Stored()
+    store.save(state, PlacementLog())
+    assert store.load("std")[0] == state
 
 
 def test_decoding_keeps_duplicate_rows() -> None:
@@ -132,16 +260,19 @@ def test_placements_are_compact() -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda d: d.update(placements_format="bson-array/0"), "unknown placements format"),
-        (lambda d: d.update(placements=zlib.compress(json.dumps([["conversation_id"], []]).encode())), "columns"),
+        (lambda d: d.update(format="bson-array/0"), "bson-array/0"),
+        (lambda d: d.update(rows=zlib.compress(json.dumps([["conversation_id"], []]).encode())), "columns"),
     ],
 )
 def test_unknown_layouts_are_refused(change, message: str) -> None:
-    doc = pool_to_doc(PoolState(pool_id="pnw", placements={p.conversation_id: p for p in PLACEMENTS}))
-    change(doc)
+    store = Stored()
+    store.save(PoolState(pool_id="pnw", placements={p.conversation_id: p for p in PLACEMENTS}), PlacementLog())
+    change(store.placements["pnw|1"])
     with pytest.raises(ValueError, match=message):
-        pool_from_doc(doc)
-
+        store.load("pnw")
+    old = {"_id": "pnw", "placements_format": "bson-array/0", "placements": b"x"}
+    with pytest.raises(ValueError, match="unknown placements format"):
+        pool_from_doc(old)
 
 
 # Changes made in place between two flushes, each to a field the row caches must notice.
@@ -165,28 +296,26 @@ IN_PLACE_CHANGES = [
 @pytest.mark.parametrize(("field", "value"), IN_PLACE_CHANGES, ids=[f"{f}={v}" for f, v in IN_PLACE_CHANGES])
 def test_cached_rows_follow_changes_made_in_place(field: str, value: object) -> None:
     placements = {p.conversation_id: replace(p) for p in PLACEMENTS}
-    state = PoolState(pool_id="pnw", placements=placements)
-    rows = PlacementRows()
-    first = pool_to_doc(state, rows)
-    assert first["placements"] == pool_to_doc(state)["placements"]  # the same bytes as encoding afresh
+    rows, changed, removed = diff_rows({}, placements.values())
+    assert rows == rows_of(placements.values()) and len(changed) == 2 and removed == []
 
     setattr(placements["c-1"], field, value)
-    second = pool_to_doc(state, rows)
-    assert second["placements"] == pool_to_doc(state)["placements"]
-    assert getattr(decode_placements(second["placements"])[0], field) == value
-    assert pool_from_doc(second) == state
+    rows, changed, removed = diff_rows(rows, placements.values())
+    assert rows == rows_of(placements.values())  # the same rows as encoding afresh
+    assert [getattr(p, field) for p in decode_placements(encode_rows(changed))] == [value]  # only c-1 changed
+    assert removed == []
+    assert diff_rows(rows, placements.values())[1:] == ([], [])  # and nothing more
 
 
 def test_cached_rows_follow_placements_added_and_removed() -> None:
-    state = PoolState(pool_id="pnw", placements={p.conversation_id: replace(p) for p in PLACEMENTS})
-    rows = PlacementRows()
-    pool_to_doc(state, rows)
-    del state.placements["c-1"]
-    state.placements["c-3"] = replace(PLACEMENTS[0], conversation_id="c-3", customer_id="cust-3")
-    doc = pool_to_doc(state, rows)
-    assert [p.conversation_id for p in decode_placements(doc["placements"])] == ["c-2", "c-3"]
-    assert set(rows.rows) == {"c-2", "c-3"}  # a removed placement's row is not kept
-    assert pool_from_doc(doc) == state
+    placements = {p.conversation_id: replace(p) for p in PLACEMENTS}
+    rows, _, _ = diff_rows({}, placements.values())
+    del placements["c-1"]
+    placements["c-3"] = replace(PLACEMENTS[0], conversation_id="c-3", customer_id="cust-3")
+    rows, changed, removed = diff_rows(rows, placements.values())
+    assert [p.conversation_id for p in decode_placements(encode_rows(changed))] == ["c-3"]
+    assert removed == ["c-1"]
+    assert set(rows) == {"c-2", "c-3"}  # a removed placement's row is not kept
 
 
 def test_rows_are_the_json_of_their_fields() -> None:
