@@ -206,6 +206,7 @@ def stored_placements(doc: dict[str, Any]) -> list[Placement]:
 # FerretDB ~14 ms per 5,000 placements (~340 KB) every second per team, growing with the
 # open conversations (bench: ~6,000 per team; a large team: far more).
 SNAPSHOT, CHANGES = "snapshot", "changes"
+PLACEMENTS_APART = "pool_placements/1"
 # A new snapshot once the changes since the last one hold as many rows as it would, or there
 # are this many of them (each is a read when the pool is loaded).
 MAX_CHANGE_DOCS = 100
@@ -279,6 +280,11 @@ def pool_to_doc(state: PoolState, log: PlacementLog) -> dict[str, Any]:
         # Readable summary; the placements themselves are in pool_placements.
         "assigned": sum(1 for p in placements if p.agent_id is not None),
         "waiting": sum(1 for p in placements if p.agent_id is None),
+        # A version that stored placements inside the pool document refuses this layout (an
+        # unknown format) instead of reading a pool without placements (a rolling upgrade
+        # that hands a pool back to an older replica, or a rollback).
+        "placements_format": PLACEMENTS_APART,
+        "placements": "pool_placements",
         "placements_from": log.start,
         "placements_to": log.to,
         "placements_kept_from": log.kept_from,
@@ -300,8 +306,8 @@ def placements_needed(doc: dict[str, Any]) -> list[str]:
 def pool_from_doc(doc: dict[str, Any], placements_docs: dict[str, dict[str, Any]] | None = None) -> tuple[PoolState, PlacementLog]:
     """The pool a document and the ``pool_placements`` it names (by id) hold, and what of it
     is stored."""
-    placements = {p.conversation_id: p for p in stored_placements(doc)}
     needed = placements_needed(doc)
+    placements = {} if needed else {p.conversation_id: p for p in stored_placements(doc)}
     changed = 0
     for n, doc_id in enumerate(needed):
         part = (placements_docs or {}).get(doc_id)
