@@ -31,7 +31,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
 from shared.runtime.compact import compact_document, expand_document
-from shared.runtime.store import DUPLICATE_KEY, bulk_write_chunked, find_by_ids, insert_absent
+from shared.runtime.store import DUPLICATE_KEY, bulk_write_chunked, create_query_index, find_by_ids, insert_absent
 
 from services.conversation_state.lifecycle import CustomerRecords
 from services.conversation_state.model import Conversation, Customer, Line
@@ -92,9 +92,9 @@ class ConversationStore:
         self.journal = db["conversation_journal"]
 
     async def ensure_indexes(self) -> None:
-        await self.conversations.create_index([("customer_id", ASCENDING), ("opened_at", DESCENDING)])
-        await self.conversations.create_index([("team_id", ASCENDING), ("status", ASCENDING)])
-        await self.messages.create_index([("conversation_id", ASCENDING), ("at", ASCENDING)])
+        await create_query_index(self.conversations, [("customer_id", ASCENDING), ("opened_at", DESCENDING)])
+        await create_query_index(self.conversations, [("team_id", ASCENDING), ("status", ASCENDING)])
+        await create_query_index(self.messages, [("conversation_id", ASCENDING), ("at", ASCENDING)])
 
     async def find_customers(self, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
         """The stored customer documents with these ids (absent ones left out), by id."""

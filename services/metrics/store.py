@@ -34,7 +34,7 @@ from pymongo import ASCENDING, ReplaceOne
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
-from shared.runtime.store import bulk_write_chunked, find_by_ids, insert_absent
+from shared.runtime.store import bulk_write_chunked, create_query_index, find_by_ids, insert_absent
 
 from services.metrics.kpis import Credit
 
@@ -84,8 +84,8 @@ class KpiStore:
         self.event_checkpoints = db["kpi_event_checkpoints"]
 
     async def ensure_indexes(self) -> None:
-        await self.buckets.create_index([("hour", ASCENDING), ("team", ASCENDING)])
-        await self.presence.create_index([("agent", ASCENDING), ("end", ASCENDING)])
+        await create_query_index(self.buckets, [("hour", ASCENDING), ("team", ASCENDING)])
+        await create_query_index(self.presence, [("agent", ASCENDING), ("end", ASCENDING)])
 
     # counted events ------------------------------------------------------------------------
     async def repeated_events(self, events: Sequence[tuple[str, str, datetime]]) -> set[str]:

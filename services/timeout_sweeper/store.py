@@ -22,7 +22,7 @@ from pymongo import ASCENDING, DeleteOne, ReplaceOne
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
-from shared.runtime.store import DUPLICATE_KEY, bulk_write_chunked, find_by_ids, insert_absent
+from shared.runtime.store import DUPLICATE_KEY, bulk_write_chunked, create_query_index, find_by_ids, insert_absent
 
 from services.timeout_sweeper.deadlines import Arm, Change
 
@@ -56,9 +56,9 @@ class DeadlineStore:
         self.armed_listeners: list[Callable[[Iterable[tuple[str, datetime]]], None]] = []
 
     async def ensure_indexes(self) -> None:
-        await self.deadlines.create_index([("due_at", ASCENDING)])
-        await self.deadlines.create_index([("kind", ASCENDING), ("entity", ASCENDING)])
-        await self.claims.create_index([("claimed_at", ASCENDING)])
+        await create_query_index(self.deadlines, [("due_at", ASCENDING)])
+        await create_query_index(self.deadlines, [("kind", ASCENDING), ("entity", ASCENDING)])
+        await create_query_index(self.claims, [("claimed_at", ASCENDING)])
 
     async def existing(self, kind: str, entities: Iterable[str], now: datetime, heads: dict[str, Head] | None = None) -> set[str]:
         """The entities whose ``kind`` deadline is armed and not yet fired. ``heads``: head id

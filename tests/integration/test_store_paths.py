@@ -10,10 +10,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from pymongo import AsyncMongoClient, ReplaceOne, monitoring
+from pymongo import ASCENDING, AsyncMongoClient, ReplaceOne, monitoring
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
-from shared.runtime.store import _point_reads, find_by_ids
+from shared.runtime.store import _point_reads, create_query_index, find_by_ids
 
 from services.conversation_state.lifecycle import CustomerRecords
 from services.conversation_state.model import Customer
@@ -72,6 +72,24 @@ async def test_a_point_read_does_not_scan_the_collection(infra, mongo_db_name) -
         # The form MongoDB gets (one $in) answers the same, here too (slowly: FerretDB scans).
         _point_reads[id(client)] = False
         assert await find_by_ids(docs, ["k000001", "missing", "k019998", "k000001"]) == found
+    finally:
+        await client.close()
+
+
+async def test_query_indexes_are_created_only_where_the_server_uses_them(infra, mongo_db_name) -> None:
+    """FerretDB 1.24 answers only an exact ``_id`` filter from an index: a secondary index
+    there serves no query and costs every write, so none is created; MongoDB gets it."""
+    client: AsyncMongoClient = AsyncMongoClient(infra.mongodb_url, tz_aware=True)
+    try:
+        docs = client[mongo_db_name]["queried"]
+        await docs.insert_one({"_id": "a", "k": 1})
+        ferretdb = "ferretdbVersion" in await client.admin.command("buildInfo")
+        created = await create_query_index(docs, [("k", ASCENDING)])
+        names = {i["name"] async for i in await docs.list_indexes()}
+        assert (created, "k_1" in names) == ((None, False) if ferretdb else ("k_1", True))
+        _point_reads[id(client)] = False  # what a MongoDB server answers
+        assert await create_query_index(docs, [("k", ASCENDING)]) == "k_1"
+        assert "k_1" in {i["name"] async for i in await docs.list_indexes()}
     finally:
         await client.close()
 
