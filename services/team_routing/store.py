@@ -133,10 +133,6 @@ def encode_rows(rows: Iterable[str]) -> bytes:
     return zlib.compress(f"[{_HEAD},[{','.join(rows)}]]".encode(), 1)
 
 
-def encode_placements(placements: Iterable[Placement]) -> bytes:
-    return encode_rows(_row(_key(p)) for p in placements)
-
-
 def decode_placements(blob: bytes) -> list[Placement]:
     columns, rows = json.loads(zlib.decompress(blob))
     if tuple(columns) != _PLACEMENT_COLUMNS:

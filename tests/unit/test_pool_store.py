@@ -18,7 +18,6 @@ from services.team_routing.store import (
     capture,
     decode_placements,
     diff_rows,
-    encode_placements,
     encode_rows,
     pool_from_doc,
     rows_of,
@@ -57,6 +56,11 @@ PLACEMENTS = [
         pool_reason=RoutingReason.HOME_TEAM,
     ),
 ]
+
+
+def blob_of(placements: list[Placement]) -> bytes:
+    """The placements as one blob of rows, in order (duplicates kept)."""
+    return encode_rows(rows_of([p])[p.conversation_id][1] for p in placements)
 
 
 class Stored:
@@ -226,7 +230,7 @@ def test_a_pool_stored_by_the_previous_version_is_read() -> None:
 
 def test_a_pool_stored_with_its_placements_inside_is_read() -> None:
     """Before pool_placements, the blob was the pool document's own ``placements``."""
-    old = {"_id": "pnw", "placements_format": "json-rows-zlib/1", "placements": encode_placements(PLACEMENTS), "applied": []}
+    old = {"_id": "pnw", "placements_format": "json-rows-zlib/1", "placements": blob_of(PLACEMENTS), "applied": []}
     state, log = pool_from_doc(old)
     assert list(state.placements.values()) == PLACEMENTS and log == PlacementLog()
 
@@ -239,7 +243,7 @@ def test_empty_pool_round_trips() -> None:
 
 
 def test_decoding_keeps_duplicate_rows() -> None:
-    assert [p.conversation_id for p in decode_placements(encode_placements([PLACEMENTS[0], PLACEMENTS[0]]))] == ["c-1", "c-1"]
+    assert [p.conversation_id for p in decode_placements(blob_of([PLACEMENTS[0], PLACEMENTS[0]]))] == ["c-1", "c-1"]
 
 
 def test_placements_are_compact() -> None:
@@ -257,7 +261,7 @@ def test_placements_are_compact() -> None:
         )
         for n in range(10_000)
     ]
-    blob = encode_placements(many)
+    blob = blob_of(many)
     assert len(blob) < 100 * len(many)  # a 16 MB document holds well over 100k placements
     assert decode_placements(blob) == many
 
@@ -325,7 +329,7 @@ def test_cached_rows_follow_placements_added_and_removed() -> None:
 
 def test_rows_are_the_json_of_their_fields() -> None:
     odd = replace(PLACEMENTS[0], conversation_id='c-"4"\\', customer_id="kunde-ü-😀\n", agent_id=None, priority=-3)
-    blob = encode_placements([odd, PLACEMENTS[1]])
+    blob = blob_of([odd, PLACEMENTS[1]])
     columns, rows = json.loads(zlib.decompress(blob))
     assert zlib.decompress(blob).decode() == json.dumps([columns, rows], separators=(",", ":"))
     assert decode_placements(blob) == [odd, PLACEMENTS[1]]
