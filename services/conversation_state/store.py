@@ -21,17 +21,24 @@ copy is what to read (``find_conversation``, ``overlay_held``). Read through thi
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pymongo import ASCENDING, DESCENDING, ReplaceOne
+from pymongo import ASCENDING, DESCENDING, DeleteOne, ReplaceOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
 from shared.runtime.compact import compact_document, expand_document
-from shared.runtime.store import DUPLICATE_KEY, bulk_write_chunked, create_query_index, find_by_ids, insert_absent
+from shared.runtime.store import (
+    DUPLICATE_KEY,
+    bulk_write_chunked,
+    create_query_index,
+    delete_then_insert_is_cheaper,
+    find_by_ids,
+    insert_absent,
+)
 
 from services.conversation_state.lifecycle import CustomerRecords
 from services.conversation_state.model import Conversation, Customer, Line
@@ -178,11 +185,18 @@ class ConversationStore:
         await self.save_lines(lines)
         await self.write_changes(changes_of(records))
 
-    async def write_changes(self, changes: Changes) -> None:
+    async def write_changes(self, changes: Changes, journaled: Collection[str] = ()) -> None:
         """Conversations before customers (which carry the applied offsets); then the records
-        know what the store holds."""
+        know what the store holds. ``journaled``: customers whose newest journal entry holds
+        them with their current conversations and stays until this returns
+        (``write_behind``); where the store does it for less (FerretDB:
+        ``delete_then_insert_is_cheaper``), such a customer, if stored, is rewritten by
+        deleting and inserting it. A crash in between leaves the journal's copy, which the
+        next owner overlays; until the insert lands, another replica's read API finds no
+        document for the customer (the owner answers from memory)."""
         await _upsert(self.conversations, changes.conversations, CONVERSATION_QUERY_FIELDS)
-        await _upsert(self.customers, changes.customers)
+        by_delete = journaled if changes.customers and await delete_then_insert_is_cheaper(self.customers) else ()
+        await _upsert(self.customers, changes.customers, delete_first=by_delete)
         for r, doc in changes.written:
             r.stored[doc["_id"]] = doc
             r.trailing.discard(doc["_id"])
@@ -241,14 +255,27 @@ def changes_of(records: Iterable[CustomerRecords]) -> Changes:
 UPSERT_SLICE = 500
 
 
-async def _upsert(collection: AsyncCollection, docs: list[tuple[dict[str, Any], bool]], keep: tuple[str, ...] = ()) -> None:
-    """Store documents, in their compact form (``keep``: the fields kept as fields), in order,
+async def _upsert(
+    collection: AsyncCollection,
+    docs: list[tuple[dict[str, Any], bool]],
+    keep: tuple[str, ...] = (),
+    delete_first: Collection[str] = (),
+) -> None:
+    """Store documents, in their compact form (``keep``: the fields kept as fields),
     ``UPSERT_SLICE`` at a time: insert the ones never stored or read before (and replace those
-    of them that turn out to exist), replace the others."""
+    of them that turn out to exist), replace the others (those in ``delete_first``: delete
+    them, then insert them with the new ones; not atomic, see ``write_changes``)."""
     for start in range(0, len(docs), UPSERT_SLICE):
         part = [(compact_document(d, keep), known) for d, known in docs[start : start + UPSERT_SLICE]]
-        existed = await insert_absent(collection, [d for d, known in part if not known])
-        ops = [ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d, known in part if known or d["_id"] in existed]
+        new = [d for d, known in part if not known]
+        stored = [d for d, known in part if known]
+        deleted = [d for d in stored if d["_id"] in delete_first] if delete_first else []
+        if deleted:
+            await bulk_write_chunked(collection, [DeleteOne({"_id": d["_id"]}) for d in deleted])
+            new += deleted
+            stored = [d for d in stored if d["_id"] not in delete_first]
+        existed = await insert_absent(collection, new)
+        ops = [ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in stored + [d for d in new if d["_id"] in existed]]
         if ops:
             await bulk_write_chunked(collection, ops)
 

@@ -5,8 +5,12 @@ On FerretDB a replace costs a transaction per document (~0.7 ms of CPU) and an i
 small share of one insert command, and most customers change in two batches a second apart
 (their message, then the routing decision). So a batch does not rewrite its customers:
 it appends one ``conversation_journal`` entry per partition it touched, holding the changed
-customer and conversation documents (one insert command), and the input offsets are
-committed after it. A customer is written to its collections (inserted if new, replaced
+customer and conversation documents, and each changed customer's current conversations
+even when unchanged (one insert command), and the input offsets are committed after it.
+With those, a customer's newest entry holds all its customer document holds, so a flush
+may rewrite a stored customer by deleting and inserting it (``ConversationStore.
+write_changes``: on FerretDB half the cost of a replace), except one overlaid from entries
+another process wrote (an earlier version's entries held only what changed). A customer is written to its collections (inserted if new, replaced
 otherwise) once its oldest unstored change is ``interval_s`` old (checked every half
 interval), so the message and the routing decision that follows it are usually one write;
 a journal entry is deleted once every customer it holds is stored.
@@ -31,7 +35,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -102,6 +106,9 @@ class JournaledCustomers:
         self.owner_of: dict[str, str] = {}  # conversation id → customer id, for what ``written`` holds
         self.dirty: dict[str, float] = {}  # customer → when its oldest unstored change was journaled (clock)
         self.entries: dict[str, set[str]] = {}  # journal entry → its customers not stored yet (deleted when none)
+        # Customers overlaid from journal entries this process did not write (they may not
+        # hold every current conversation), until their next entry or store.
+        self.overlaid: set[str] = set()
         self.assigned: set[int] = set()  # partition numbers (the same across the input topics)
         self.recovered: set[int] = set()
         self.epoch = 0  # moves whenever the memory is dropped
@@ -200,6 +207,7 @@ class JournaledCustomers:
             self._forget(c.id)
             self._remember(c.id, {c.id: c.to_doc(), **{x.id: x.to_doc() for x in r.conversations.values()}})
             self.dirty[c.id] = float("-inf")  # stored at the next flush
+            self.overlaid.add(c.id)
         overlaid_ids = {r.customer.id for r in overlaid if r.customer is not None}
         for entry_id, customers in holds.items():
             self.entries[entry_id] = customers & overlaid_ids
@@ -216,16 +224,23 @@ class JournaledCustomers:
             if r.customer is None:
                 continue
             before = self.written.get(cid) or r.stored
-            convs = [d for d in (c.to_doc() for c in r.conversations.values()) if before.get(d["_id"]) != d]
+            docs = [c.to_doc() for c in r.conversations.values()]
+            convs = [d for d in docs if before.get(d["_id"]) != d]
             doc = r.customer.to_doc()
             if not convs and customer_fields(before.get(cid) or {}) == doc:
                 continue
+            # The customer's current conversations go with it, changed or not: the entry
+            # alone then holds what the customer's document holds (its copies of them, newer
+            # than their own documents), which a flush may rewrite by deleting it first.
+            current = current_ids(r.customer)
+            convs += [d for d in docs if d["_id"] in current and before.get(d["_id"]) == d]
             r.customer.rev += 1
             doc["rev"] = r.customer.rev  # (the document is the batch's own: no second to_doc)
             entry = by_partition.setdefault(partition_of[cid], {"customers": [], "conversations": []})
             entry["customers"].append(doc)
             entry["conversations"].extend(convs)
             changed[cid] = {doc["_id"]: doc, **{d["_id"]: d for d in convs}}
+            self.overlaid.discard(cid)
         if by_partition:
             now = datetime.now(UTC)
             docs = []
@@ -284,7 +299,10 @@ class JournaledCustomers:
         for customers in self.entries.values():
             customers -= ready
         dirty = {cid: self.dirty.pop(cid) for cid in ready}
-        self.writing = asyncio.create_task(self._store(changes, dirty, sorted(done), before, stored_until, self.epoch, let_go))
+        journaled = {cid for cid, _ in held if cid not in self.overlaid}
+        self.writing = asyncio.create_task(
+            self._store(changes, dirty, sorted(done), before, stored_until, self.epoch, let_go, journaled)
+        )
 
     async def _store(
         self,
@@ -295,13 +313,14 @@ class JournaledCustomers:
         stored_until: float,
         epoch: int,
         let_go: list[tuple[CustomerRecords, LetGo]],
+        journaled: Collection[str] = (),
     ) -> None:
         """Write what ``flush`` captured under the memory of ``epoch`` (the memory as it was
         then: after a ``drop`` nothing is put back). If the write fails, the conversations
         ``flush`` let go of (no longer current: their changes are in this write) are taken
         back, to be written next time."""
         try:
-            await self.store.write_changes(changes)
+            await self.store.write_changes(changes, journaled=journaled)
             if done:
                 await bulk_write_chunked(self.store.journal, [DeleteOne({"_id": e}) for e in done])
         except Exception:
@@ -323,6 +342,7 @@ class JournaledCustomers:
         if epoch == self.epoch:
             for cid in [c for c in dirty if c not in self.dirty]:  # (a keys difference walks all of self.dirty)
                 self._forget(cid)  # stored as they are: the store (and ``stored``) is the reference again
+                self.overlaid.discard(cid)
         if self.metrics is not None:
             self.metrics.stored_at.set(stored_until)
         self._report()
@@ -338,6 +358,7 @@ class JournaledCustomers:
         self.owner_of.clear()
         self.dirty.clear()
         self.entries.clear()
+        self.overlaid.clear()
         self.recovered.clear()
         self.epoch += 1
         if self.metrics is not None:

@@ -19,6 +19,7 @@ from shared.runtime.compact import expand_document
 from services.conversation_state.lifecycle import CustomerRecords
 from services.conversation_state.model import Conversation, Customer
 from services.conversation_state.store import ConversationStore
+from shared.runtime.store import _point_reads, delete_then_insert_is_cheaper
 from services.conversation_state.write_behind import JournaledCustomers
 from tests.support import StoreWrites
 
@@ -365,7 +366,7 @@ async def test_a_change_to_no_queried_field_rewrites_only_the_customer(store) ->
     messaged(records, 2)
     await memory.append({"cus_1": records}, {"cus_1": 0})
     await flushed(memory)
-    assert writes.of("customers") == [("update", "cus_1")]
+    assert writes.of("customers") == await rewrite_of(store, "cus_1")
     assert writes.of("conversations") == []  # its customer's document holds the change
     assert (await expanded(store, "conv_1"))["inbound_count"] == 0  # trails ...
     assert (await store.find_conversation("conv_1"))["inbound_count"] == 2  # ... what the store answers with
@@ -504,3 +505,97 @@ async def test_a_flush_larger_than_one_slice_writes_every_customer_and_conversat
     conversations = await store.find_conversations(f"conv_{n:02d}" for n in range(30))
     assert len(conversations) == 30
     assert all(doc["agent_id"] == "ana" for doc in conversations.values())
+
+
+async def rewrite_of(store: ConversationStore, customer_id: str) -> list[tuple[str, str]]:
+    """The writes a flush rewrites a stored customer with: a delete and an insert where the
+    store does that for less (FerretDB), else a replace."""
+    if await delete_then_insert_is_cheaper(store.customers):
+        return [("delete", customer_id), ("insert", customer_id)]
+    return [("update", customer_id)]
+
+
+def customer_only_change(records: CustomerRecords) -> None:
+    """A change to the customer's own fields alone (here: an input applied)."""
+    assert records.customer is not None
+    records.customer.applied["customers/0"] = records.customer.applied.get("customers/0", 0) + 1
+
+
+async def test_an_entry_holds_the_customers_current_conversations_even_unchanged(store) -> None:
+    store, _ = store
+    memory = JournaledCustomers(store, interval_s=60)
+    records = opened("cus_1", "conv_1")
+    await memory.append({"cus_1": records}, {"cus_1": 0})
+    customer_only_change(records)
+    await memory.append({"cus_1": records}, {"cus_1": 0})
+    from services.conversation_state.write_behind import entry_contents
+
+    newest = max([d async for d in store.journal.find({})], key=lambda d: d["_id"])
+    contents = entry_contents(newest)
+    assert [c["_id"] for c in contents["customers"]] == ["cus_1"]
+    assert [c["_id"] for c in contents["conversations"]] == ["conv_1"]  # unchanged, but current
+
+
+async def test_a_crash_between_deleting_and_inserting_a_customer_loses_nothing(store) -> None:
+    """The customer's document is the only current copy of its conversation's counters (the
+    conversation's own document trails); its newest journal entry holds them too."""
+    store, _ = store
+    before = JournaledCustomers(store, interval_s=60)
+    records = opened("cus_1", "conv_1")
+    routed(records, "ana")
+    await before.append({"cus_1": records}, {"cus_1": 0})
+    await flushed(before)
+    messaged(records, 2)
+    await before.append({"cus_1": records}, {"cus_1": 0})
+    await flushed(before)  # the count is in the customer's document only
+    assert (await expanded(store, "conv_1"))["inbound_count"] == 0
+    customer_only_change(records)
+    await before.append({"cus_1": records}, {"cus_1": 0})
+    # The flush deleted the customer's document and died before inserting it again.
+    await store.customers.delete_one({"_id": "cus_1"})
+
+    after = JournaledCustomers(store, interval_s=60)
+    await after.recover([0])
+    recovered = after.take(["cus_1"])["cus_1"]
+    assert recovered.conversations["conv_1"].inbound_count == 2
+    assert recovered.conversations["conv_1"].agent_id == "ana"
+    assert recovered.customer is not None and recovered.customer.applied["customers/0"] == 1
+    await flushed(after)
+    assert (await store.find_conversation("conv_1"))["inbound_count"] == 2
+    assert await store.journal.count_documents({}) == 0
+
+
+async def test_only_customers_this_process_journaled_are_rewritten_by_delete_and_insert(store) -> None:
+    """One overlaid from another process's entry (an earlier version's held only what
+    changed) is replaced; and where the store replaces for less (MongoDB), every one is."""
+    store, writes = store
+    first = JournaledCustomers(store, interval_s=60)
+    records = opened("cus_1", "conv_1")
+    await first.append({"cus_1": records}, {"cus_1": 0})
+    await flushed(first)
+    customer_only_change(records)
+    await first.append({"cus_1": records}, {"cus_1": 0})  # journaled, then the process died
+
+    after = JournaledCustomers(store, interval_s=60)
+    await after.recover([0])
+    writes.ops.clear()
+    await flushed(after)
+    assert writes.of("customers") == [("update", "cus_1")]  # overlaid: replaced
+
+    again = after.take(["cus_1"]).get("cus_1") or (await store.load(["cus_1"], []))["cus_1"]
+    customer_only_change(again)
+    await after.append({"cus_1": again}, {"cus_1": 0})
+    writes.ops.clear()
+    await flushed(after)
+    assert writes.of("customers") == await rewrite_of(store, "cus_1")  # journaled here: either way
+
+    client = store.customers.database.client
+    _point_reads[id(client)] = False  # what a MongoDB server answers: a replace is cheap there
+    again = after.take(["cus_1"]).get("cus_1") or (await store.load(["cus_1"], []))["cus_1"]
+    customer_only_change(again)
+    await after.append({"cus_1": again}, {"cus_1": 0})
+    writes.ops.clear()
+    await flushed(after)
+    assert writes.of("customers") == [("update", "cus_1")]
+    loaded = await store.load(["cus_1"], [])
+    assert loaded["cus_1"].customer is not None and loaded["cus_1"].customer.applied["customers/0"] == 3
