@@ -116,3 +116,17 @@ def test_the_generator_plans_bench_memorys_load_which_has_no_new_customers() -> 
     assert plan.offsets and plan.new_customers == 0 and max(plan.customers) < 300
     fresh = plan_of({**spec, "new_share": 0.5, "first_new": 1_000})
     assert fresh.new_customers > 0 and min(i for i in fresh.customers if i >= 300) >= 1_000
+
+
+@pytest.mark.parametrize(
+    ("rates", "text"),
+    [
+        (None, "1 pass"),  # a result written before the baseline had passes
+        ([37_004.2, 57_702.0], "2 passes: 37,004 / 57,702 msg/s"),
+        ([None, 5.0], "2 passes: - / 5 msg/s"),
+    ],
+)
+def test_the_baseline_line_names_every_pass(rates: list[float | None] | None, text: str) -> None:
+    from bench.pipeline import _rates
+
+    assert _rates(rates) == text
