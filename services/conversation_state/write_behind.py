@@ -5,15 +5,15 @@ On FerretDB a replace costs a transaction per document (~0.7 ms of CPU) and an i
 small share of one insert command, and most customers change in two batches a second apart
 (their message, then the routing decision). So a batch does not rewrite its customers:
 it appends one ``conversation_journal`` entry per partition it touched, holding the changed
-customer and conversation documents, and each changed customer's current conversations
-even when unchanged (one insert command), and the input offsets are committed after it.
-With those, a customer's newest entry holds all its customer document holds, so a flush
-may rewrite a stored customer by deleting and inserting it (``ConversationStore.
-write_changes``: on FerretDB half the cost of a replace), except one overlaid from entries
-another process wrote (an earlier version's entries held only what changed). A customer is written to its collections (inserted if new, replaced
-otherwise) once its oldest unstored change is ``interval_s`` old (checked every half
-interval), so the message and the routing decision that follows it are usually one write;
-a journal entry is deleted once every customer it holds is stored.
+customer and conversation documents and each changed customer's current conversations even
+when unchanged (one insert command), and the input offsets are committed after it. A
+customer is written to its collections (inserted if new, replaced otherwise) once its oldest
+unstored change is ``interval_s`` old (checked every half interval), so the message and the
+routing decision that follows it are usually one write; a journal entry is deleted once
+every customer it holds is stored. As a customer's newest entry holds all that its document
+holds, a flush may rewrite a stored customer by deleting and inserting it (on FerretDB half
+the cost of a replace: ``ConversationStore.write_changes``), except one overlaid from entries
+another process wrote (an earlier version's entries held only what changed).
 
 Why a journal and not a replay from checkpoints (as team-routing does): conversation-state
 reads five topics, and a replay interleaves them differently from the first pass (a routing
