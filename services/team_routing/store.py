@@ -262,13 +262,13 @@ def capture(state: PoolState, log: PlacementLog) -> PoolWrite:
     elif changed or removed:
         placements = {"_id": placements_doc_id(state.pool_id, seq), "kind": CHANGES, "format": PLACEMENTS_FORMAT, "rows": encode_rows(changed), "removed": removed}
         after = PlacementLog(rows, log.start, seq, log.changed_since_start + len(changed) + len(removed), log.kept_from)
-    pool = pool_to_doc(state, after)
-    pool["placements_kept_from"] = log.kept_from  # the obsolete ones are deleted after this write
-    return PoolWrite(placements, pool, obsolete, after)
+    # The stored document keeps the old lowest seq: the obsolete ones are deleted after it.
+    return PoolWrite(placements, pool_to_doc(state, after, kept_from=log.kept_from), obsolete, after)
 
 
-def pool_to_doc(state: PoolState, log: PlacementLog) -> dict[str, Any]:
-    """The pool's document; its placements are the ``pool_placements`` it names."""
+def pool_to_doc(state: PoolState, log: PlacementLog, kept_from: int) -> dict[str, Any]:
+    """The pool's document; its placements are the ``pool_placements`` it names (``log``),
+    of which any from ``kept_from`` may still be stored."""
     placements = state.placements.values()
     return {
         "_id": state.pool_id,
@@ -283,7 +283,7 @@ def pool_to_doc(state: PoolState, log: PlacementLog) -> dict[str, Any]:
         "placements": "pool_placements",
         "placements_from": log.start,
         "placements_to": log.to,
-        "placements_kept_from": log.kept_from,
+        "placements_kept_from": kept_from,
         # Offsets are stored as a list: topic names contain dots, which MongoDB field names
         # must not.
         "applied": [{"key": k, "offset": v} for k, v in state.applied.items()],
