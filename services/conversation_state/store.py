@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from pymongo import ASCENDING, DESCENDING, DeleteOne, ReplaceOne
@@ -30,7 +31,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
-from shared.runtime.compact import compact_document, expand_document
+from shared.runtime.compact import COMPACT_FORMAT, compact_document, expand_document, pack, unpack
 from shared.runtime.store import (
     DUPLICATE_KEY,
     bulk_write_chunked,
@@ -67,6 +68,30 @@ def customer_document(records: CustomerRecords, docs: Mapping[str, dict[str, Any
     docs = docs or {}
     held = [docs.get(conv_id) or conv.to_doc() for conv_id, conv in records.conversations.items() if conv_id in current]
     return {**customer.to_doc(), HELD: held}
+
+
+# The journal (``write_behind``): one entry per batch and partition, the changed customers with
+# their current conversations, until every customer in it is stored.
+JOURNAL_FORMAT = COMPACT_FORMAT
+
+
+def journal_entry(entry_id: str, partition: int, at: datetime, contents: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """A journal document: the changed documents as one compressed BSON blob (FerretDB stores
+    and deletes an opaque blob for a fraction of what the same documents cost nested)."""
+    return {
+        "_id": entry_id,
+        "p": partition,
+        "at": at,
+        "customers": len(contents["customers"]),
+        "format": JOURNAL_FORMAT,
+        "blob": pack(contents),
+    }
+
+
+def entry_contents(entry: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    if entry.get("format") != JOURNAL_FORMAT:
+        raise ValueError(f"journal entry {entry['_id']}: unknown format {entry.get('format')!r}")
+    return unpack(entry["blob"])  # type: ignore[return-value]
 
 
 def held_conversations(customer_doc: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -108,8 +133,40 @@ class ConversationStore:
         return {cid: expand_document(doc) for cid, doc in (await find_by_ids(self.customers, ids)).items()}
 
     async def find_customer(self, customer_id: str) -> dict[str, Any] | None:
-        doc = await self.customers.find_one({"_id": customer_id})
-        return expand_document(doc) if doc is not None else None
+        """The customer's document, for a reader that does not own the customer (see
+        ``read_customers``)."""
+        return (await self.read_customers([customer_id])).get(customer_id)
+
+    async def read_customers(self, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """The customer documents with these ids, for a reader that does not own them (the
+        read API): a customer not in ``customers`` may be between the owner's delete and insert
+        (``write_changes``) or not stored yet, and its newest journal entry (deleted only once
+        it is stored) then holds it, as its document would. One missing from both is read
+        again: if the entry was deleted, the insert landed first."""
+        ids = set(ids)
+        found = await self.find_customers(ids)
+        if missing := ids - found.keys():
+            found |= await self.journaled_customers(missing)
+            if missing := ids - found.keys():
+                found |= await self.find_customers(missing)
+        return found
+
+    async def journaled_customers(self, ids: Collection[str]) -> dict[str, dict[str, Any]]:
+        """These customers as their newest journal entries hold them (highest ``rev``), as
+        their documents would hold them: with the current conversations the entry carries. A
+        scan of the whole journal (it holds only what is not stored yet: ~1.5
+        ``STATE_FLUSH_INTERVAL_S`` of batches), which each unknown customer's 404 costs too."""
+        newest: dict[str, tuple[int, dict[str, Any], list[dict[str, Any]]]] = {}
+        async for raw in self.journal.find({}):
+            contents = entry_contents(raw)
+            for c in contents["customers"]:
+                if c["_id"] in ids and (c["_id"] not in newest or newest[c["_id"]][0] < c.get("rev", 0)):
+                    newest[c["_id"]] = (c.get("rev", 0), c, contents["conversations"])
+        out = {}
+        for cid, (_, doc, conversations) in newest.items():
+            current = {doc.get("open_conversation_id"), doc.get("last_conversation_id")} - {None}
+            out[cid] = {**doc, HELD: [d for d in conversations if d["_id"] in current and d["customer_id"] == cid]}
+        return out
 
     async def find_conversations(self, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
         """The stored conversation documents with these ids (absent ones left out), by id."""
@@ -123,7 +180,7 @@ class ConversationStore:
     async def overlay_held(self, docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Conversation documents read from ``conversations`` (expanded), each replaced by its
         customer's copy where the customer's document holds one (see the module's doc)."""
-        customers = await self.find_customers({d["customer_id"] for d in docs})
+        customers = await self.read_customers({d["customer_id"] for d in docs})
         held: dict[str, dict[str, Any]] = {}
         for customer in customers.values():
             held.update(held_conversations(customer))
@@ -192,8 +249,8 @@ class ConversationStore:
         (``write_behind``); where the store does it for less (FerretDB:
         ``delete_then_insert_is_cheaper``), such a customer, if stored, is rewritten by
         deleting and inserting it. A crash in between leaves the journal's copy, which the
-        next owner overlays; until the insert lands, another replica's read API finds no
-        document for the customer (the owner answers from memory)."""
+        next owner overlays; until the insert lands, another replica's read API reads the
+        customer from that entry (``read_customers``)."""
         await _upsert(self.conversations, changes.conversations, CONVERSATION_QUERY_FIELDS)
         by_delete = journaled if changes.customers and await delete_then_insert_is_cheaper(self.customers) else ()
         await _upsert(self.customers, changes.customers, delete_first=by_delete)

@@ -43,7 +43,6 @@ from aiokafka import ConsumerRebalanceListener, TopicPartition
 from pymongo import DeleteOne
 
 from shared.runtime.checkpoints import CheckpointMetrics, StoreBeforeRevocation
-from shared.runtime.compact import COMPACT_FORMAT, pack, unpack
 from shared.runtime.store import bulk_write_chunked
 
 from services.conversation_state.lifecycle import CustomerRecords
@@ -55,33 +54,13 @@ from services.conversation_state.store import (
     changes_of,
     current_ids,
     customer_fields,
+    entry_contents,
+    journal_entry,
     keep_current,
     take_held,
 )
 
 log = logging.getLogger(__name__)
-
-
-JOURNAL_FORMAT = COMPACT_FORMAT
-
-
-def journal_entry(entry_id: str, partition: int, at: datetime, contents: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """A journal document: the changed documents as one compressed BSON blob (FerretDB stores
-    and deletes an opaque blob for a fraction of what the same documents cost nested)."""
-    return {
-        "_id": entry_id,
-        "p": partition,
-        "at": at,
-        "customers": len(contents["customers"]),
-        "format": JOURNAL_FORMAT,
-        "blob": pack(contents),
-    }
-
-
-def entry_contents(entry: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    if entry.get("format") != JOURNAL_FORMAT:
-        raise ValueError(f"journal entry {entry['_id']}: unknown format {entry.get('format')!r}")
-    return unpack(entry["blob"])  # type: ignore[return-value]
 
 
 class JournaledCustomers:

@@ -14,7 +14,7 @@ import pytest
 from pymongo import AsyncMongoClient
 
 from shared.contracts.common import Channel, ConversationStatus
-from shared.runtime.compact import expand_document
+from shared.runtime.compact import compact_document, expand_document
 
 from services.conversation_state.lifecycle import CustomerRecords
 from services.conversation_state.model import Conversation, Customer
@@ -461,7 +461,6 @@ async def test_documents_stored_before_customers_held_conversations_are_read_and
     """An upgrade: the customer's document holds no conversation (written by an earlier
     version), the conversation's own document is whole; the new version reads both, and the
     next counters-only change goes into the customer's document."""
-    from shared.runtime.compact import compact_document
 
     from services.conversation_state.store import CONVERSATION_QUERY_FIELDS
 
@@ -599,3 +598,78 @@ async def test_only_customers_this_process_journaled_are_rewritten_by_delete_and
     assert writes.of("customers") == [("update", "cus_1")]
     loaded = await store.load(["cus_1"], [])
     assert loaded["cus_1"].customer is not None and loaded["cus_1"].customer.applied["customers/0"] == 3
+
+
+async def between_delete_and_insert(store: ConversationStore) -> CustomerRecords:
+    """cus_1 stored with conv_1 (2 messages, held only in the customer's document), then a
+    change journaled, and the flush that rewrites it has deleted the customer's document and
+    not inserted it yet."""
+    owner = JournaledCustomers(store, interval_s=60)
+    records = opened("cus_1", "conv_1")
+    routed(records, "ana")
+    records.conversations["conv_1"].team_id = "pnw-seattle"
+    await owner.append({"cus_1": records}, {"cus_1": 0})
+    await flushed(owner)
+    messaged(records, 2)
+    await owner.append({"cus_1": records}, {"cus_1": 0})
+    await flushed(owner)
+    customer_only_change(records)
+    await owner.append({"cus_1": records}, {"cus_1": 0})
+    await store.customers.delete_one({"_id": "cus_1"})
+    return records
+
+
+async def test_another_replica_reads_a_customer_between_the_owners_delete_and_insert(store) -> None:
+    """The newest journal entry holds the customer and its current conversation: another
+    replica's read API answers from it instead of a 404 or the conversation's trailing
+    document."""
+    import httpx
+    from starlette.applications import Starlette
+
+    from services.conversation_state.read_api import read_routes
+    from shared.teams import DirectoryWatcher
+
+    store, _ = store
+    await between_delete_and_insert(store)
+    other = Starlette(routes=read_routes(store, DirectoryWatcher(Path("deploy/teams.yaml")), None, None))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=other), base_url="http://test") as elsewhere:
+        customer = await elsewhere.get("/customers/cus_1/conversation")
+        assert customer.status_code == 200, customer.text
+        assert customer.json()["customer"]["home_team_id"] == "pnw"
+        assert customer.json()["current"]["inbound_count"] == 2
+        assert customer.json()["current"]["agent_id"] == "ana"
+        assert (await elsewhere.get("/conversations/conv_1")).json()["inbound_count"] == 2
+        queue = (await elsewhere.get("/teams/pnw-seattle/queue")).json()
+        assert [c["inbound_count"] for c in queue["assigned"]["ana"]] == [2]
+        assert (await elsewhere.get("/customers/cus_nobody/conversation")).status_code == 404
+
+
+async def test_the_newest_journaled_copy_of_a_customer_is_read(store) -> None:
+    store, _ = store
+    records = await between_delete_and_insert(store)
+    messaged(records, 3)
+    later = JournaledCustomers(store, interval_s=60)  # (another process; its rev is higher)
+    await later.append({"cus_1": records}, {"cus_1": 0})
+    found = await store.find_customer("cus_1")
+    assert found is not None and Customer.from_doc(found).applied == records.customer.applied  # type: ignore[union-attr]
+    assert [c["inbound_count"] for c in found["held"]] == [5]
+
+
+async def test_a_customer_stored_while_the_journal_was_read_is_read_again(store, monkeypatch) -> None:
+    """The entry goes only after the insert: a customer in neither place when looked for is
+    in the store by then."""
+    store, _ = store
+    await between_delete_and_insert(store)
+    journaled = await store.journaled_customers({"cus_1"})
+    reads = []
+
+    async def insert_lands_then_entry_goes(ids):
+        reads.append(set(ids))
+        await store.customers.insert_one(compact_document(journaled["cus_1"]))
+        await store.journal.delete_many({})
+        return {}
+
+    monkeypatch.setattr(store, "journaled_customers", insert_lands_then_entry_goes)
+    found = await store.find_customer("cus_1")
+    assert reads == [{"cus_1"}]
+    assert found is not None and [c["inbound_count"] for c in found["held"]] == [2]
