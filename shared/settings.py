@@ -56,6 +56,9 @@ class ServiceSettings(BaseSettings):
     )
     consumer_fetch_max_wait_ms: int = Field(default=40, ge=0, le=5_000, description="Longest the broker holds a fetch for the min bytes")
     producer_linger_ms: int = Field(default=5, ge=0, le=1_000)
+    startup_topics_wait_s: float = Field(
+        default=60.0, ge=0, description="How long a starting service waits for its input topics to exist before it exits naming them"
+    )
 
     # Store
     mongodb_url: SecretStr = SecretStr(LOCAL_MONGODB)

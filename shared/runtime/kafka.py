@@ -9,9 +9,11 @@ the handler dead-letters them (see ``shared.runtime.dead_letter``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaProducer, ConsumerRecord
@@ -27,6 +29,8 @@ from shared.runtime.telemetry import KeylessKafkaTelemetryMiddleware
 from shared.settings import ServiceSettings
 
 ACK_POLICY = AckPolicy.NACK_ON_ERROR
+
+log = logging.getLogger("hometeam.kafka")
 
 
 def kafka_security(settings: ServiceSettings) -> BaseSecurity | None:
@@ -146,3 +150,53 @@ def records_of(message: Any) -> Sequence[ConsumerRecord]:
     """The ConsumerRecords behind a FastStream batch message (a tuple, or a list in tests)."""
     raw = message.raw_message
     return raw if isinstance(raw, (tuple, list)) else (raw,)
+
+
+class MissingTopics(RuntimeError):
+    """A service's input topics do not exist (services never create topics: auto-creation is
+    off, see ``scripts/stack_probe.py create-topics``)."""
+
+
+async def wait_for_topics(
+    existing: Callable[[], Awaitable[Collection[str]]],
+    wanted: Iterable[str],
+    timeout_s: float,
+    stop_requested: Callable[[], bool] = lambda: False,
+    interval_s: float = 1.0,
+    clock: Callable[[], float] = time.monotonic,
+) -> None:
+    """Return once every ``wanted`` topic is among the ``existing`` ones (asked every
+    ``interval_s``). A consumer started on a missing topic waits in aiokafka's start about 40 s
+    per topic, logging an error ten times a second, and the service ignores SIGTERM until its
+    start-up ends; this waits at most ``timeout_s`` with one warning and raises
+    ``MissingTopics`` naming what is missing, then or as soon as a stop is requested."""
+    wanted = sorted(set(wanted))
+    deadline = clock() + timeout_s
+    warned = False
+    while True:
+        have = set(await existing())
+        missing = [t for t in wanted if t not in have]
+        if not missing:
+            return
+        listed = ", ".join(missing)
+        if stop_requested():
+            raise MissingTopics(f"stopped while waiting for topics to exist: {listed}")
+        if clock() >= deadline:
+            raise MissingTopics(
+                f"topics missing after {timeout_s:g} s: {listed} (create them: scripts/stack_probe.py "
+                "create-topics, see the README's \"Using an existing Kafka and MongoDB\")"
+            )
+        if not warned:
+            log.warning("waiting up to %g s for topics to exist: %s", timeout_s, listed)
+            warned = True
+        await asyncio.sleep(interval_s)
+
+
+async def topics_in_cluster(producer: AIOKafkaProducer) -> set[str]:
+    """The topics the cluster has now (one metadata request on the producer's connection)."""
+    return set((await producer.client.fetch_all_metadata()).topics())
+
+
+def subscribed_topics(broker: KafkaBroker) -> list[str]:
+    """Every topic the broker's subscribers read."""
+    return [name for subscriber in broker.subscribers for name in subscriber.topic_names_for_subscribe]

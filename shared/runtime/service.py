@@ -9,6 +9,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -28,7 +29,7 @@ from shared.runtime.dead_letter import DeadLetters
 from shared.runtime.decoding import documented_payloads
 from shared.runtime.gc_tuning import GcPauses, tune
 from shared.runtime.http import ReadinessCheck, health_routes
-from shared.runtime.kafka import build_broker, build_producer
+from shared.runtime.kafka import MissingTopics, build_broker, build_producer, subscribed_topics, topics_in_cluster, wait_for_topics
 from shared.runtime.outbox import Outbox, Publisher
 from shared.runtime.logging import configure_logging, get_logger
 from shared.runtime.store import build_mongo_client, database, ping
@@ -57,6 +58,7 @@ class Runtime:
     tracing: RecordTracer
     on_startup: list[Hook] = field(default_factory=list)
     on_shutdown: list[Hook] = field(default_factory=list)
+    stop_requested: bool = False  # a signal came (uvicorn acts on it only once start-up is over)
     readiness: dict[str, ReadinessCheck] = field(default_factory=dict)
     background: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
@@ -147,6 +149,19 @@ def assemble(runtime: Runtime, *, title: str, description: str, routes: Sequence
         for hook in runtime.on_startup:
             await hook()
         await runtime.publisher.start()
+        try:
+            await wait_for_topics(
+                lambda: topics_in_cluster(runtime.publisher.producer),
+                subscribed_topics(runtime.broker),
+                runtime.settings.startup_topics_wait_s,
+                lambda: runtime.stop_requested,
+            )
+        except BaseException as exc:
+            if isinstance(exc, MissingTopics):
+                log.error("cannot start: %s", exc)
+            await runtime.publisher.stop()
+            await runtime.mongo.close()
+            raise
         await runtime.broker.start()
         tasks = [asyncio.create_task(job()) for job in runtime.background]
         log.info("service started", extra={"service_name": runtime.settings.service_name})
@@ -192,7 +207,20 @@ def serve(service: Service) -> None:
         timeout_graceful_shutdown=20,
     )
     tune(settings.gc_thresholds)  # the service is built: what exists now is never garbage
-    asyncio.run(uvicorn.Server(config).serve())
+    asyncio.run(_Server(config, service.runtime).serve())
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, telling the runtime when a stop is asked for: during start-up uvicorn
+    only notes it, and a start-up waiting for something (topics) should give up at once."""
+
+    def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
+        super().__init__(config)
+        self.runtime = runtime
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.runtime.stop_requested = True
+        super().handle_exit(sig, frame)
 
 
 def run_main(factory: Callable[[], Any]) -> None:

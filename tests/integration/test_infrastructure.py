@@ -4,9 +4,14 @@ store answers through AsyncMongoClient, and every service's /readyz checks both 
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import signal
 import subprocess
+import sys
+import time
 import uuid
+from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -25,9 +30,11 @@ from services.team_routing.app import TeamRoutingSettings
 from services.team_routing.app import create_service as team_routing
 from services.timeout_sweeper.app import TimeoutSweeperSettings
 from services.timeout_sweeper.app import create_service as timeout_sweeper
-from shared.runtime.kafka import batch_subscriber_options, build_broker, records_of
+from shared.runtime.kafka import MissingTopics, batch_subscriber_options, build_broker, records_of
 from shared.settings import ServiceSettings
 from tests.support import eventually, running, service_settings
+
+REPO = Path(__file__).resolve().parents[2]
 
 SERVICES = [
     (ingest, IngestSettings),
@@ -114,3 +121,42 @@ async def test_readyz_reports_an_unreachable_store(infra, topic_prefix):
     assert ready.status_code == 503
     assert ready.json()["checks"]["kafka"] == "ok"
     assert ready.json()["checks"]["store"].startswith("failed")
+
+
+async def test_a_service_whose_topics_are_missing_names_them_and_does_not_start(infra, mongo_db_name):
+    prefix = f"missing{uuid.uuid4().hex[:8]}."
+    settings = service_settings(MetricsSettings, infra, prefix, mongo_db_name, startup_topics_wait_s=1)
+    with pytest.raises(MissingTopics) as failed:
+        async with running(metrics(settings)):
+            pass
+    expected = ["agent.presence.v1", "conversations.events.v1", "pools.status.v1", "surveys.responses.v1"]
+    assert f"topics missing after 1 s: {', '.join(prefix + t for t in expected)} " in str(failed.value)
+
+
+def test_a_service_waiting_for_its_topics_stops_on_sigterm(infra, mongo_db_name, tmp_path):
+    """uvicorn acts on a signal only once start-up is over; the wait for topics ends on it."""
+    env = {
+        **{k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")},
+        "KAFKA_BOOTSTRAP_SERVERS": infra.kafka,
+        "MONGODB_URL": infra.mongodb_url,
+        "MONGODB_DATABASE": mongo_db_name,
+        "KAFKA_TOPIC_PREFIX": f"missing{uuid.uuid4().hex[:8]}.",
+        "HTTP_PORT": "0",
+        "STARTUP_TOPICS_WAIT_S": "600",
+        "PYTHONPATH": str(REPO),
+    }
+    log = tmp_path / "metrics.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "services.metrics"], cwd=REPO, env=env, stdout=out, stderr=out)
+    try:
+        deadline = time.monotonic() + 60
+        while "waiting up to 600 s for topics" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "waiting up to 600 s for topics" in log.read_text()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)  # not the 600 s wait (nor aiokafka's 40 s per topic)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "cannot start: stopped while waiting for topics to exist" in log.read_text()
