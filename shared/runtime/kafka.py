@@ -168,7 +168,7 @@ async def wait_for_topics(
     """Return once every ``wanted`` topic is among the ``existing`` ones (asked every
     ``interval_s``). A consumer started on a missing topic waits in aiokafka's start about 40 s
     per topic, logging an error ten times a second, and the service ignores SIGTERM until its
-    start-up ends; this waits at most ``timeout_s`` with one warning and raises
+    start-up ends (a send to a missing topic waits as long, and then fails the batch); this waits at most ``timeout_s`` with one warning and raises
     ``MissingTopics`` naming what is missing, then or as soon as a stop is requested."""
     wanted = sorted(set(wanted))
     deadline = clock() + timeout_s
@@ -197,6 +197,7 @@ async def topics_in_cluster(producer: AIOKafkaProducer) -> set[str]:
     return set((await producer.client.fetch_all_metadata()).topics())
 
 
-def subscribed_topics(broker: KafkaBroker) -> list[str]:
-    """Every topic the broker's subscribers read."""
-    return [name for subscriber in broker.subscribers for name in subscriber.topic_names_for_subscribe]
+def broker_topics(broker: KafkaBroker) -> list[str]:
+    """Every topic the broker's subscribers read and its (documented) publishers write."""
+    read = [name for subscriber in broker.subscribers for name in subscriber.topic_names_for_subscribe]
+    return read + [publisher.topic for publisher in broker.publishers]

@@ -29,7 +29,7 @@ from shared.runtime.dead_letter import DeadLetters
 from shared.runtime.decoding import documented_payloads
 from shared.runtime.gc_tuning import GcPauses, tune
 from shared.runtime.http import ReadinessCheck, health_routes
-from shared.runtime.kafka import MissingTopics, build_broker, build_producer, subscribed_topics, topics_in_cluster, wait_for_topics
+from shared.runtime.kafka import MissingTopics, broker_topics, build_broker, build_producer, topics_in_cluster, wait_for_topics
 from shared.runtime.outbox import Outbox, Publisher
 from shared.runtime.logging import configure_logging, get_logger
 from shared.runtime.store import build_mongo_client, database, ping
@@ -152,7 +152,7 @@ def assemble(runtime: Runtime, *, title: str, description: str, routes: Sequence
         try:
             await wait_for_topics(
                 lambda: topics_in_cluster(runtime.publisher.producer),
-                subscribed_topics(runtime.broker),
+                broker_topics(runtime.broker),
                 runtime.settings.startup_topics_wait_s,
                 lambda: runtime.stop_requested,
             )
