@@ -32,6 +32,9 @@ class TimeoutSweeperSettings(ServiceSettings):
     http_port: int = 8084
     teams_config: Path = Path("deploy/teams.yaml")
     teams_reload_interval_s: float = Field(default=5.0, gt=0)
+    # Nothing waits on what this service reads by the millisecond (KPIs; deadlines minutes
+    # ahead): an idle broker is polled every 200 ms instead of every 40 (see README).
+    consumer_fetch_max_wait_ms: int = Field(default=200, ge=0, le=5_000, description="Longest the broker holds a fetch for the min bytes")
     sweep_interval_s: float = Field(default=1.0, gt=0, description="Pause between sweeps when nothing is due")
     sweep_batch_size: int = Field(default=200, ge=1, le=10_000, description="Deadlines claimed per sweep")
     claim_lease_s: float = Field(default=30.0, gt=0, description="After this, a claim whose sweeper died is taken over")
