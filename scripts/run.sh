@@ -20,10 +20,12 @@ mkdir -p "$LOG_DIR"
 bash scripts/bootstrap.sh
 
 started_stack=0
+embedded_store=0
 if [[ -z "${KAFKA_BOOTSTRAP_SERVERS:-}" || -z "${MONGODB_URL:-}" ]]; then
     bash scripts/stack.sh status >/dev/null 2>&1 || started_stack=1
     stack_env=$(bash scripts/stack.sh up)
     eval "$(printf '%s\n' "$stack_env" | sed 's/^/export /')"
+    embedded_store=1
 fi
 
 # Local-only credentials for the webhooks, so the README's examples work against `make run`.
@@ -81,8 +83,15 @@ stop_all() {
 }
 trap stop_all INT TERM HUP EXIT
 
+# On the embedded FerretDB each service gets a database of its own (<MONGODB_DATABASE>_<service>;
+# none reads another's collections): FerretDB 1.24 hangs for good once update statements in
+# flight on one database pass 100 (docs/benchmarks.md, "Store settings"), which the five
+# services together can reach under load, each alone cannot.
+DATABASE=${MONGODB_DATABASE:-hometeam}
 for svc in "${ORDER[@]}"; do
-    HTTP_PORT=${PORTS[$svc]} .venv/bin/python -m "services.$svc" >"$LOG_DIR/$svc.log" 2>&1 &
+    db=$DATABASE
+    if ((embedded_store)); then db=${DATABASE}_$svc; fi
+    HTTP_PORT=${PORTS[$svc]} MONGODB_DATABASE=$db .venv/bin/python -m "services.$svc" >"$LOG_DIR/$svc.log" 2>&1 &
     PIDS+=("$!")
 done
 
@@ -105,7 +114,7 @@ hometeam is running.
   metrics             http://127.0.0.1:8085  KPIs
   every service:      /healthz /readyz /metrics
   Kafka               $KAFKA_BOOTSTRAP_SERVERS   (topics: python -m shared.contracts.registry)
-  store               $MONGODB_URL
+  store               $MONGODB_URL  $(if ((embedded_store)); then echo "databases ${DATABASE}_<service>"; else echo "database $DATABASE"; fi)
   logs                $LOG_DIR/
 Press Ctrl-C to stop everything.
 INFO
