@@ -25,6 +25,7 @@ from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLS
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry
 
+from shared.contracts.registry import TOPICS
 from shared.runtime.telemetry import KeylessKafkaTelemetryMiddleware
 from shared.settings import ServiceSettings
 
@@ -197,7 +198,11 @@ async def topics_in_cluster(producer: AIOKafkaProducer) -> set[str]:
     return set((await producer.client.fetch_all_metadata()).topics())
 
 
-def broker_topics(broker: KafkaBroker) -> list[str]:
-    """Every topic the broker's subscribers read and its (documented) publishers write."""
+def broker_topics(broker: KafkaBroker, prefix: str = "") -> list[str]:
+    """Every topic the broker's subscribers read, their dead-letter topics (a poison record
+    sent to a missing one would stall its consumer) and the topics its (documented)
+    publishers write. ``prefix``: the one every topic name carries."""
     read = [name for subscriber in broker.subscribers for name in subscriber.topic_names_for_subscribe]
-    return read + [publisher.topic for publisher in broker.publishers]
+    registered = {prefix + t.name: t for t in TOPICS}
+    dead_letters = [prefix + t.dead_letter for name in read if (t := registered.get(name)) is not None and t.dead_letter]
+    return read + dead_letters + [publisher.topic for publisher in broker.publishers]

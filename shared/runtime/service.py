@@ -152,7 +152,7 @@ def assemble(runtime: Runtime, *, title: str, description: str, routes: Sequence
         try:
             await wait_for_topics(
                 lambda: topics_in_cluster(runtime.publisher.producer),
-                broker_topics(runtime.broker),
+                broker_topics(runtime.broker, runtime.settings.kafka_topic_prefix),
                 runtime.settings.startup_topics_wait_s,
                 lambda: runtime.stop_requested,
             )

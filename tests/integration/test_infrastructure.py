@@ -129,8 +129,9 @@ async def test_a_service_whose_topics_are_missing_names_them_and_does_not_start(
     with pytest.raises(MissingTopics) as failed:
         async with running(metrics(settings)):
             pass
-    expected = ["agent.presence.v1", "conversations.events.v1", "pools.status.v1", "surveys.responses.v1"]
-    assert f"topics missing after 1 s: {', '.join(prefix + t for t in expected)} " in str(failed.value)
+    reads = ["agent.presence.v1", "conversations.events.v1", "pools.status.v1", "surveys.responses.v1"]
+    expected = sorted(prefix + t for r in reads for t in (r, r + ".dlq"))  # and the dead-letter topics
+    assert f"topics missing after 1 s: {', '.join(expected)} " in str(failed.value)
 
 
 def test_a_service_waiting_for_its_topics_stops_on_sigterm(infra, mongo_db_name, tmp_path):

@@ -72,11 +72,12 @@ async def test_a_zero_wait_asks_once() -> None:
     assert cluster.asked == 1
 
 
-def test_a_service_waits_for_the_topics_it_reads_and_the_ones_it_writes() -> None:
+def test_a_service_waits_for_the_topics_it_reads_their_dead_letter_topics_and_the_ones_it_writes() -> None:
     from services.conversation_state.app import ConversationStateSettings, create_service
     from shared.runtime.kafka import broker_topics
 
     service = create_service(ConversationStateSettings(kafka_topic_prefix="p."))
     reads = {"messages.received.v1", "agent.actions.v1", "routing.decisions.v1", "customers.commands.v1", "lifecycle.commands.v1"}
     writes = {"messages.outbound.v1", "conversations.events.v1", "routing.commands.v1"}
-    assert sorted(set(broker_topics(service.broker))) == sorted("p." + t for t in reads | writes)
+    dead_letters = {t + ".dlq" for t in reads}
+    assert sorted(set(broker_topics(service.broker, "p."))) == sorted("p." + t for t in reads | dead_letters | writes)
