@@ -125,6 +125,8 @@ def create_service(
         description="Customer messages, agent actions, routing decisions and customer commands, keyed by customer.",
     )
 
+    memory.consumer = lambda: subscriber.consumer
+
     @subscriber
     async def on_customer_records(batch: documented_payloads(*INPUTS), message: KafkaMessage) -> None:  # type: ignore[valid-type]
         await consumer.handle(records_of(message))

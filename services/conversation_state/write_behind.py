@@ -39,10 +39,10 @@ from collections.abc import Callable, Collection, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from pymongo import DeleteOne
 
-from shared.runtime.checkpoints import CheckpointMetrics, StoreBeforeRevocation
+from shared.runtime.checkpoints import CheckpointMetrics, StoreBeforeRevocation, membership_lost
 from shared.runtime.store import bulk_write_chunked
 
 from services.conversation_state.lifecycle import CustomerRecords
@@ -94,6 +94,9 @@ class JournaledCustomers:
         self.writing: asyncio.Task[None] | None = None
         self.last_flush = clock()
         self._n = 0
+        # The consumer whose partitions these are (set by the service once it exists): a flush
+        # while its group membership has lapsed would write over the next owner's documents.
+        self.consumer: Callable[[], AIOKafkaConsumer | None] = lambda: None
 
     def latest(self, doc_id: str, customer_id: str | None = None) -> dict[str, Any] | None:
         """The newest document this process holds for a customer (``doc_id`` = customer id) or
@@ -256,6 +259,8 @@ class JournaledCustomers:
         (unless a write is still in flight). Call under ``lock``."""
         if self.writing is not None and not self.writing.done():
             return
+        if membership_lost(self.consumer()):
+            return  # the partitions may be another member's by now (the journal keeps it all)
         now = self.last_flush = self.clock()
         stored_until = time.time() - min_age_s  # once this write lands, every older change is stored
         self._evict_clean()
@@ -376,7 +381,7 @@ class JournaledCustomers:
             self.metrics.unstored.set(len(self.dirty))
 
     def rebalance_listener(self) -> ConsumerRebalanceListener:
-        return StoreBeforeRevocation(self)
+        return StoreBeforeRevocation(self, lambda: self.consumer())
 
     def forget_revoked(self, revoked: set[TopicPartition]) -> None:
         self.drop()

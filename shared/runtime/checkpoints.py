@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka.protocol.commit import OffsetCommitRequest
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from pymongo import ReplaceOne
 from pymongo.asynchronous.collection import AsyncCollection
@@ -36,6 +37,17 @@ log = logging.getLogger(__name__)
 
 def partition_key(topic: str, partition: int) -> str:
     return f"{topic}/{partition}"
+
+
+def membership_lost(consumer: AIOKafkaConsumer | None) -> bool:
+    """Whether the consumer's group membership has lapsed: its session expired (the process
+    stalled longer than the session timeout, or lost the broker meanwhile) or the group no
+    longer knows its generation. The partitions it still holds may then be another member's
+    already, so it must not store their state: the other member replays or recovers it, and a
+    late write would land over that member's. aiokafka (0.14) has no ``on_partitions_lost``:
+    it resets the generation and then rejoins, calling ``on_partitions_revoked`` on the way."""
+    coordinator = getattr(consumer, "_coordinator", None)
+    return coordinator is not None and coordinator.generation == OffsetCommitRequest.DEFAULT_GENERATION_ID
 
 
 class CheckpointMetrics:
@@ -139,6 +151,8 @@ class Checkpointed:
         ``lock`` held."""
         if self.writing is not None and not self.writing.done():
             return
+        if membership_lost(self.consumer()):
+            return  # the partitions may be another member's by now (the rebalance drops the state)
         write = self.snapshot_state()
         marks = {k: v for k, v in self.handled.items() if self.stored.get(k) != v}
         self.last_flush = self.clock()
@@ -281,7 +295,7 @@ class Checkpointed:
                 await asyncio.sleep(1.0)  # do not spin on a store that is down
 
     def rebalance_listener(self) -> ConsumerRebalanceListener:
-        return StoreBeforeRevocation(self)
+        return StoreBeforeRevocation(self, self.consumer)
 
     def forget_revoked(self, revoked: set[TopicPartition]) -> None:
         self.rewind(())
@@ -308,14 +322,23 @@ class WriteBehindOwner(Protocol):
 class StoreBeforeRevocation(ConsumerRebalanceListener):  # type: ignore[misc]
     """Rebalances of a write-behind consumer: before giving partitions up, store what can be
     stored (the next owner then recovers less), then forget the memory; on assignment, start
-    from what is stored. Both under the owner's batch lock."""
+    from what is stored. Both under the owner's batch lock. A consumer whose membership lapsed
+    (``membership_lost``) stores nothing: its partitions may have another owner already."""
 
-    def __init__(self, owner: WriteBehindOwner) -> None:
+    def __init__(self, owner: WriteBehindOwner, consumer: Callable[[], AIOKafkaConsumer | None] = lambda: None) -> None:
         self.owner = owner
+        self.consumer = consumer
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         async with self.owner.lock:
-            if revoked:
+            if revoked and membership_lost(self.consumer()):
+                log.warning(
+                    "group membership lost (session expired?): not storing the state of %s partitions; their next owner "
+                    "replays or recovers it",
+                    len(revoked),
+                )
+                await self.owner.settle()  # a write under way when the stall ended finishes
+            elif revoked:
                 # Nothing of ours may land after the next owner's writes: finish, then store
                 # the rest now (what fails is recovered by the next owner).
                 await self.owner.settle()

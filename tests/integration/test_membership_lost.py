@@ -1,0 +1,107 @@
+"""A write-behind consumer whose group membership lapsed stores nothing on the way out: after
+a stall longer than its session, aiokafka tells it its partitions are revoked, but another
+member may own them already, and a late write of its state would land over that member's."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from shared.runtime.checkpoints import StoreBeforeRevocation, membership_lost
+from tests.support import eventually
+
+pytestmark = pytest.mark.integration
+
+
+class Owner:
+    """What ``StoreBeforeRevocation`` drives, recording what it was asked to do."""
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.calls: list[str] = []
+        self.revoked: set[TopicPartition] = set()
+        self.assigned: set[TopicPartition] = set()
+
+    async def settle(self) -> None:
+        self.calls.append("settle")
+
+    def flush(self) -> None:
+        self.calls.append("flush")
+
+    def forget_revoked(self, revoked: set[TopicPartition]) -> None:
+        self.calls.append("forget")
+        self.revoked |= revoked
+
+    def take_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.calls.append("assigned")
+        self.assigned = set(assigned)
+
+
+def consumer(infra, group: str) -> AIOKafkaConsumer:
+    return AIOKafkaConsumer(
+        bootstrap_servers=infra.kafka, group_id=group, session_timeout_ms=6_000, heartbeat_interval_ms=500,
+        enable_auto_commit=False, auto_offset_reset="earliest",
+    )  # fmt: skip
+
+
+async def test_a_member_whose_session_expired_does_not_store_what_it_held(infra, topic_prefix) -> None:
+    topic = f"{topic_prefix}agent.presence.v1"
+    group = f"membership-{uuid.uuid4().hex[:8]}"
+    owner = Owner()
+    stalled = consumer(infra, group)
+    stalled.subscribe([topic], listener=StoreBeforeRevocation(owner, lambda: stalled))
+    await stalled.start()
+    other = consumer(infra, group)
+    try:
+        await eventually(lambda: asyncio.sleep(0, result=owner.assigned or None), timeout_s=30, what="first assignment")
+        held = set(owner.assigned)
+        assert not membership_lost(stalled)
+
+        # The process stalls: no heartbeat reaches the broker for longer than the session.
+        coordinator = stalled._coordinator
+        beat = coordinator._do_heartbeat
+        paused = asyncio.Event()
+
+        async def no_heartbeat() -> bool:
+            if not paused.is_set():
+                await asyncio.sleep(0.5)
+                return True
+            return await beat()
+
+        coordinator._do_heartbeat = no_heartbeat
+        other.subscribe([topic])
+        await other.start()
+        await eventually(lambda: asyncio.sleep(0, result=other.assignment() == held or None), timeout_s=60, what="the other member owns it all")
+
+        owner.calls.clear()
+        paused.set()  # the stall ends: the next heartbeat finds the member unknown
+        await eventually(lambda: asyncio.sleep(0, result="forget" in owner.calls or None), timeout_s=30, what="the revocation")
+        assert owner.revoked == held
+        assert "flush" not in owner.calls  # nothing of the old state stored
+        assert owner.calls.index("settle") < owner.calls.index("forget")  # a write under way finished first
+    finally:
+        await stalled.stop()
+        await other.stop()
+
+
+async def test_a_rebalance_of_a_live_member_stores_first(infra, topic_prefix) -> None:
+    topic = f"{topic_prefix}agent.presence.v1"
+    group = f"membership-{uuid.uuid4().hex[:8]}"
+    owner = Owner()
+    member = consumer(infra, group)
+    member.subscribe([topic], listener=StoreBeforeRevocation(owner, lambda: member))
+    await member.start()
+    other = consumer(infra, group)
+    try:
+        await eventually(lambda: asyncio.sleep(0, result=owner.assigned or None), timeout_s=30, what="first assignment")
+        owner.calls.clear()
+        other.subscribe([topic])
+        await other.start()  # a rebalance: the member is told first and is still a member
+        await eventually(lambda: asyncio.sleep(0, result="forget" in owner.calls or None), timeout_s=30, what="the revocation")
+        assert owner.calls[:4] == ["settle", "flush", "settle", "forget"]
+    finally:
+        await member.stop()
+        await other.stop()

@@ -1,0 +1,54 @@
+"""A consumer whose group membership lapsed (aiokafka reset its generation) stores no
+write-behind state: neither the checkpointed services' state nor conversation-state's
+customers (the real rebalance is in tests/integration/test_membership_lost.py)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from shared.runtime.checkpoints import Checkpointed, membership_lost
+
+from services.conversation_state.write_behind import JournaledCustomers
+
+
+def member(generation: int | None) -> Any:
+    """A consumer as ``membership_lost`` sees it (None: not started, no coordinator)."""
+    return SimpleNamespace() if generation is None else SimpleNamespace(_coordinator=SimpleNamespace(generation=generation))
+
+
+@pytest.mark.parametrize(
+    ("consumer", "lost"),
+    [
+        (None, False),  # no consumer yet
+        (member(None), False),  # not started
+        (member(7), False),  # a member of generation 7
+        (member(-1), True),  # reset: the group no longer knows it
+    ],
+)
+def test_membership_is_lost_once_the_generation_is_reset(consumer, lost) -> None:
+    assert membership_lost(consumer) is lost
+
+
+@pytest.mark.parametrize(("generation", "captured"), [(7, True), (-1, False)])
+def test_a_checkpointed_state_is_not_captured_while_membership_is_lost(generation, captured) -> None:
+    snapshots: list[int] = []
+    owner = Checkpointed(
+        checkpoints=None,  # type: ignore[arg-type]  # (nothing to write: the capture is empty)
+        snapshot_state=lambda: snapshots.append(1) or None,  # type: ignore[func-returns-value]
+        drop_state=lambda: None,
+        interval_s=1.0,
+        consumer=lambda: member(generation),
+    )
+    owner.flush()
+    assert bool(snapshots) is captured
+
+
+async def test_conversation_state_writes_no_customer_while_membership_is_lost() -> None:
+    memory = JournaledCustomers(store=None, interval_s=1.0)  # type: ignore[arg-type]  # never reached
+    memory.consumer = lambda: member(-1)
+    memory.dirty["cus_1"] = float("-inf")
+    memory.flush()
+    assert memory.writing is None and "cus_1" in memory.dirty  # still dirty: the journal holds it
