@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -47,16 +49,28 @@ def consumer(infra, group: str) -> AIOKafkaConsumer:
     )  # fmt: skip
 
 
-async def test_a_member_whose_session_expired_does_not_store_what_it_held(infra, topic_prefix) -> None:
+@asynccontextmanager
+async def two_members(infra, topic_prefix: str) -> AsyncIterator[tuple[Owner, AIOKafkaConsumer, AIOKafkaConsumer]]:
+    """A member of a fresh group, assigned the topic's partitions (``StoreBeforeRevocation``
+    around an ``Owner``), and a second member of the group, not started."""
     topic = f"{topic_prefix}agent.presence.v1"
     group = f"membership-{uuid.uuid4().hex[:8]}"
     owner = Owner()
-    stalled = consumer(infra, group)
-    stalled.subscribe([topic], listener=StoreBeforeRevocation(owner, lambda: stalled))
-    await stalled.start()
-    other = consumer(infra, group)
+    first = consumer(infra, group)
+    first.subscribe([topic], listener=StoreBeforeRevocation(owner, lambda: first))
+    await first.start()
+    second = consumer(infra, group)
+    second.subscribe([topic])
     try:
         await eventually(lambda: asyncio.sleep(0, result=owner.assigned or None), timeout_s=30, what="first assignment")
+        yield owner, first, second
+    finally:
+        await first.stop()
+        await second.stop()
+
+
+async def test_a_member_whose_session_expired_does_not_store_what_it_held(infra, topic_prefix) -> None:
+    async with two_members(infra, topic_prefix) as (owner, stalled, other):
         held = set(owner.assigned)
         assert not membership_lost(stalled)
 
@@ -72,7 +86,6 @@ async def test_a_member_whose_session_expired_does_not_store_what_it_held(infra,
             return await beat()
 
         coordinator._do_heartbeat = no_heartbeat
-        other.subscribe([topic])
         await other.start()
         await eventually(lambda: asyncio.sleep(0, result=other.assignment() == held or None), timeout_s=60, what="the other member owns it all")
 
@@ -82,26 +95,11 @@ async def test_a_member_whose_session_expired_does_not_store_what_it_held(infra,
         assert owner.revoked == held
         assert "flush" not in owner.calls  # nothing of the old state stored
         assert owner.calls.index("settle") < owner.calls.index("forget")  # a write under way finished first
-    finally:
-        await stalled.stop()
-        await other.stop()
 
 
 async def test_a_rebalance_of_a_live_member_stores_first(infra, topic_prefix) -> None:
-    topic = f"{topic_prefix}agent.presence.v1"
-    group = f"membership-{uuid.uuid4().hex[:8]}"
-    owner = Owner()
-    member = consumer(infra, group)
-    member.subscribe([topic], listener=StoreBeforeRevocation(owner, lambda: member))
-    await member.start()
-    other = consumer(infra, group)
-    try:
-        await eventually(lambda: asyncio.sleep(0, result=owner.assigned or None), timeout_s=30, what="first assignment")
+    async with two_members(infra, topic_prefix) as (owner, _, other):
         owner.calls.clear()
-        other.subscribe([topic])
         await other.start()  # a rebalance: the member is told first and is still a member
         await eventually(lambda: asyncio.sleep(0, result="forget" in owner.calls or None), timeout_s=30, what="the revocation")
         assert owner.calls[:4] == ["settle", "flush", "settle", "forget"]
-    finally:
-        await member.stop()
-        await other.stop()
