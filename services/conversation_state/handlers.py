@@ -26,6 +26,7 @@ from shared.contracts.lifecycle import CloseInactiveConversation, StartCallback
 from shared.contracts.messages import CustomerMessageReceived
 from shared.contracts.registry import CONVERSATION_EVENTS, MESSAGES_OUTBOUND, ROUTING_COMMANDS
 from shared.contracts.routing import ConversationRouted, TransferRefused
+from shared.runtime.checkpoints import MembershipLost, membership_lost
 from shared.runtime.decoding import BatchReader, Incoming
 from shared.runtime.outbox import Outbox
 from shared.runtime.tracing import RecordTracer
@@ -143,6 +144,9 @@ class ConversationConsumer:
                 raise
 
     async def _handle(self, records: Sequence[ConsumerRecord]) -> None:
+        if membership_lost(self.memory.consumer()):
+            # Its partitions may be another member's by now: journal nothing, publish nothing.
+            raise MembershipLost("group membership lost; the batch is left to the partitions' owner")
         if self.directory is not None and self.directory.current is not self.rules.directory:
             self.rules = replace(self.rules, directory=self.directory.current)  # reloaded
         incoming = await self.reader.read(records)

@@ -39,6 +39,10 @@ def partition_key(topic: str, partition: int) -> str:
     return f"{topic}/{partition}"
 
 
+class MembershipLost(RuntimeError):
+    """A batch reached a consumer whose group membership has lapsed (``membership_lost``)."""
+
+
 def membership_lost(consumer: AIOKafkaConsumer | None) -> bool:
     """Whether the consumer's group membership has lapsed: its session expired (the process
     stalled longer than the session timeout, or lost the broker meanwhile) or the group no
@@ -281,6 +285,8 @@ class Checkpointed:
         partition to its checkpoint (and is logged, not raised: the framework's own retry
         would seek to the failed batch's start, skipping the unstored batches before it)."""
         async with self.lock:
+            if membership_lost(self.consumer()):
+                return  # its partitions may be another member's by now (the rebalance drops the state)
             try:
                 ready = await self._resume_at_checkpoints(list(records))
                 if ready:

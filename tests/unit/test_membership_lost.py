@@ -52,3 +52,34 @@ async def test_conversation_state_writes_no_customer_while_membership_is_lost() 
     memory.dirty["cus_1"] = float("-inf")
     memory.flush()
     assert memory.writing is None and "cus_1" in memory.dirty  # still dirty: the journal holds it
+
+
+async def test_a_checkpointed_batch_is_not_handled_while_membership_is_lost() -> None:
+    handled: list[Any] = []
+    owner = Checkpointed(
+        checkpoints=None,  # type: ignore[arg-type]
+        snapshot_state=lambda: None,
+        drop_state=lambda: None,
+        interval_s=60.0,
+        consumer=lambda: member(-1),
+    )
+
+    async def handle(records: list[Any]) -> None:
+        handled.extend(records)
+
+    await owner.run_batch([SimpleNamespace(topic="t", partition=0, offset=3)], handle)  # type: ignore[list-item]
+    assert handled == []
+
+
+async def test_conversation_state_handles_no_batch_while_membership_is_lost() -> None:
+    """Nothing read, journaled or published: the batch fails (its offsets are not committed)."""
+    from services.conversation_state.handlers import ConversationConsumer
+    from shared.runtime.checkpoints import MembershipLost
+
+    memory = JournaledCustomers(store=None, interval_s=1.0)  # type: ignore[arg-type]
+    memory.consumer = lambda: member(-1)
+    consumer = ConversationConsumer(
+        reader=None, store=None, outbox=None, rules=None, tracing=None, memory=memory  # type: ignore[arg-type]
+    )  # (any of them touched would raise AttributeError, not MembershipLost)
+    with pytest.raises(MembershipLost):
+        await consumer.handle([SimpleNamespace(topic="t", partition=0, offset=3)])  # type: ignore[list-item]
