@@ -40,8 +40,8 @@ class MetricsSettings(ServiceSettings):
     http_port: int = 8085
     teams_config: Path = Path("deploy/teams.yaml")
     teams_reload_interval_s: float = Field(default=5.0, gt=0)
-    # Nothing waits on what this service reads by the millisecond (KPIs; deadlines minutes
-    # ahead): an idle broker is polled every 200 ms instead of every 40 (see README).
+    # Nothing waits on what this service reads by the millisecond (KPIs): an idle
+    # broker is polled every 200 ms instead of every 40 (README, CONSUMER_FETCH_MAX_WAIT_MS).
     consumer_fetch_max_wait_ms: int = Field(default=200, ge=0, le=5_000, description="Longest the broker holds a fetch for the min bytes")
     agent_cost_per_hour: float = Field(default=40.0, ge=0, description="Loaded cost of a staffed agent-hour (teams may override)")
     staffed_time_interval_s: float = Field(

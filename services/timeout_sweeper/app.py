@@ -32,8 +32,8 @@ class TimeoutSweeperSettings(ServiceSettings):
     http_port: int = 8084
     teams_config: Path = Path("deploy/teams.yaml")
     teams_reload_interval_s: float = Field(default=5.0, gt=0)
-    # Nothing waits on what this service reads by the millisecond (KPIs; deadlines minutes
-    # ahead): an idle broker is polled every 200 ms instead of every 40 (see README).
+    # Nothing waits on what this service reads by the millisecond (deadlines fall due minutes ahead): an idle
+    # broker is polled every 200 ms instead of every 40 (README, CONSUMER_FETCH_MAX_WAIT_MS).
     consumer_fetch_max_wait_ms: int = Field(default=200, ge=0, le=5_000, description="Longest the broker holds a fetch for the min bytes")
     sweep_interval_s: float = Field(default=1.0, gt=0, description="Pause between sweeps when nothing is due")
     sweep_batch_size: int = Field(default=200, ge=1, le=10_000, description="Deadlines claimed per sweep")
