@@ -160,10 +160,13 @@ class StoreWrites(monitoring.CommandListener):
 
     def __init__(self) -> None:
         self.ops: list[tuple[str, str, Any]] = []
+        self.finds: list[str] = []  # the collection of each find command (reads, kept apart)
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
         name = event.command_name
-        if name in ("update", "delete"):
+        if name == "find":
+            self.finds.append(event.command["find"])
+        elif name in ("update", "delete"):
             key = "updates" if name == "update" else "deletes"
             self.ops.extend((name, event.command[name], u["q"]["_id"]) for u in event.command[key])
         elif name == "insert":

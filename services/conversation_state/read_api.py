@@ -87,6 +87,18 @@ def read_routes(
         cursor = store.messages.find({"conversation_id": conversation_id}).sort([("at", ASCENDING), ("_id", ASCENDING)])
         return [_line_json(d) async for d in cursor.skip(skip).limit(limit)]
 
+    async def transcripts(conversation_ids: list[str], limit: int = MAX_PAGE_SIZE) -> dict[str, list[dict[str, Any]]]:
+        """The first ``limit`` lines of each of these conversations, in one query: the
+        embedded FerretDB answers any filter but an exact ``_id`` by scanning ``messages``
+        (1.7 s at 100,000 lines), so one scan for a customer's page instead of one each."""
+        out: dict[str, list[dict[str, Any]]] = {c: [] for c in conversation_ids}
+        cursor = store.messages.find({"conversation_id": {"$in": conversation_ids}}).sort([("at", ASCENDING), ("_id", ASCENDING)])
+        async for d in cursor:
+            lines = out[d["conversation_id"]]
+            if len(lines) < limit:
+                lines.append(_line_json(d))
+        return out
+
     async def customer_conversation(request: Request) -> Response:
         if not authorized(request):
             return problem(401, "missing or wrong bearer token")
@@ -115,7 +127,8 @@ def read_routes(
             cursor = store.conversations.find(others).sort([("opened_at", DESCENDING), ("_id", ASCENDING)])
             page_docs = [expand_document(d) async for d in cursor.skip((page - 1) * size).limit(size)]
             total_earlier = await store.conversations.count_documents(others)
-        earlier = [{**_conversation_json(doc), "transcript": await transcript(doc["_id"])} for doc in page_docs]
+        lines = await transcripts([d["_id"] for d in ([current] if current is not None else []) + page_docs])
+        earlier = [{**_conversation_json(doc), "transcript": lines[doc["_id"]]} for doc in page_docs]
         return JSONResponse(
             {
                 "customer": {
@@ -126,7 +139,7 @@ def read_routes(
                     "last_channel": customer.get("last_channel"),
                     "known_agent_id": customer.get("known_agent_id"),
                 },
-                "current": None if current is None else {**_conversation_json(current), "transcript": await transcript(current["_id"])},
+                "current": None if current is None else {**_conversation_json(current), "transcript": lines[current["_id"]]},
                 "earlier": earlier,
                 "earlier_page": page,
                 "earlier_page_size": size,

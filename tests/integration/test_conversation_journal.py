@@ -209,6 +209,41 @@ async def test_the_owner_lists_earlier_conversations_not_stored_yet(store) -> No
     assert view["earlier_total"] == 1
 
 
+async def test_a_customers_view_reads_every_transcript_on_its_page_in_one_query(store) -> None:
+    """Each conversation with its own lines, in time order, at most a page of them; one query
+    for all (on the embedded FerretDB each query of ``messages`` by conversation scans it)."""
+    import httpx
+    from starlette.applications import Starlette
+
+    from services.conversation_state.read_api import MAX_PAGE_SIZE, read_routes
+    from shared.teams import DirectoryWatcher
+
+    store, writes = store
+    memory = JournaledCustomers(store, interval_s=60)
+    first = opened("cus_1", "conv_1")
+    first.conversations["conv_1"].status = ConversationStatus.RESOLVED
+    second = opened("cus_1", "conv_2")
+    second.conversations["conv_1"] = first.conversations["conv_1"]
+    second.conversations["conv_2"].opened_at = NOW + timedelta(hours=2)
+    await memory.append({"cus_1": second}, {"cus_1": 0})
+    await flushed(memory)
+
+    def line(conv: str, n: int, customer: str = "cus_1") -> dict[str, Any]:
+        return {"_id": f"{conv}-m{n}", "conversation_id": conv, "customer_id": customer, "at": NOW + timedelta(seconds=n), "text": f"{conv} {n}"}
+
+    older = [line("conv_1", n) for n in range(MAX_PAGE_SIZE + 1)]
+    await store.messages.insert_many(older[::-1])  # stored out of order
+    await store.messages.insert_many([line("conv_2", 2), line("conv_2", 1), line("conv_9", 1, "cus_9")])
+
+    app = Starlette(routes=read_routes(store, DirectoryWatcher(Path("deploy/teams.yaml")), None, None))
+    writes.finds.clear()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+        view = (await http.get("/customers/cus_1/conversation")).json()
+    assert [line["text"] for line in view["current"]["transcript"]] == ["conv_2 1", "conv_2 2"]
+    assert [line["text"] for line in view["earlier"][0]["transcript"]] == [f"conv_1 {n}" for n in range(MAX_PAGE_SIZE)]
+    assert writes.finds.count("messages") == 1
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = 100.0
