@@ -56,6 +56,11 @@ def _line_json(doc: dict[str, Any]) -> dict[str, Any]:
     return _jsonable(out)
 
 
+def _nulls_first(value: Any) -> tuple[bool, Any]:
+    """A sort key that puts a missing value first, as the store's sort does."""
+    return (value is not None, value if value is not None else 0)
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _jsonable(v) for k, v in value.items()}
@@ -174,28 +179,21 @@ def read_routes(
         team_id = request.path_params["team_id"]
         if team_id != STANDARD_POOL_ID and directory.current.team(team_id) is None:
             return problem(404, "unknown team", team_id=team_id)
-        base = {"team_id": team_id, "status": {"$in": OPEN}}
-        waiting_filter = {**base, "agent_id": None}
-        # The query fields of ``conversations`` are current; the rest of a current
-        # conversation is read from its customer's document (``overlay_held``).
-        waiting = await store.overlay_held(
-            [
-                expand_document(d)
-                async for d in store.conversations.find(waiting_filter)
-                .sort([("queued_at", ASCENDING), ("_id", ASCENDING)])
-                .skip((page - 1) * size)
-                .limit(size)
-            ]
-        )
-        cursor = store.conversations.find({**base, "agent_id": {"$ne": None}}).sort([("assigned_at", ASCENDING)])
+        # One query for the team's open conversations (the embedded FerretDB scans the
+        # collection for each); the query fields of ``conversations`` are current, the rest of
+        # a current conversation is read from its customer's document (``overlay_held``).
+        open_docs = [expand_document(d) async for d in store.conversations.find({"team_id": team_id, "status": {"$in": OPEN}})]
+        queued = sorted((d for d in open_docs if d.get("agent_id") is None), key=lambda d: (_nulls_first(d.get("queued_at")), d["_id"]))
+        waiting = await store.overlay_held(queued[(page - 1) * size : page * size])
+        taken = sorted((d for d in open_docs if d.get("agent_id") is not None), key=lambda d: _nulls_first(d.get("assigned_at")))
         assigned: dict[str, list[dict[str, Any]]] = {}
-        for doc in await store.overlay_held([expand_document(d) async for d in cursor]):
+        for doc in await store.overlay_held(taken):
             assigned.setdefault(doc["agent_id"], []).append(_conversation_json(doc))
         return JSONResponse(
             {
                 "team_id": team_id,
                 "waiting": [_conversation_json(d) for d in waiting],
-                "waiting_total": await store.conversations.count_documents(waiting_filter),
+                "waiting_total": len(queued),
                 "page": page,
                 "page_size": size,
                 "assigned": assigned,

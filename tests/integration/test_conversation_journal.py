@@ -244,6 +244,37 @@ async def test_a_customers_view_reads_every_transcript_on_its_page_in_one_query(
     assert writes.finds.count("messages") == 1
 
 
+async def test_a_team_queue_is_one_query_paged_oldest_first(store) -> None:
+    import httpx
+    from starlette.applications import Starlette
+
+    from services.conversation_state.read_api import read_routes
+    from shared.teams import DirectoryWatcher
+
+    store, writes = store
+    memory = JournaledCustomers(store, interval_s=60)
+    batch = {}
+    for n, minutes in enumerate([30, 10, 20, 5]):  # queued this many minutes after NOW
+        records = opened(f"cus_{n}", f"conv_{n}")
+        conv = records.conversations[f"conv_{n}"]
+        conv.team_id, conv.queued_at = "pnw-seattle", NOW + timedelta(minutes=minutes)
+        batch[f"cus_{n}"] = records
+    routed(batch["cus_3"], "ana")  # assigned: not waiting
+    await memory.append(batch, dict.fromkeys(batch, 0))
+    await flushed(memory)
+
+    app = Starlette(routes=read_routes(store, DirectoryWatcher(Path("deploy/teams.yaml")), None, None))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+        writes.finds.clear()
+        first = (await http.get("/teams/pnw-seattle/queue?page_size=2")).json()
+        assert writes.finds.count("conversations") == 1
+        second = (await http.get("/teams/pnw-seattle/queue?page_size=2&page=2")).json()
+    assert [c["conversation_id"] for c in first["waiting"]] == ["conv_1", "conv_2"]
+    assert [c["conversation_id"] for c in second["waiting"]] == ["conv_0"]
+    assert first["waiting_total"] == second["waiting_total"] == 3
+    assert [c["conversation_id"] for c in first["assigned"]["ana"]] == ["conv_3"]
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = 100.0
