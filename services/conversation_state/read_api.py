@@ -182,12 +182,13 @@ def read_routes(
         # One query for the team's open conversations (the embedded FerretDB scans the
         # collection for each); the query fields of ``conversations`` are current, the rest of
         # a current conversation is read from its customer's document (``overlay_held``).
-        open_docs = [expand_document(d) async for d in store.conversations.find({"team_id": team_id, "status": {"$in": OPEN}})]
+        # Split and sorted by those fields (kept as fields), expanded only where shown.
+        open_docs = [d async for d in store.conversations.find({"team_id": team_id, "status": {"$in": OPEN}})]
         queued = sorted((d for d in open_docs if d.get("agent_id") is None), key=lambda d: (_nulls_first(d.get("queued_at")), d["_id"]))
-        waiting = await store.overlay_held(queued[(page - 1) * size : page * size])
+        waiting = await store.overlay_held([expand_document(d) for d in queued[(page - 1) * size : page * size]])
         taken = sorted((d for d in open_docs if d.get("agent_id") is not None), key=lambda d: _nulls_first(d.get("assigned_at")))
         assigned: dict[str, list[dict[str, Any]]] = {}
-        for doc in await store.overlay_held(taken):
+        for doc in await store.overlay_held([expand_document(d) for d in taken]):
             assigned.setdefault(doc["agent_id"], []).append(_conversation_json(doc))
         return JSONResponse(
             {
