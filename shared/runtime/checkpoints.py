@@ -283,10 +283,15 @@ class Checkpointed:
     async def run_batch(self, records: Sequence[ConsumerRecord], handle: Callable[[list[ConsumerRecord]], Awaitable[Any]]) -> None:
         """Handle one batch under the lock; store when due. A failure rewinds every assigned
         partition to its checkpoint (and is logged, not raised: the framework's own retry
-        would seek to the failed batch's start, skipping the unstored batches before it)."""
+        would seek to the failed batch's start, skipping the unstored batches before it). A
+        batch reaching a consumer whose membership lapsed raises ``MembershipLost``: the
+        framework's seek is harmless then, the rebalance that follows resumes every partition
+        at its checkpoint."""
         async with self.lock:
             if membership_lost(self.consumer()):
-                return  # its partitions may be another member's by now (the rebalance drops the state)
+                # Its partitions may be another member's by now: handle nothing, commit nothing
+                # (the rebalance that follows drops the state).
+                raise MembershipLost("group membership lost; the batch is left to the partitions' owner")
             try:
                 ready = await self._resume_at_checkpoints(list(records))
                 if ready:

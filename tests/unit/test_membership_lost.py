@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from shared.runtime.checkpoints import Checkpointed, membership_lost
+from shared.runtime.checkpoints import Checkpointed, MembershipLost, membership_lost
 
 from services.conversation_state.write_behind import JournaledCustomers
 
@@ -67,14 +67,14 @@ async def test_a_checkpointed_batch_is_not_handled_while_membership_is_lost() ->
     async def handle(records: list[Any]) -> None:
         handled.extend(records)
 
-    await owner.run_batch([SimpleNamespace(topic="t", partition=0, offset=3)], handle)  # type: ignore[list-item]
+    with pytest.raises(MembershipLost):  # the framework then nacks it: nothing committed
+        await owner.run_batch([SimpleNamespace(topic="t", partition=0, offset=3)], handle)  # type: ignore[list-item]
     assert handled == []
 
 
 async def test_conversation_state_handles_no_batch_while_membership_is_lost() -> None:
     """Nothing read, journaled or published: the batch fails (its offsets are not committed)."""
     from services.conversation_state.handlers import ConversationConsumer
-    from shared.runtime.checkpoints import MembershipLost
 
     memory = JournaledCustomers(store=None, interval_s=1.0)  # type: ignore[arg-type]
     memory.consumer = lambda: member(-1)
