@@ -18,7 +18,8 @@ What one run does (docs/benchmarks.md explains every number):
 5. stops at the first rate where lag is not bounded (the backlog would spoil higher rates),
    tries rates halfway between that one and the highest bounded one (``--refine N``, 2 steps),
    measures half the highest bounded rate in a longer step of its own (``--half-duration``,
-   40 s; its label starts with ``h``), and removes its topics and database; writes ``<out>/<timestamp>.json`` and ``.png`` and prints a table.
+   40 s; its label starts with ``h``), and removes its topics and database; writes
+   ``<out>/<timestamp>.json`` and ``.png`` and prints a table.
 
 Latencies are measured from the *scheduled* send time carried in the inbound envelope's
 ``time`` (so a late generator cannot hide queueing), to the Kafka CreateTime of the routing
