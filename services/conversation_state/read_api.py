@@ -22,6 +22,7 @@ from shared.contracts.registry import CUSTOMER_COMMANDS
 from shared.contracts.routing import STANDARD_POOL_ID
 from shared.runtime.compact import expand_document
 from shared.runtime.outbox import Outbox
+from shared.runtime.store import queries_scan
 from shared.runtime.http import problem
 from shared.teams import DirectoryWatcher
 
@@ -179,14 +180,23 @@ def read_routes(
         team_id = request.path_params["team_id"]
         if team_id != STANDARD_POOL_ID and directory.current.team(team_id) is None:
             return problem(404, "unknown team", team_id=team_id)
-        # One query for the team's open conversations (the embedded FerretDB scans the
-        # collection for each); the query fields of ``conversations`` are current, the rest of
-        # a current conversation is read from its customer's document (``overlay_held``).
-        # Split and sorted by those fields (kept as fields), expanded only where shown.
-        open_docs = [d async for d in store.conversations.find({"team_id": team_id, "status": {"$in": OPEN}})]
-        queued = sorted((d for d in open_docs if d.get("agent_id") is None), key=lambda d: (_nulls_first(d.get("queued_at")), d["_id"]))
-        waiting = await store.overlay_held([expand_document(d) for d in queued[(page - 1) * size : page * size]])
-        taken = sorted((d for d in open_docs if d.get("agent_id") is not None), key=lambda d: _nulls_first(d.get("assigned_at")))
+        # The query fields of ``conversations`` are current; the rest of a current
+        # conversation is read from its customer's document (``overlay_held``).
+        base = {"team_id": team_id, "status": {"$in": OPEN}}
+        waiting_filter = {**base, "agent_id": None}
+        if await queries_scan(store.conversations):
+            # One query (each is a scan there), split, sorted and paged here by the fields
+            # kept as fields; expanded only where shown.
+            open_docs = [d async for d in store.conversations.find(base)]
+            queued = sorted((d for d in open_docs if d.get("agent_id") is None), key=lambda d: (_nulls_first(d.get("queued_at")), d["_id"]))
+            page_docs, waiting_total = queued[(page - 1) * size : page * size], len(queued)
+            taken = sorted((d for d in open_docs if d.get("agent_id") is not None), key=lambda d: _nulls_first(d.get("assigned_at")))
+        else:  # indexed: only the page of those waiting
+            cursor = store.conversations.find(waiting_filter).sort([("queued_at", ASCENDING), ("_id", ASCENDING)])
+            page_docs = [d async for d in cursor.skip((page - 1) * size).limit(size)]
+            waiting_total = await store.conversations.count_documents(waiting_filter)
+            taken = [d async for d in store.conversations.find({**base, "agent_id": {"$ne": None}}).sort([("assigned_at", ASCENDING)])]
+        waiting = await store.overlay_held([expand_document(d) for d in page_docs])
         assigned: dict[str, list[dict[str, Any]]] = {}
         for doc in await store.overlay_held([expand_document(d) for d in taken]):
             assigned.setdefault(doc["agent_id"], []).append(_conversation_json(doc))
@@ -194,7 +204,7 @@ def read_routes(
             {
                 "team_id": team_id,
                 "waiting": [_conversation_json(d) for d in waiting],
-                "waiting_total": len(queued),
+                "waiting_total": waiting_total,
                 "page": page,
                 "page_size": size,
                 "assigned": assigned,

@@ -161,6 +161,12 @@ async def delete_then_insert_is_cheaper(collection: AsyncCollection) -> bool:
     return await _uses_point_reads(collection)
 
 
+async def queries_scan(collection: AsyncCollection) -> bool:
+    """Whether every query but an exact ``_id`` filter scans the collection (FerretDB 1.24,
+    ``needs_point_reads``): there one broader query beats several narrow ones."""
+    return await _uses_point_reads(collection)
+
+
 async def create_query_index(collection: AsyncCollection, keys: list[tuple[str, Any]]) -> str | None:
     """Create an index for the queries that filter or sort on ``keys``, unless the server
     answers only an exact ``_id`` filter from an index (FerretDB 1.24, ``needs_point_reads``):
