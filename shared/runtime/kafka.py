@@ -169,8 +169,9 @@ async def wait_for_topics(
     """Return once every ``wanted`` topic is among the ``existing`` ones (asked every
     ``interval_s``). A consumer started on a missing topic waits in aiokafka's start about 40 s
     per topic, logging an error ten times a second, and the service ignores SIGTERM until its
-    start-up ends (a send to a missing topic waits as long, and then fails the batch); this waits at most ``timeout_s`` with one warning and raises
-    ``MissingTopics`` naming what is missing, then or as soon as a stop is requested."""
+    start-up ends (a send to a missing topic waits as long, and then fails the batch); this
+    waits at most ``timeout_s`` with one warning and raises ``MissingTopics`` naming what is
+    missing, then or as soon as a stop is requested."""
     wanted = sorted(set(wanted))
     deadline = clock() + timeout_s
     warned = False
