@@ -161,11 +161,13 @@ class StoreWrites(monitoring.CommandListener):
     def __init__(self) -> None:
         self.ops: list[tuple[str, str, Any]] = []
         self.finds: list[str] = []  # the collection of each find command (reads, kept apart)
+        self.find_filters: list[tuple[str, dict[str, Any]]] = []  # (collection, filter) of each
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
         name = event.command_name
         if name == "find":
             self.finds.append(event.command["find"])
+            self.find_filters.append((event.command["find"], dict(event.command.get("filter", {}))))
         elif name in ("update", "delete"):
             key = "updates" if name == "update" else "deletes"
             self.ops.extend((name, event.command[name], u["q"]["_id"]) for u in event.command[key])
@@ -177,6 +179,11 @@ class StoreWrites(monitoring.CommandListener):
 
     def failed(self, event: monitoring.CommandFailedEvent) -> None:
         pass
+
+    def queries(self, collection: str) -> list[dict[str, Any]]:
+        """The filters of the finds of ``collection`` that name more than ``_id`` (those the
+        embedded FerretDB answers by scanning the collection)."""
+        return [f for c, f in self.find_filters if c == collection and set(f) != {"_id"}]
 
     def of(self, collection: str) -> list[tuple[str, Any]]:
         """(command, _id) of every write to ``collection``."""

@@ -149,6 +149,15 @@ def _reweigh(conv: Conversation, waiting_on: WaitingOn, now: datetime, fx: Effec
         )
 
 
+def _next_line(conv: Conversation) -> int | None:
+    """The position of the conversation's next transcript line (None where it counts none:
+    stored before lines had positions)."""
+    if conv.line_count is None:
+        return None
+    conv.line_count += 1
+    return conv.line_count
+
+
 def _kpi_line(conv: Conversation, direction: Direction, channel: Channel, at: datetime) -> tuple[bool, float | None]:
     """What a new line means for the KPIs: does it start a turn (the other side wrote last),
     and is it the first response (seconds since the customer's first message, or since the
@@ -320,6 +329,7 @@ def customer_message(records: CustomerRecords, msg: CustomerMessageReceived, rul
     starts_turn, _ = _kpi_line(conv, Direction.INBOUND, msg.channel, now)
     fx.lines.append(
         Line(
+            seq=_next_line(conv),
             message_id=msg.message_id,
             conversation_id=conv.id,
             customer_id=customer.id,
@@ -476,6 +486,7 @@ def agent_reply(records: CustomerRecords, action: ReplyToCustomer, rules: Rules,
     )
     fx.lines.append(
         Line(
+            seq=_next_line(conv),
             message_id=line_id,
             conversation_id=conv.id,
             customer_id=customer.id,

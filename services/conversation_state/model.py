@@ -109,6 +109,9 @@ class Conversation:
     last_direction: Direction | None = None
     first_customer_message_at: datetime | None = None
     unplaced_lines: list[dict[str, Any]] = field(default_factory=list)
+    # Its transcript lines so far, each stored at its position (``Line.seq``); None for a
+    # conversation stored before lines had positions: its lines are stored by message id.
+    line_count: int | None = 0
 
     @property
     def is_open(self) -> bool:
@@ -127,15 +130,24 @@ class Conversation:
         data["id"] = doc["_id"]
         data["status"] = ConversationStatus(data["status"])
         data["last_channel"] = Channel(data["last_channel"])
+        data.setdefault("line_count", None)  # stored before lines had positions
         for key, enum in (("pool", PoolKind), ("pool_reason", RoutingReason), ("routing_reason", RoutingReason), ("last_direction", Direction)):
             if data.get(key) is not None:
                 data[key] = enum(data[key])
         return cls(**data)
 
 
+def line_id(conversation_id: str, seq: int) -> str:
+    """The ``_id`` of a conversation's line at a position (1, 2, ...): a reader that knows the
+    conversation's ``line_count`` reads its lines by ``_id``, which every store serves from an
+    index (the embedded FerretDB answers any other filter by scanning every line stored)."""
+    return f"{conversation_id}|{seq}"
+
+
 @dataclass(slots=True, frozen=True)
 class Line:
-    """One message in a transcript."""
+    """One message in a transcript, stored at its position in the conversation (``seq``), or
+    by its message id where the conversation counts no positions (``line_count`` None)."""
 
     message_id: str
     conversation_id: str
@@ -146,10 +158,13 @@ class Line:
     at: datetime
     agent_id: str | None = None
     attachments: tuple[dict[str, Any], ...] = ()
+    seq: int | None = None
 
     def to_doc(self) -> dict[str, Any]:
         return {
-            "_id": self.message_id,
+            "_id": self.message_id if self.seq is None else line_id(self.conversation_id, self.seq),
+            "message_id": self.message_id,
+            "seq": self.seq,
             "conversation_id": self.conversation_id,
             "customer_id": self.customer_id,
             "direction": self.direction.value,

@@ -26,10 +26,10 @@ from shared.runtime.store import queries_scan
 from shared.runtime.http import problem
 from shared.teams import DirectoryWatcher
 
-from services.conversation_state.store import ConversationStore, held_conversations
+from services.conversation_state.store import LINES_PER_READ, ConversationStore, held_conversations
 from services.conversation_state.write_behind import JournaledCustomers
 
-MAX_PAGE_SIZE = 200
+MAX_PAGE_SIZE = LINES_PER_READ  # also the most lines of a conversation a customer's view shows
 OPEN = [ConversationStatus.WAITING_ON_AGENT.value, ConversationStatus.WAITING_ON_CUSTOMER.value]
 
 
@@ -52,8 +52,8 @@ def _conversation_json(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def _line_json(doc: dict[str, Any]) -> dict[str, Any]:
-    out = {k: v for k, v in doc.items() if k not in ("_id", "customer_id")}
-    out["message_id"] = doc["_id"]
+    out = {k: v for k, v in doc.items() if k not in ("_id", "customer_id", "seq")}
+    out["message_id"] = doc.get("message_id", doc["_id"])  # lines stored by message id have no field
     return _jsonable(out)
 
 
@@ -89,22 +89,6 @@ def read_routes(
         given = request.headers.get("authorization", "")
         return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
 
-    async def transcript(conversation_id: str, skip: int = 0, limit: int = MAX_PAGE_SIZE) -> list[dict[str, Any]]:
-        cursor = store.messages.find({"conversation_id": conversation_id}).sort([("at", ASCENDING), ("_id", ASCENDING)])
-        return [_line_json(d) async for d in cursor.skip(skip).limit(limit)]
-
-    async def transcripts(conversation_ids: list[str], limit: int = MAX_PAGE_SIZE) -> dict[str, list[dict[str, Any]]]:
-        """The first ``limit`` lines of each of these conversations, in one query: the
-        embedded FerretDB answers any filter but an exact ``_id`` by scanning ``messages``
-        (1.7 s at 100,000 lines), so one scan for a customer's page instead of one each."""
-        out: dict[str, list[dict[str, Any]]] = {c: [] for c in conversation_ids}
-        cursor = store.messages.find({"conversation_id": {"$in": conversation_ids}}).sort([("at", ASCENDING), ("_id", ASCENDING)])
-        async for d in cursor:
-            lines = out[d["conversation_id"]]
-            if len(lines) < limit:
-                lines.append(_line_json(d))
-        return out
-
     async def customer_conversation(request: Request) -> Response:
         if not authorized(request):
             return problem(401, "missing or wrong bearer token")
@@ -124,7 +108,11 @@ def read_routes(
             current = current or (await store.find_conversations([current_id])).get(current_id)
         others = {"customer_id": customer_id, "_id": {"$ne": current_id}}
         held = {k: v for k, v in (memory.conversations_of(customer_id) if memory is not None else {}).items() if k != current_id}
-        if held:  # some may not be stored yet: merge, then page here (a customer has few)
+        if current is not None and await queries_scan(store.conversations):
+            # Each query scans there: along the previous conversations, by _id.
+            ordered = await store.earlier_conversations(current, held)
+            page_docs, total_earlier = ordered[(page - 1) * size : page * size], len(ordered)
+        elif held:  # some may not be stored yet: merge, then page here (a customer has few)
             docs = {d["_id"]: expand_document(d) async for d in store.conversations.find(others)} | held
             ordered = sorted(docs.values(), key=lambda d: d["_id"])
             ordered.sort(key=lambda d: d["opened_at"].timestamp(), reverse=True)
@@ -133,8 +121,9 @@ def read_routes(
             cursor = store.conversations.find(others).sort([("opened_at", DESCENDING), ("_id", ASCENDING)])
             page_docs = [expand_document(d) async for d in cursor.skip((page - 1) * size).limit(size)]
             total_earlier = await store.conversations.count_documents(others)
-        lines = await transcripts([d["_id"] for d in ([current] if current is not None else []) + page_docs])
-        earlier = [{**_conversation_json(doc), "transcript": lines[doc["_id"]]} for doc in page_docs]
+        shown = ([current] if current is not None else []) + page_docs
+        lines = await store.read_transcripts(shown, trailing={current["_id"]} if current is not None else ())
+        earlier = [{**_conversation_json(doc), "transcript": [_line_json(d) for d in lines[doc["_id"]]]} for doc in page_docs]
         return JSONResponse(
             {
                 "customer": {
@@ -145,7 +134,7 @@ def read_routes(
                     "last_channel": customer.get("last_channel"),
                     "known_agent_id": customer.get("known_agent_id"),
                 },
-                "current": None if current is None else {**_conversation_json(current), "transcript": lines[current["_id"]]},
+                "current": None if current is None else {**_conversation_json(current), "transcript": [_line_json(d) for d in lines[current["_id"]]]},
                 "earlier": earlier,
                 "earlier_page": page,
                 "earlier_page_size": size,
@@ -166,9 +155,9 @@ def read_routes(
             doc = latest(conversation_id, doc["customer_id"]) or doc
         if doc is None:
             return problem(404, "unknown conversation", conversation_id=conversation_id)
-        lines = await transcript(conversation_id, (page - 1) * size, size)
-        total = await store.messages.count_documents({"conversation_id": conversation_id})
-        return JSONResponse({**_conversation_json(doc), "transcript": lines, "page": page, "page_size": size, "transcript_total": total})
+        lines, total = await store.read_page(doc, (page - 1) * size, size)
+        transcript = [_line_json(d) for d in lines]
+        return JSONResponse({**_conversation_json(doc), "transcript": transcript, "page": page, "page_size": size, "transcript_total": total})
 
     async def team_queue(request: Request) -> Response:
         if not authorized(request):

@@ -1,5 +1,6 @@
 """Conversation-state's documents: ``customers``, ``conversations`` and ``messages``
-(transcript lines, ``_id`` = message id, so a line is stored at most once), and the
+(transcript lines, ``_id`` = ``<conversation id>|<position>``, see ``model.line_id``; by
+message id in conversations stored before lines had positions), and the
 ``conversation_journal`` that customers and conversations are written behind
 (``write_behind``).
 
@@ -21,6 +22,7 @@ copy is what to read (``find_conversation``, ``overlay_held``). Read through thi
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -42,12 +44,17 @@ from shared.runtime.store import (
 )
 
 from services.conversation_state.lifecycle import CustomerRecords
-from services.conversation_state.model import Conversation, Customer, Line
+from services.conversation_state.model import Conversation, Customer, Line, line_id
 
 # What the read API queries and sorts conversations by; the rest of a conversation is compact.
 CONVERSATION_QUERY_FIELDS = ("customer_id", "opened_at", "team_id", "status", "agent_id", "assigned_at", "queued_at")
 # The field of a customer document that holds their current conversations' documents.
 HELD = "held"
+# Lines of a conversation read at most at a time (the read API's largest page), and the
+# positions read at a time past a conversation's ``line_count`` (lines not counted yet by
+# the stored document: it is written behind, the lines with each batch).
+LINES_PER_READ = 200
+LINES_PROBED = 8
 
 
 def current_ids(customer: Customer) -> set[str]:
@@ -186,18 +193,117 @@ class ConversationStore:
             held.update(held_conversations(customer))
         return [held.get(d["_id"], d) for d in docs]
 
+    async def earlier_conversations(self, conversation: Mapping[str, Any], known: Mapping[str, dict[str, Any]] = {}) -> list[dict[str, Any]]:
+        """The customer's conversations before this one, newest first, read one by one by
+        ``_id`` along ``previous_conversation_id`` (every conversation opens with the
+        customer's last one as its previous): where queries scan (FerretDB) a customer's
+        history costs a point read per conversation, not a scan of every conversation stored.
+        ``known``: documents to take instead of the stored ones (not stored yet). Stops at one
+        found nowhere."""
+        out: list[dict[str, Any]] = []
+        seen = {conversation["_id"]}
+        previous = conversation.get("previous_conversation_id")
+        while previous and previous not in seen:
+            seen.add(previous)
+            doc = known.get(previous) or (await self.find_conversations([previous])).get(previous)
+            if doc is None:
+                break
+            out.append(doc)
+            previous = doc.get("previous_conversation_id")
+        return out
+
     async def journal_for(self, partitions: Iterable[int]) -> list[dict[str, Any]]:
         """The journal entries of these partitions, oldest first (the journal holds only what
         is not stored yet, so this scan stays small)."""
         return [d async for d in self.journal.find({"p": {"$in": list(partitions)}}).sort("_id", ASCENDING)]
 
     async def save_lines(self, lines: list[Line]) -> None:
-        if lines:
-            try:
-                await self.messages.insert_many([line.to_doc() for line in lines], ordered=False)
-            except BulkWriteError as exc:
-                if any(e.get("code") != DUPLICATE_KEY for e in exc.details.get("writeErrors", [])):
-                    raise
+        """Insert the lines. One whose ``_id`` exists: by message id, the same line stored
+        before; at a position, a replay after a crash or rebalance, which may have applied the
+        records of several topics in another order than the first run (a line's position is
+        where the replay put it): the replay's line replaces it, so the positions agree with the
+        conversation's ``line_count`` as the replay journals it."""
+        if not lines:
+            return
+        docs = [line.to_doc() for line in lines]
+        existed = await insert_absent(self.messages, docs)
+        again = [ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in docs if d["_id"] in existed and d["seq"] is not None]
+        if again:
+            await bulk_write_chunked(self.messages, again)
+
+    async def read_page(self, conversation: Mapping[str, Any], start: int, limit: int) -> tuple[list[dict[str, Any]], int]:
+        """Lines ``start`` to ``start + limit`` (0-based) of a conversation (its document, as
+        current as the reader has it; ``read_transcripts``) and how many it has: past its
+        ``line_count``, positions are read ``LINES_PROBED`` at a time until one is missing. A
+        conversation stored before lines had positions: one query for both."""
+        count = conversation.get("line_count")
+        if count is None:
+            cursor = self.messages.find({"conversation_id": conversation["_id"]}).sort([("at", ASCENDING), ("_id", ASCENDING)])
+            every = [d async for d in cursor]
+            return every[start : start + limit], len(every)
+        lines = (await self.read_transcripts([conversation], start, limit, trailing={conversation["_id"]}))[conversation["_id"]]
+        if lines and len(lines) < limit and start + len(lines) >= count:
+            return lines, start + len(lines)  # the page ends where the positions past the count did
+        count = max(count, start + len(lines))
+        while True:
+            probe = [line_id(conversation["_id"], count + k) for k in range(1, LINES_PROBED + 1)]
+            found = await find_by_ids(self.messages, probe)
+            present = len(list(itertools.takewhile(lambda i: i in found, probe)))
+            count += present
+            if present < len(probe):
+                return lines, count
+
+    async def read_transcripts(
+        self,
+        conversations: Iterable[Mapping[str, Any]],
+        start: int = 0,
+        limit: int = LINES_PER_READ,
+        trailing: Collection[str] = (),
+    ) -> dict[str, list[dict[str, Any]]]:
+        """Lines ``start`` to ``start + limit`` (0-based) of each of these conversations (their
+        documents, as current as the reader has them), by id, in the order they were added:
+        the lines at positions in one
+        ``find_by_ids`` (point reads on FerretDB), those of conversations stored before lines
+        had positions (``line_count`` None, stored by message id) by one query (on FerretDB a
+        scan of every line stored), in time order.
+        ``trailing``: conversations whose documents may trail their lines (a current one: it
+        is written behind, its lines with each batch): positions past their ``line_count``
+        are read too, ``LINES_PROBED`` at a time, until one is missing. (A conversation stops
+        being current with its final lines counted.)"""
+        out: dict[str, list[dict[str, Any]]] = {}
+        counted: dict[str, int] = {}
+        by_query: list[str] = []
+        for conv in conversations:
+            out[conv["_id"]] = []
+            if conv.get("line_count") is None:
+                by_query.append(conv["_id"])
+            else:
+                counted[conv["_id"]] = conv["line_count"]
+        if by_query:
+            cursor = self.messages.find({"conversation_id": {"$in": by_query}}).sort([("at", ASCENDING), ("_id", ASCENDING)])
+            seen = dict.fromkeys(by_query, 0)
+            async for d in cursor:
+                n = seen[d["conversation_id"]]
+                seen[d["conversation_id"]] = n + 1
+                if start <= n < start + limit:
+                    out[d["conversation_id"]].append(d)
+        wanted = {conv_id: range(start + 1, min(start + limit, count) + 1) for conv_id, count in counted.items()}
+        found = await find_by_ids(self.messages, [line_id(c, seq) for c, seqs in wanted.items() for seq in seqs])
+        beyond: dict[str, int] = {}
+        for conv_id, seqs in wanted.items():
+            out[conv_id] = [found[i] for i in (line_id(conv_id, seq) for seq in seqs) if i in found]
+            if conv_id in trailing and start + limit > counted[conv_id]:
+                beyond[conv_id] = max(start, counted[conv_id])
+        while beyond:  # PROBE positions at a time, while all are there
+            ids = {conv_id: [line_id(conv_id, after + k) for k in range(1, LINES_PROBED + 1)] for conv_id, after in beyond.items()}
+            found = await find_by_ids(self.messages, [i for probe in ids.values() for i in probe])
+            for conv_id, probe in ids.items():
+                present = list(itertools.takewhile(lambda i: i in found, probe))
+                out[conv_id] += [found[i] for i in present][: start + limit - beyond[conv_id]]
+                beyond[conv_id] += len(present)
+                if len(present) < len(probe) or beyond[conv_id] >= start + limit:
+                    del beyond[conv_id]
+        return out
 
     async def load(
         self,

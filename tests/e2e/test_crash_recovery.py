@@ -214,10 +214,12 @@ async def test_kill_dash_nine_mid_stream_loses_and_duplicates_nothing(infra, tmp
                     f"checkpoints {marks}; not stored: {missing}"
                 ) from exc
             assert len(placements) == len(set(placements)) == CUSTOMERS
-            # Per-customer order kept.
+            # Per-customer order kept, each line at its position (1, 2, ... as the conversation
+            # counts them: a replay's line replaced the first run's at the same position).
             for conv in conversations:
-                lines = [d["text"] async for d in db["messages"].find({"conversation_id": conv["_id"]}).sort([("at", 1), ("_id", 1)])]
-                assert [int(t.split(":")[1]) for t in lines] == list(range(MESSAGES_PER_CUSTOMER))
+                lines = [d async for d in db["messages"].find({"conversation_id": conv["_id"]}).sort([("seq", 1)])]
+                assert [int(d["text"].split(":")[1]) for d in lines] == list(range(MESSAGES_PER_CUSTOMER))
+                assert [d["_id"] for d in lines] == [f"{conv['_id']}|{n}" for n in range(1, conv["line_count"] + 1)]
 
             # Events: a repeat after the crash may appear, but only with the same id.
             events = await probe.envelopes("conversations.events.v1")

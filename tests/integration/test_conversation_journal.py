@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 from pymongo import AsyncMongoClient
 
-from shared.contracts.common import Channel, ConversationStatus
+from shared.contracts.common import Channel, ConversationStatus, Direction
 from shared.runtime.compact import compact_document, expand_document
 
 from services.conversation_state.lifecycle import CustomerRecords
-from services.conversation_state.model import Conversation, Customer
+from services.conversation_state.model import Conversation, Customer, Line
 from services.conversation_state.store import ConversationStore
 from shared.runtime.store import _point_reads, delete_then_insert_is_cheaper
 from services.conversation_state.write_behind import JournaledCustomers
@@ -184,7 +184,8 @@ async def test_the_read_api_of_the_owner_shows_what_is_not_stored_yet(store, tmp
             assert (await elsewhere.get("/conversations/conv_2")).status_code == 404
 
 
-async def test_the_owner_lists_earlier_conversations_not_stored_yet(store) -> None:
+@pytest.mark.parametrize("scanning", [True, False], ids=["queries-scan", "indexed"])
+async def test_the_owner_lists_earlier_conversations_not_stored_yet(store, scanning) -> None:
     import httpx
     from starlette.applications import Starlette
 
@@ -192,6 +193,7 @@ async def test_the_owner_lists_earlier_conversations_not_stored_yet(store) -> No
     from shared.teams import DirectoryWatcher
 
     store, _ = store
+    _point_reads[id(store.conversations.database.client)] = scanning  # (what buildInfo would tell)
     memory = JournaledCustomers(store, interval_s=60)
     records = opened("cus_1", "conv_1")
     await memory.append({"cus_1": records}, {"cus_1": 0})  # the first conversation, never stored
@@ -199,6 +201,7 @@ async def test_the_owner_lists_earlier_conversations_not_stored_yet(store) -> No
     second.conversations["conv_1"] = records.conversations["conv_1"]
     second.conversations["conv_1"].status = ConversationStatus.RESOLVED
     second.conversations["conv_2"].opened_at = NOW + timedelta(hours=2)
+    second.conversations["conv_2"].previous_conversation_id = "conv_1"
     await memory.append({"cus_1": second}, {"cus_1": 0})
 
     app = Starlette(routes=read_routes(store, DirectoryWatcher(Path("deploy/teams.yaml")), None, memory))
@@ -209,39 +212,110 @@ async def test_the_owner_lists_earlier_conversations_not_stored_yet(store) -> No
     assert view["earlier_total"] == 1
 
 
-async def test_a_customers_view_reads_every_transcript_on_its_page_in_one_query(store) -> None:
-    """Each conversation with its own lines, in time order, at most a page of them; one query
-    for all (on the embedded FerretDB each query of ``messages`` by conversation scans it)."""
+def said(conv: str, n: int, customer: str = "cus_1", seq: int | None = None) -> Line:
+    """Line ``n`` of a conversation (at ``seq``, or by message id)."""
+    return Line(
+        message_id=f"{conv}-m{n}", conversation_id=conv, customer_id=customer, direction=Direction.INBOUND,
+        channel=Channel.SMS, text=f"{conv} {n}", at=NOW + timedelta(seconds=n), seq=seq,
+    )  # fmt: skip
+
+
+async def customer_with_history(store: ConversationStore, writes: StoreWrites) -> Any:
+    """cus_1: conv_0 (stored before lines had positions: by message id, out of time order),
+    conv_1 (resolved, MAX_PAGE_SIZE + 1 lines) and the current conv_2, whose stored document
+    counts 2 of its 3 lines (written behind); cus_9 with conv_9. Returns a client of the read
+    API of another replica (nothing in memory), finds recorded from then on."""
     import httpx
     from starlette.applications import Starlette
 
     from services.conversation_state.read_api import MAX_PAGE_SIZE, read_routes
     from shared.teams import DirectoryWatcher
 
-    store, writes = store
     memory = JournaledCustomers(store, interval_s=60)
-    first = opened("cus_1", "conv_1")
-    first.conversations["conv_1"].status = ConversationStatus.RESOLVED
-    second = opened("cus_1", "conv_2")
-    second.conversations["conv_1"] = first.conversations["conv_1"]
-    second.conversations["conv_2"].opened_at = NOW + timedelta(hours=2)
-    await memory.append({"cus_1": second}, {"cus_1": 0})
+    records = opened("cus_1", "conv_2")
+    for n, conv_id in enumerate(["conv_0", "conv_1"]):
+        earlier = opened("cus_1", conv_id).conversations[conv_id]
+        earlier.status, earlier.opened_at = ConversationStatus.RESOLVED, NOW - timedelta(hours=2 - n)
+        records.conversations[conv_id] = earlier
+    records.conversations["conv_0"].line_count = None
+    records.conversations["conv_1"].line_count = MAX_PAGE_SIZE + 1
+    records.conversations["conv_2"].line_count = 2
+    records.conversations["conv_1"].previous_conversation_id = "conv_0"
+    records.conversations["conv_2"].previous_conversation_id = "conv_1"
+    await memory.append({"cus_1": records, "cus_9": opened("cus_9", "conv_9")}, {"cus_1": 0, "cus_9": 0})
     await flushed(memory)
-
-    def line(conv: str, n: int, customer: str = "cus_1") -> dict[str, Any]:
-        return {"_id": f"{conv}-m{n}", "conversation_id": conv, "customer_id": customer, "at": NOW + timedelta(seconds=n), "text": f"{conv} {n}"}
-
-    older = [line("conv_1", n) for n in range(MAX_PAGE_SIZE + 1)]
-    await store.messages.insert_many(older[::-1])  # stored out of order
-    await store.messages.insert_many([line("conv_2", 2), line("conv_2", 1), line("conv_9", 1, "cus_9")])
-
-    app = Starlette(routes=read_routes(store, DirectoryWatcher(Path("deploy/teams.yaml")), None, None))
+    await store.save_lines([said("conv_0", n) for n in (3, 1, 2)])
+    await store.save_lines([said("conv_1", n, seq=n) for n in range(1, MAX_PAGE_SIZE + 2)])
+    await store.save_lines([said("conv_2", n, seq=n) for n in (1, 2, 3)] + [said("conv_9", 1, "cus_9", seq=1)])
     writes.finds.clear()
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+    writes.find_filters.clear()
+    app = Starlette(routes=read_routes(store, DirectoryWatcher(Path("deploy/teams.yaml")), None, None))
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+@pytest.mark.parametrize("scanning", [True, False], ids=["queries-scan", "indexed"])
+async def test_a_customers_view_reads_transcripts_by_position(store, scanning) -> None:
+    """Each conversation with its own lines, in order, at most a page of them; the current
+    one's lines past what its stored document counts too. Lines are read by ``_id`` (the only
+    filter the embedded FerretDB serves without scanning every line), but those of a
+    conversation stored before lines had positions, by one query, in time order. Where queries
+    scan, the earlier conversations are read along their previous ones by ``_id`` too."""
+    from services.conversation_state.read_api import MAX_PAGE_SIZE
+
+    store, writes = store
+    _point_reads[id(store.messages.database.client)] = scanning  # (what buildInfo would tell)
+    async with await customer_with_history(store, writes) as http:
         view = (await http.get("/customers/cus_1/conversation")).json()
-    assert [line["text"] for line in view["current"]["transcript"]] == ["conv_2 1", "conv_2 2"]
-    assert [line["text"] for line in view["earlier"][0]["transcript"]] == [f"conv_1 {n}" for n in range(MAX_PAGE_SIZE)]
-    assert writes.finds.count("messages") == 1
+    assert [line["text"] for line in view["current"]["transcript"]] == ["conv_2 1", "conv_2 2", "conv_2 3"]
+    assert [c["conversation_id"] for c in view["earlier"]] == ["conv_1", "conv_0"]
+    assert [line["text"] for line in view["earlier"][0]["transcript"]] == [f"conv_1 {n}" for n in range(1, MAX_PAGE_SIZE + 1)]
+    assert [line["text"] for line in view["earlier"][1]["transcript"]] == ["conv_0 1", "conv_0 2", "conv_0 3"]
+    assert view["current"]["transcript"][0]["message_id"] == "conv_2-m1"
+    assert view["earlier"][1]["transcript"][0]["message_id"] == "conv_0-m1"
+    assert writes.queries("messages") == [{"conversation_id": {"$in": ["conv_0"]}}]
+    assert view["earlier_total"] == 2
+    assert len(writes.queries("conversations")) == (0 if scanning else 1)
+
+
+async def test_a_customers_earlier_conversations_are_paged_along_the_previous_ones(store) -> None:
+    """Where queries scan: newest first, paged, counted; the owner's own documents not stored
+    yet are taken; a previous conversation found nowhere ends the list."""
+    store, writes = store
+    _point_reads[id(store.conversations.database.client)] = True
+    docs = {
+        f"conv_{n}": {"_id": f"conv_{n}", "previous_conversation_id": f"conv_{n - 1}" if n else None, "opened_at": NOW}
+        for n in range(6)
+    }
+    stored_docs = [compact_document(d, ("opened_at",)) for k, d in docs.items() if k != "conv_3"]
+    await store.conversations.insert_many(stored_docs)
+    current = docs["conv_5"]
+    assert [d["_id"] for d in await store.earlier_conversations(current, {"conv_3": docs["conv_3"]})] == ["conv_4", "conv_3", "conv_2", "conv_1", "conv_0"]
+    assert [d["_id"] for d in await store.earlier_conversations(current)] == ["conv_4"]
+    assert writes.queries("conversations") == []
+
+
+async def test_a_conversation_is_paged_by_position_and_counts_the_lines_not_counted_yet(store) -> None:
+    store, writes = store
+    async with await customer_with_history(store, writes) as http:
+        last = (await http.get("/conversations/conv_1?page=5&page_size=50")).json()
+        current = (await http.get("/conversations/conv_2?page=1&page_size=2")).json()
+        following = (await http.get("/conversations/conv_2?page=2&page_size=2")).json()
+        legacy = (await http.get("/conversations/conv_0?page=2&page_size=2")).json()
+    assert [line["text"] for line in last["transcript"]] == ["conv_1 201"] and last["transcript_total"] == 201
+    assert [line["text"] for line in current["transcript"]] == ["conv_2 1", "conv_2 2"] and current["transcript_total"] == 3
+    assert [line["text"] for line in following["transcript"]] == ["conv_2 3"] and following["transcript_total"] == 3
+    assert [line["text"] for line in legacy["transcript"]] == ["conv_0 3"] and legacy["transcript_total"] == 3
+    assert writes.queries("messages") == [{"conversation_id": "conv_0"}]  # lines and count in one
+
+
+async def test_a_line_stored_again_at_its_position_is_the_replays(store) -> None:
+    """A replay after a crash may apply a customer's records in another order: where it puts a
+    line, that line is stored; a line by message id stored again stays as it was."""
+    store, writes = store
+    await store.save_lines([said("conv_1", 1, seq=1), said("conv_1", 2, seq=2), said("conv_0", 1)])
+    await store.save_lines([said("conv_1", 2, seq=1), said("conv_1", 1, seq=2), said("conv_0", 1)])
+    assert [d["message_id"] async for d in store.messages.find({"conversation_id": "conv_1"}).sort("seq")] == ["conv_1-m2", "conv_1-m1"]
+    assert await store.messages.count_documents({}) == 3
 
 
 @pytest.mark.parametrize("scanning", [True, False], ids=["queries-scan", "indexed"])

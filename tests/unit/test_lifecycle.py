@@ -340,6 +340,34 @@ def test_second_message_joins_the_open_conversation_on_any_channel(first, second
     assert records.customer.addresses == {first.value: ADDRESSES[first], second.value: ADDRESSES[second]}
 
 
+def _stored_before_positions() -> tuple[CustomerRecords, str]:
+    records, conv_id = opened()
+    records.conversations[conv_id].line_count = None  # as read from a document without one
+    return records, conv_id
+
+
+@pytest.mark.parametrize(
+    ("setup", "count_before", "position"),
+    [
+        (opened, 1, 2),
+        (replied, 2, 3),
+        (resolved, 2, 3),  # within the reopen window: the same conversation goes on
+        (_stored_before_positions, None, None),  # its lines stay stored by message id
+    ],
+)
+def test_each_line_takes_the_next_position_in_its_conversation(setup, count_before, position):
+    records, conv_id = setup()
+    conv = records.conversations[conv_id]
+    assert conv.line_count == count_before
+
+    fx = step(records, message("again", T0 + timedelta(minutes=6)))
+
+    [line] = fx.lines
+    assert (line.conversation_id, line.seq, conv.line_count) == (conv_id, position, position)
+    assert line.to_doc()["_id"] == (f"{conv_id}|{position}" if position is not None else line.message_id)
+    assert line.to_doc()["message_id"] == line.message_id
+
+
 @pytest.mark.parametrize(
     ("seen", "incoming", "expected"),
     [

@@ -49,3 +49,12 @@ def test_a_captured_document_does_not_change_with_the_record() -> None:
     customer.addresses["app"] = "user-1"
     customer.callbacks["cb2"] = NOW
     assert (doc["reply_gaps_s"], doc["addresses"], list(doc["callbacks"])) == ([30.0], {"sms": "+12065550100"}, ["cb1"])
+
+
+@pytest.mark.parametrize(("stored", "line_count"), [({"line_count": 7}, 7), ({"line_count": None}, None), ({}, None)])
+def test_a_conversation_stored_without_a_line_count_counts_no_positions(stored, line_count) -> None:
+    """A document from before lines had positions has no ``line_count``: its lines stay stored
+    by message id (``Line.seq`` None); a new conversation counts from 0."""
+    doc = {k: v for k, v in CONVERSATION.to_doc().items() if k != "line_count"} | stored
+    assert Conversation.from_doc(doc).line_count == line_count
+    assert CONVERSATION.line_count == 0
