@@ -26,7 +26,7 @@ from shared.contracts.lifecycle import CloseInactiveConversation, StartCallback
 from shared.contracts.messages import CustomerMessageReceived
 from shared.contracts.registry import CONVERSATION_EVENTS, MESSAGES_OUTBOUND, ROUTING_COMMANDS
 from shared.contracts.routing import ConversationRouted, TransferRefused
-from shared.runtime.checkpoints import MembershipLost, membership_lost
+from shared.runtime.checkpoints import MembershipLost, group_generation, membership_lost
 from shared.runtime.decoding import BatchReader, Incoming
 from shared.runtime.outbox import Outbox
 from shared.runtime.tracing import RecordTracer
@@ -174,7 +174,8 @@ class ConversationConsumer:
         # The transcript lines are stored while the outputs are acknowledged (a line stored
         # twice after a replay is the same line); the journal must come after the outputs:
         # what it records as done was published.
-        for outcome in await asyncio.gather(self._outputs_out(), self.store.save_lines(lines), return_exceptions=True):
+        saved = self.store.save_lines(lines, group_generation(self.memory.consumer()))
+        for outcome in await asyncio.gather(self._outputs_out(), saved, return_exceptions=True):
             if isinstance(outcome, BaseException):
                 raise outcome
         # Durable once journaled; the customers and conversations are written behind.

@@ -52,7 +52,7 @@ def _conversation_json(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def _line_json(doc: dict[str, Any]) -> dict[str, Any]:
-    out = {k: v for k, v in doc.items() if k not in ("_id", "customer_id", "seq")}
+    out = {k: v for k, v in doc.items() if k not in ("_id", "customer_id", "seq", "gen")}
     out["message_id"] = doc.get("message_id", doc["_id"])  # lines stored by message id have no field
     return _jsonable(out)
 

@@ -217,17 +217,24 @@ class ConversationStore:
         is not stored yet, so this scan stays small)."""
         return [d async for d in self.journal.find({"p": {"$in": list(partitions)}}).sort("_id", ASCENDING)]
 
-    async def save_lines(self, lines: list[Line]) -> None:
-        """Insert the lines. One whose ``_id`` exists: by message id, the same line stored
-        before; at a position, a replay after a crash or rebalance, which may have applied the
-        records of several topics in another order than the first run (a line's position is
-        where the replay put it): the replay's line replaces it, so the positions agree with the
-        conversation's ``line_count`` as the replay journals it."""
+    async def save_lines(self, lines: list[Line], generation: int = 0) -> None:
+        """Insert the lines, each marked with the consumer group ``generation`` that applied
+        it. One whose ``_id`` exists: by message id, the same line stored before; at a
+        position, a replay after a crash or rebalance, which may have applied the records of
+        several topics in another order than the first run (a line's position is where the
+        replay put it): the replay's line replaces it, so the positions agree with the
+        conversation's ``line_count`` as the replay journals it, unless a later generation
+        stored it (a consumer that stalled past its session writing after the partition's new
+        owner: the owner's line stays)."""
         if not lines:
             return
-        docs = [line.to_doc() for line in lines]
+        docs = [{**line.to_doc(), "gen": generation} for line in lines]
         existed = await insert_absent(self.messages, docs)
-        again = [ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in docs if d["_id"] in existed and d["seq"] is not None]
+        again = [
+            ReplaceOne({"_id": d["_id"], "gen": {"$not": {"$gt": generation}}}, d)
+            for d in docs
+            if d["_id"] in existed and d["seq"] is not None
+        ]
         if again:
             await bulk_write_chunked(self.messages, again)
 

@@ -54,6 +54,14 @@ def membership_lost(consumer: AIOKafkaConsumer | None) -> bool:
     return coordinator is not None and coordinator.generation == OffsetCommitRequest.DEFAULT_GENERATION_ID
 
 
+def group_generation(consumer: AIOKafkaConsumer | None) -> int:
+    """The consumer group's generation this consumer joined in (0 without a consumer, -1 once
+    its membership lapsed): it grows with every rebalance, so a write that carries it can tell
+    a later owner's document (a higher generation) from its own or an earlier one's."""
+    coordinator = getattr(consumer, "_coordinator", None)
+    return int(coordinator.generation) if coordinator is not None else 0
+
+
 class CheckpointMetrics:
     """How far a write-behind state is from the store (for the StateNotStored alert). Several
     states of one service share the metric families, labelled by ``state``."""

@@ -308,13 +308,23 @@ async def test_a_conversation_is_paged_by_position_and_counts_the_lines_not_coun
     assert writes.queries("messages") == [{"conversation_id": "conv_0"}]  # lines and count in one
 
 
-async def test_a_line_stored_again_at_its_position_is_the_replays(store) -> None:
+@pytest.mark.parametrize(
+    ("first", "replay", "stored"),
+    [
+        (5, 6, ["conv_1-m2", "conv_1-m1"]),  # a replay by the next owner: its order
+        (5, 5, ["conv_1-m2", "conv_1-m1"]),  # the same consumer handling the batch again
+        (6, 5, ["conv_1-m1", "conv_1-m2"]),  # a consumer stalled past its session, writing late
+        (6, -1, ["conv_1-m1", "conv_1-m2"]),  # (its membership known lapsed)
+    ],
+)
+async def test_a_line_stored_again_at_its_position_is_the_replays_unless_a_later_owner_stored_it(store, first, replay, stored) -> None:
     """A replay after a crash may apply a customer's records in another order: where it puts a
-    line, that line is stored; a line by message id stored again stays as it was."""
+    line, that line is stored, unless a later consumer group generation stored that position;
+    a line by message id stored again stays as it was."""
     store, writes = store
-    await store.save_lines([said("conv_1", 1, seq=1), said("conv_1", 2, seq=2), said("conv_0", 1)])
-    await store.save_lines([said("conv_1", 2, seq=1), said("conv_1", 1, seq=2), said("conv_0", 1)])
-    assert [d["message_id"] async for d in store.messages.find({"conversation_id": "conv_1"}).sort("seq")] == ["conv_1-m2", "conv_1-m1"]
+    await store.save_lines([said("conv_1", 1, seq=1), said("conv_1", 2, seq=2), said("conv_0", 1)], generation=first)
+    await store.save_lines([said("conv_1", 2, seq=1), said("conv_1", 1, seq=2), said("conv_0", 1)], generation=replay)
+    assert [d["message_id"] async for d in store.messages.find({"conversation_id": "conv_1"}).sort("seq")] == stored
     assert await store.messages.count_documents({}) == 3
 
 

@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from shared.runtime.checkpoints import StoreBeforeRevocation, membership_lost
+from shared.runtime.checkpoints import StoreBeforeRevocation, group_generation, membership_lost
 from tests.support import eventually
 
 pytestmark = pytest.mark.integration
@@ -73,6 +73,8 @@ async def test_a_member_whose_session_expired_does_not_store_what_it_held(infra,
     async with two_members(infra, topic_prefix) as (owner, stalled, other):
         held = set(owner.assigned)
         assert not membership_lost(stalled)
+        joined_in = group_generation(stalled)
+        assert joined_in >= 1
 
         # The process stalls: no heartbeat reaches the broker for longer than the session.
         coordinator = stalled._coordinator
@@ -88,6 +90,7 @@ async def test_a_member_whose_session_expired_does_not_store_what_it_held(infra,
         coordinator._do_heartbeat = no_heartbeat
         await other.start()
         await eventually(lambda: asyncio.sleep(0, result=other.assignment() == held or None), timeout_s=60, what="the other member owns it all")
+        assert group_generation(other) > joined_in  # the new owner's writes outrank the stalled one's
 
         owner.calls.clear()
         paused.set()  # the stall ends: the next heartbeat finds the member unknown

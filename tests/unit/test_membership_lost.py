@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from shared.runtime.checkpoints import Checkpointed, MembershipLost, membership_lost
+from shared.runtime.checkpoints import Checkpointed, MembershipLost, group_generation, membership_lost
 
 from services.conversation_state.write_behind import JournaledCustomers
 
@@ -30,6 +30,11 @@ def member(generation: int | None) -> Any:
 )
 def test_membership_is_lost_once_the_generation_is_reset(consumer, lost) -> None:
     assert membership_lost(consumer) is lost
+
+
+@pytest.mark.parametrize(("consumer", "generation"), [(None, 0), (member(None), 0), (member(7), 7), (member(-1), -1)])
+def test_writes_carry_the_generation_the_consumer_joined_in(consumer, generation) -> None:
+    assert group_generation(consumer) == generation
 
 
 @pytest.mark.parametrize(("generation", "captured"), [(7, True), (-1, False)])
