@@ -162,6 +162,7 @@ class StoreWrites(monitoring.CommandListener):
         self.ops: list[tuple[str, str, Any]] = []
         self.finds: list[str] = []  # the collection of each find command (reads, kept apart)
         self.find_filters: list[tuple[str, dict[str, Any]]] = []  # (collection, filter) of each
+        self.write_filters: list[tuple[str, dict[str, Any]]] = []  # (collection, filter) of each update and delete
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
         name = event.command_name
@@ -171,6 +172,7 @@ class StoreWrites(monitoring.CommandListener):
         elif name in ("update", "delete"):
             key = "updates" if name == "update" else "deletes"
             self.ops.extend((name, event.command[name], u["q"]["_id"]) for u in event.command[key])
+            self.write_filters.extend((event.command[name], dict(u["q"])) for u in event.command[key])
         elif name == "insert":
             self.ops.extend((name, event.command[name], d["_id"]) for d in event.command["documents"])
 
@@ -184,6 +186,11 @@ class StoreWrites(monitoring.CommandListener):
         """The filters of the finds of ``collection`` that name more than ``_id`` (those the
         embedded FerretDB answers by scanning the collection)."""
         return [f for c, f in self.find_filters if c == collection and set(f) != {"_id"}]
+
+    def scanning_writes(self, collection: str) -> list[dict[str, Any]]:
+        """The filters of the updates and deletes of ``collection`` that name more than
+        ``_id`` (FerretDB scans the collection for each)."""
+        return [f for c, f in self.write_filters if c == collection and set(f) != {"_id"}]
 
     def of(self, collection: str) -> list[tuple[str, Any]]:
         """(command, _id) of every write to ``collection``."""
