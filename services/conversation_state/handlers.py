@@ -26,7 +26,7 @@ from shared.contracts.lifecycle import CloseInactiveConversation, StartCallback
 from shared.contracts.messages import CustomerMessageReceived
 from shared.contracts.registry import CONVERSATION_EVENTS, MESSAGES_OUTBOUND, ROUTING_COMMANDS
 from shared.contracts.routing import ConversationRouted, TransferRefused
-from shared.runtime.checkpoints import MembershipLost, group_generation, membership_lost
+from shared.runtime.checkpoints import MembershipLost, group_generation, membership_confirmed, membership_lost
 from shared.runtime.decoding import BatchReader, Incoming
 from shared.runtime.outbox import Outbox
 from shared.runtime.tracing import RecordTracer
@@ -180,7 +180,7 @@ class ConversationConsumer:
                 raise outcome
         # Durable once journaled; the customers and conversations are written behind.
         await self.memory.append(loaded, partition_of)
-        if self.memory.due:
+        if self.memory.due and await membership_confirmed(self.memory.consumer()):
             self.memory.store_aged()
         if self.latency is not None:
             # From the channel's publish (the inbound envelope's time) to the stored update.

@@ -42,7 +42,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from pymongo import DeleteOne
 
-from shared.runtime.checkpoints import CheckpointMetrics, StoreBeforeRevocation, membership_lost
+from shared.runtime.checkpoints import CheckpointMetrics, StoreBeforeRevocation, membership_confirmed, membership_lost
 from shared.runtime.store import bulk_write_chunked
 
 from services.conversation_state.lifecycle import CustomerRecords
@@ -357,7 +357,7 @@ class JournaledCustomers:
             try:
                 async with self.lock:
                     await self.recover(self.assigned)
-                    if self.due:
+                    if self.due and await membership_confirmed(self.consumer()):
                         self.store_aged()
             except Exception:  # this loop must outlive any one failure
                 log.exception("recovering or storing conversation state failed; retrying")

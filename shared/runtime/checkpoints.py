@@ -54,6 +54,30 @@ def membership_lost(consumer: AIOKafkaConsumer | None) -> bool:
     return coordinator is not None and coordinator.generation == OffsetCommitRequest.DEFAULT_GENERATION_ID
 
 
+async def membership_confirmed(consumer: AIOKafkaConsumer | None) -> bool:
+    """Whether the group coordinator confirms, now, that this consumer is a member of the
+    generation it holds its partitions in: a heartbeat, answered. ``membership_lost`` learns
+    of a lapse only from the next heartbeat of the consumer's own routine (up to its interval
+    after a stall ends); a write-behind store asks first. A confirmed member keeps its
+    partitions for at least a session timeout from now (no other member is assigned them
+    before its session expires, and a rebalance revokes them from it first), so a write
+    started at once lands while they are its own. False if the coordinator cannot be reached
+    (the write waits for the next flush; the journal or the checkpoints keep the state).
+    True for a consumer that is not in a group (no coordinator)."""
+    coordinator = getattr(consumer, "_coordinator", None)
+    if coordinator is None:
+        return True
+    heartbeat = getattr(coordinator, "_do_heartbeat", None)
+    if membership_lost(consumer) or heartbeat is None:
+        return not membership_lost(consumer)
+    try:
+        answered = await heartbeat()
+    except Exception:  # (an authorisation failure: not a member either)
+        log.warning("could not confirm the group membership before storing", exc_info=True)
+        return False
+    return bool(answered) and not membership_lost(consumer)
+
+
 def group_generation(consumer: AIOKafkaConsumer | None) -> int:
     """The consumer group's generation this consumer joined in (0 without a consumer, -1 once
     its membership lapsed): it grows with every rebalance, so a write that carries it can tell
@@ -208,7 +232,8 @@ class Checkpointed:
             if self.due:
                 async with self.lock:
                     try:
-                        self.flush()
+                        if await membership_confirmed(self.consumer()):
+                            self.flush()
                     except Exception:  # this loop must outlive any one capture
                         log.exception("capturing state failed; retrying")
 
@@ -305,7 +330,7 @@ class Checkpointed:
                 if ready:
                     await handle(ready)
                     self.note(ready)
-                if self.due:
+                if self.due and await membership_confirmed(self.consumer()):
                     self.flush()
             except Exception:
                 log.exception("batch failed; replaying from the last checkpoint")

@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from shared.runtime.checkpoints import StoreBeforeRevocation, group_generation, membership_lost
+from shared.runtime.checkpoints import StoreBeforeRevocation, group_generation, membership_confirmed, membership_lost
 from tests.support import eventually
 
 pytestmark = pytest.mark.integration
@@ -106,3 +106,28 @@ async def test_a_rebalance_of_a_live_member_stores_first(infra, topic_prefix) ->
         await other.start()  # a rebalance: the member is told first and is still a member
         await eventually(lambda: asyncio.sleep(0, result="forget" in owner.calls or None), timeout_s=30, what="the revocation")
         assert owner.calls[:4] == ["settle", "flush", "settle", "forget"]
+
+
+async def test_a_member_whose_session_expired_is_not_confirmed_before_a_store(infra, topic_prefix) -> None:
+    """Asked before a store (a heartbeat sent then), the coordinator answers that the stalled
+    member is gone, before the member's own heartbeat routine would have learnt it; the new
+    owner is confirmed."""
+    async with two_members(infra, topic_prefix) as (owner, stalled, other):
+        held = set(owner.assigned)
+        assert await membership_confirmed(stalled)
+        coordinator = stalled._coordinator
+        beat = coordinator._do_heartbeat
+
+        async def stalled_heartbeat() -> bool:  # the routine's heartbeats never reach the broker
+            await asyncio.sleep(0.5)
+            return True
+
+        coordinator._do_heartbeat = stalled_heartbeat
+        await other.start()
+        await eventually(lambda: asyncio.sleep(0, result=other.assignment() == held or None), timeout_s=60, what="the other member owns it all")
+        assert not membership_lost(stalled)  # its own view: still a member
+
+        coordinator._do_heartbeat = beat  # the stall ends; a store asks first
+        assert not await membership_confirmed(stalled)
+        assert membership_lost(stalled)
+        assert await membership_confirmed(other)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from shared.runtime.checkpoints import Checkpointed, MembershipLost, group_generation, membership_lost
+from shared.runtime.checkpoints import Checkpointed, MembershipLost, group_generation, membership_confirmed, membership_lost
 
 from services.conversation_state.write_behind import JournaledCustomers
 
@@ -30,6 +30,45 @@ def member(generation: int | None) -> Any:
 )
 def test_membership_is_lost_once_the_generation_is_reset(consumer, lost) -> None:
     assert membership_lost(consumer) is lost
+
+
+def asking(generation: int, answer: str) -> Any:
+    """A member of ``generation`` whose heartbeat, sent now, gets ``answer``: "ok", "rebalancing"
+    (still a member: aiokafka answers True), "unreachable" (the send failed: False), "unknown"
+    (the coordinator no longer knows it: aiokafka resets the generation) or "raises"."""
+    coordinator = SimpleNamespace(generation=generation, sent=0)
+
+    async def heartbeat() -> bool | None:
+        coordinator.sent += 1
+        if answer == "raises":
+            raise RuntimeError("group authorization failed")
+        if answer == "unknown":
+            coordinator.generation = -1
+            return None
+        return answer in ("ok", "rebalancing")
+
+    coordinator._do_heartbeat = heartbeat
+    return SimpleNamespace(_coordinator=coordinator)
+
+
+@pytest.mark.parametrize(
+    ("consumer", "confirmed", "sent"),
+    [
+        (None, True, 0),  # not in a group
+        (member(None), True, 0),
+        (member(7), True, 0),  # a coordinator that cannot be asked: its own view
+        (asking(-1, "ok"), False, 0),  # known lapsed: nothing to ask
+        (asking(7, "ok"), True, 1),
+        (asking(7, "rebalancing"), True, 1),
+        (asking(7, "unreachable"), False, 1),
+        (asking(7, "unknown"), False, 1),  # the stall outlived the session: another owns it
+        (asking(7, "raises"), False, 1),
+    ],
+)
+async def test_membership_is_confirmed_by_a_heartbeat_before_a_store(consumer, confirmed, sent) -> None:
+    assert await membership_confirmed(consumer) is confirmed
+    coordinator = getattr(consumer, "_coordinator", None)
+    assert getattr(coordinator, "sent", 0) == sent
 
 
 @pytest.mark.parametrize(("consumer", "generation"), [(None, 0), (member(None), 0), (member(7), 7), (member(-1), -1)])
