@@ -26,7 +26,7 @@ from shared.contracts.lifecycle import CloseInactiveConversation, StartCallback
 from shared.contracts.messages import CustomerMessageReceived
 from shared.contracts.registry import CONVERSATION_EVENTS, MESSAGES_OUTBOUND, ROUTING_COMMANDS
 from shared.contracts.routing import ConversationRouted, TransferRefused
-from shared.runtime.checkpoints import MembershipLost, group_generation, membership_confirmed, membership_lost
+from shared.runtime.checkpoints import MembershipLost, confirming, group_generation, membership_lost
 from shared.runtime.decoding import BatchReader, Incoming
 from shared.runtime.outbox import Outbox
 from shared.runtime.tracing import RecordTracer
@@ -149,6 +149,7 @@ class ConversationConsumer:
             raise MembershipLost("group membership lost; the batch is left to the partitions' owner")
         if self.directory is not None and self.directory.current is not self.rules.directory:
             self.rules = replace(self.rules, directory=self.directory.current)  # reloaded
+        member = confirming(self.memory.consumer(), self.memory.due)  # (awaited before storing)
         incoming = await self.reader.read(records)
         partition_of = {i.payload.customer_id: i.record.partition for i in incoming}
         await self.memory.recover(set(partition_of.values()))
@@ -180,7 +181,7 @@ class ConversationConsumer:
                 raise outcome
         # Durable once journaled; the customers and conversations are written behind.
         await self.memory.append(loaded, partition_of)
-        if self.memory.due and await membership_confirmed(self.memory.consumer()):
+        if member is not None and await member:
             self.memory.store_aged()
         if self.latency is not None:
             # From the channel's publish (the inbound envelope's time) to the stored update.

@@ -355,9 +355,10 @@ class JournaledCustomers:
         while True:
             await asyncio.sleep(min(self.interval_s / 2, 1.0))
             try:
+                member = self.due and await membership_confirmed(self.consumer())  # (asked before waiting for the lock)
                 async with self.lock:
                     await self.recover(self.assigned)
-                    if self.due and await membership_confirmed(self.consumer()):
+                    if member and self.due:
                         self.store_aged()
             except Exception:  # this loop must outlive any one failure
                 log.exception("recovering or storing conversation state failed; retrying")

@@ -78,6 +78,13 @@ async def membership_confirmed(consumer: AIOKafkaConsumer | None) -> bool:
     return bool(answered) and not membership_lost(consumer)
 
 
+def confirming(consumer: AIOKafkaConsumer | None, due: bool) -> asyncio.Future[bool] | None:
+    """``membership_confirmed``, started now as a task if a store is ``due`` (None if not):
+    a batch starts it before its work and awaits it before storing, so the heartbeat's round
+    trip overlaps the batch instead of delaying it."""
+    return asyncio.ensure_future(membership_confirmed(consumer)) if due else None
+
+
 def group_generation(consumer: AIOKafkaConsumer | None) -> int:
     """The consumer group's generation this consumer joined in (0 without a consumer, -1 once
     its membership lapsed): it grows with every rebalance, so a write that carries it can tell
@@ -229,11 +236,10 @@ class Checkpointed:
                 await self.resume_unverified()
             except Exception:  # this loop must outlive any one failure
                 log.exception("resuming at the checkpoints failed; retrying")
-            if self.due:
+            if self.due and await membership_confirmed(self.consumer()):  # (asked before waiting for the lock)
                 async with self.lock:
                     try:
-                        if await membership_confirmed(self.consumer()):
-                            self.flush()
+                        self.flush()
                     except Exception:  # this loop must outlive any one capture
                         log.exception("capturing state failed; retrying")
 
@@ -325,12 +331,13 @@ class Checkpointed:
                 # Its partitions may be another member's by now: handle nothing, commit nothing
                 # (the rebalance that follows drops the state).
                 raise MembershipLost("group membership lost; the batch is left to the partitions' owner")
+            member = confirming(self.consumer(), self.due)
             try:
                 ready = await self._resume_at_checkpoints(list(records))
                 if ready:
                     await handle(ready)
                     self.note(ready)
-                if self.due and await membership_confirmed(self.consumer()):
+                if member is not None and await member:
                     self.flush()
             except Exception:
                 log.exception("batch failed; replaying from the last checkpoint")

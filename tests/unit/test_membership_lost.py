@@ -127,3 +127,29 @@ async def test_conversation_state_handles_no_batch_while_membership_is_lost() ->
     )  # (any of them touched would raise AttributeError, not MembershipLost)
     with pytest.raises(MembershipLost):
         await consumer.handle([SimpleNamespace(topic="t", partition=0, offset=3)])  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize(("answer", "stored"), [("ok", True), ("rebalancing", True), ("unreachable", False), ("unknown", False)])
+async def test_a_checkpointed_batch_stores_only_once_the_coordinator_confirms_the_member(answer, stored) -> None:
+    """Due to store after a batch: the heartbeat sent as the batch began must have been
+    answered (a member whose session lapsed in a stall still believes it is one until then)."""
+    captures: list[int] = []
+    written: list[Any] = []
+
+    async def bulk_write(ops: list[Any], ordered: bool) -> None:
+        written.extend(ops)
+
+    owner = Checkpointed(
+        checkpoints=SimpleNamespace(bulk_write=bulk_write),  # type: ignore[arg-type]
+        snapshot_state=lambda: captures.append(1) or None,  # type: ignore[func-returns-value]
+        drop_state=lambda: None,
+        interval_s=0.0,  # always due
+        consumer=lambda consumer=asking(7, answer): consumer,
+    )
+
+    async def handle(records: list[Any]) -> None:
+        pass
+
+    await owner.run_batch([SimpleNamespace(topic="t", partition=0, offset=3)], handle)  # type: ignore[list-item]
+    await owner.settle()
+    assert (bool(captures), bool(written)) == (stored, stored)
