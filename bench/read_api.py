@@ -10,8 +10,9 @@ writes them now), half by message id (as before 2026-12-04, session 18: read by 
 ``conversation_id``). Then, as another replica's read API (nothing in memory), for
 ``--samples`` customers of each half: a customer's view (``GET
 /customers/{id}/conversation``) and their current conversation (``GET
-/conversations/{id}``). Prints the wall time per request (p50 / max) and the store commands
-each took; asserts nothing. On the embedded FerretDB a query by anything but ``_id`` scans the
+/conversations/{id}``), then the queue of the team all the current conversations wait in
+(``GET /teams/{team}/queue``). Prints the wall time per request (p50 / max) and the store
+commands each took; asserts nothing. On the embedded FerretDB a query by anything but ``_id`` scans the
 whole collection, so the by-message-id rows grow with ``--lines``.
 """
 
@@ -39,6 +40,7 @@ from shared.contracts.common import Channel, ConversationStatus, Direction
 from shared.teams import DirectoryWatcher
 
 T0 = datetime(2026, 12, 1, 9, tzinfo=UTC)
+QUEUE_TEAM = "pnw-seattle"  # every customer's current conversation waits in this team's queue
 INSERT_CHUNK = 2000
 
 
@@ -71,7 +73,7 @@ def customer_records(n: int, positioned: bool, lines_each: int) -> tuple[Custome
         conv = Conversation(
             id=f"conv_{n:06d}_{k}", customer_id=cid, home_team_id="pnw", opened_at=opened, updated_at=opened,
             status=ConversationStatus.RESOLVED if k < 2 else ConversationStatus.WAITING_ON_AGENT,
-            last_channel=Channel.SMS, previous_conversation_id=previous,
+            last_channel=Channel.SMS, previous_conversation_id=previous, team_id=QUEUE_TEAM if k == 2 else None,
             line_count=lines_each if positioned else None, inbound_count=lines_each,
         )  # fmt: skip
         records.conversations[conv.id] = conv
@@ -131,6 +133,8 @@ async def run(mongodb_url: str, customers: int, lines: int, samples: int) -> lis
                 rows.append((f"customer view, lines {label}", view))
                 conv = [await timed(http, commands, f"/conversations/conv_{n:06d}_2") for n in picked]
                 rows.append((f"conversation view, lines {label}", conv))
+            queue = [await timed(http, commands, f"/teams/{QUEUE_TEAM}/queue") for _ in range(max(3, samples // 3))]
+            rows.append((f"team queue, {customers:,} waiting (page of 50)", queue))
     finally:
         await client.drop_database(name)
         await client.close()
