@@ -26,7 +26,7 @@ from shared.contracts.lifecycle import CloseInactiveConversation, StartCallback
 from shared.contracts.messages import CustomerMessageReceived
 from shared.contracts.registry import CONVERSATION_EVENTS, MESSAGES_OUTBOUND, ROUTING_COMMANDS
 from shared.contracts.routing import ConversationRouted, TransferRefused
-from shared.runtime.checkpoints import MembershipLost, confirming, group_generation, membership_lost
+from shared.runtime.checkpoints import MembershipLost, group_generation, membership_confirmed, membership_lost
 from shared.runtime.decoding import BatchReader, Incoming
 from shared.runtime.outbox import Outbox
 from shared.runtime.tracing import RecordTracer
@@ -149,7 +149,10 @@ class ConversationConsumer:
             raise MembershipLost("group membership lost; the batch is left to the partitions' owner")
         if self.directory is not None and self.directory.current is not self.rules.directory:
             self.rules = replace(self.rules, directory=self.directory.current)  # reloaded
-        member = confirming(self.memory.consumer(), self.memory.due)  # (awaited before storing)
+        # Every batch: the group coordinator must confirm this member before anything is
+        # published or journaled (a member whose session lapsed in a stall learns it only
+        # from its next heartbeat); asked now, the round trip overlaps the batch's work.
+        member = asyncio.ensure_future(membership_confirmed(self.memory.consumer()))
         incoming = await self.reader.read(records)
         partition_of = {i.payload.customer_id: i.record.partition for i in incoming}
         await self.memory.recover(set(partition_of.values()))
@@ -169,6 +172,8 @@ class ConversationConsumer:
         for item in openings_first.held:
             self._apply_record(loaded[item.payload.customer_id], item, effects, lines)
 
+        if not await member:
+            raise MembershipLost("the group coordinator does not confirm this member; the batch is left to the partitions' owner")
         for records, fx, item in effects:
             with self.tracing.span(item.record, item.envelope.id):
                 await self._publish(records, fx, item)
@@ -181,7 +186,7 @@ class ConversationConsumer:
                 raise outcome
         # Durable once journaled; the customers and conversations are written behind.
         await self.memory.append(loaded, partition_of)
-        if member is not None and await member:
+        if self.memory.due:  # (confirmed above, moments ago)
             self.memory.store_aged()
         if self.latency is not None:
             # From the channel's publish (the inbound envelope's time) to the stored update.

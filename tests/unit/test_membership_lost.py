@@ -4,6 +4,7 @@ customers (the real rebalance is in tests/integration/test_membership_lost.py)."
 
 from __future__ import annotations
 
+import asyncio
 from types import SimpleNamespace
 from typing import Any
 
@@ -153,3 +154,45 @@ async def test_a_checkpointed_batch_stores_only_once_the_coordinator_confirms_th
     await owner.run_batch([SimpleNamespace(topic="t", partition=0, offset=3)], handle)  # type: ignore[list-item]
     await owner.settle()
     assert (bool(captures), bool(written)) == (stored, stored)
+
+
+class _Done:
+    """What a conversation-state batch touches once its records are read, recorded."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def read(self, records: Any) -> list[Any]:
+        return []
+
+    async def load(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return {}
+
+    async def save_lines(self, lines: list[Any], generation: int = 0) -> None:
+        self.calls.append("lines")
+
+    async def flush(self) -> None:
+        self.calls.append("flush")
+
+
+@pytest.mark.parametrize(("answer", "handled"), [("ok", True), ("rebalancing", True), ("unreachable", False), ("unknown", False)])
+async def test_conversation_state_publishes_and_journals_only_once_the_coordinator_confirms_the_member(answer, handled) -> None:
+    """A member whose session lapsed in a stall still believes it is one until its next
+    heartbeat: each batch asks the coordinator first, and publishes, stores lines and journals
+    nothing unless it confirms."""
+    from services.conversation_state.handlers import ConversationConsumer
+
+    done = _Done()
+    memory = JournaledCustomers(store=None, interval_s=60.0)  # type: ignore[arg-type]
+    memory.consumer = lambda consumer=asking(7, answer): consumer
+    journaled: list[Any] = []
+    memory.append = lambda *args: journaled.append(args) or asyncio.sleep(0)  # type: ignore[method-assign]
+    consumer = ConversationConsumer(
+        reader=done, store=done, outbox=done, rules=None, tracing=None, memory=memory  # type: ignore[arg-type]
+    )
+    if handled:
+        await consumer.handle([SimpleNamespace(topic="t", partition=0, offset=3)])  # type: ignore[list-item]
+    else:
+        with pytest.raises(MembershipLost):
+            await consumer.handle([SimpleNamespace(topic="t", partition=0, offset=3)])  # type: ignore[list-item]
+    assert (bool(done.calls), bool(journaled)) == (handled, handled)
