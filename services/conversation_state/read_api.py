@@ -108,9 +108,9 @@ def read_routes(
             current = current or (await store.find_conversations([current_id])).get(current_id)
         others = {"customer_id": customer_id, "_id": {"$ne": current_id}}
         held = {k: v for k, v in (memory.conversations_of(customer_id) if memory is not None else {}).items() if k != current_id}
-        if current is not None and await queries_scan(store.conversations):
+        if await queries_scan(store.conversations):
             # Each query scans there: along the previous conversations, by _id.
-            ordered = await store.earlier_conversations(current, held)
+            ordered = await store.earlier_conversations(current, held) if current is not None else []
             page_docs, total_earlier = ordered[(page - 1) * size : page * size], len(ordered)
         elif held:  # some may not be stored yet: merge, then page here (a customer has few)
             docs = {d["_id"]: expand_document(d) async for d in store.conversations.find(others)} | held

@@ -31,11 +31,9 @@ from typing import Any
 from pymongo import ASCENDING, DESCENDING, DeleteOne, ReplaceOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError
 
 from shared.runtime.compact import COMPACT_FORMAT, compact_document, expand_document, pack, unpack
 from shared.runtime.store import (
-    DUPLICATE_KEY,
     bulk_write_chunked,
     create_query_index,
     delete_then_insert_is_cheaper,
@@ -271,10 +269,9 @@ class ConversationStore:
     ) -> dict[str, list[dict[str, Any]]]:
         """Lines ``start`` to ``start + limit`` (0-based) of each of these conversations (their
         documents, as current as the reader has them), by id, in the order they were added:
-        the lines at positions in one
-        ``find_by_ids`` (point reads on FerretDB), those of conversations stored before lines
-        had positions (``line_count`` None, stored by message id) by one query (on FerretDB a
-        scan of every line stored), in time order.
+        the lines at positions in one ``find_by_ids`` (point reads on FerretDB), those of
+        conversations stored before lines had positions (``line_count`` None, stored by
+        message id) by one query (on FerretDB a scan of every line stored), in time order.
         ``trailing``: conversations whose documents may trail their lines (a current one: it
         is written behind, its lines with each batch): positions past their ``line_count``
         are read too, ``LINES_PROBED`` at a time, until one is missing. (A conversation stops
@@ -303,7 +300,7 @@ class ConversationStore:
             out[conv_id] = [found[i] for i in (line_id(conv_id, seq) for seq in seqs) if i in found]
             if conv_id in trailing and start + limit > counted[conv_id]:
                 beyond[conv_id] = max(start, counted[conv_id])
-        while beyond:  # PROBE positions at a time, while all are there
+        while beyond:  # LINES_PROBED positions at a time, while all are there
             ids = {conv_id: [line_id(conv_id, after + k) for k in range(1, LINES_PROBED + 1)] for conv_id, after in beyond.items()}
             found = await find_by_ids(self.messages, [i for probe in ids.values() for i in probe])
             for conv_id, probe in ids.items():

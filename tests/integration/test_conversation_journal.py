@@ -277,6 +277,27 @@ async def test_a_customers_view_reads_transcripts_by_position(store, scanning) -
     assert len(writes.queries("conversations")) == (0 if scanning else 1)
 
 
+async def test_a_customer_without_conversations_is_shown_without_a_query_where_queries_scan(store) -> None:
+    import httpx
+    from starlette.applications import Starlette
+
+    from services.conversation_state.read_api import read_routes
+    from shared.teams import DirectoryWatcher
+
+    store, writes = store
+    _point_reads[id(store.conversations.database.client)] = True
+    memory = JournaledCustomers(store, interval_s=60)
+    lone = Customer(id="cus_1", home_team_id="pnw", home_team_source="area_code", created_at=NOW)
+    await memory.append({"cus_1": CustomerRecords(customer=lone)}, {"cus_1": 0})
+    await flushed(memory)
+    writes.find_filters.clear()
+    app = Starlette(routes=read_routes(store, DirectoryWatcher(Path("deploy/teams.yaml")), None, None))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+        view = (await http.get("/customers/cus_1/conversation")).json()
+    assert (view["current"], view["earlier"], view["earlier_total"]) == (None, [], 0)
+    assert writes.queries("conversations") == []
+
+
 async def test_a_customers_earlier_conversations_are_paged_along_the_previous_ones(store) -> None:
     """Where queries scan: newest first, paged, counted; the owner's own documents not stored
     yet are taken; a previous conversation found nowhere ends the list."""
