@@ -544,6 +544,21 @@ def stack_pids() -> dict[str, int]:
     return out
 
 
+def process_uptime_s(pid: int) -> float | None:
+    """Seconds since the process started (``/proc/<pid>/stat`` start time against the
+    machine's uptime), or None if it is gone. The report gives the stack's: a Kafka broker
+    started minutes before a run costs more CPU per message and adds latency at every rate
+    until its JIT has warmed (2026-12-04 21:01: 43 ms of Kafka CPU per message at 5 msg/s
+    against 16–20 on a warm broker)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        machine_up = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError):
+        return None
+    started_ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22, after the command name
+    return max(0.0, machine_up - started_ticks / os.sysconf("SC_CLK_TCK"))
+
+
 async def bring_agents_online(bootstrap: str, ids: RunIds, agents: Sequence[str], db: Any, timeout_s: float = 90) -> float:
     """Publish ``AgentPresenceChanged(online)`` for every agent and wait until team-routing's
     pools show them all online. Returns the seconds it took."""
@@ -1559,6 +1574,12 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     idle = result.get("idle_cores") or {}
     if idle:
         out.append("idle cores before the sweep (other users of the stack, timers): " + ", ".join(f"{k} {v:.2f}" for k, v in idle.items() if v is not None))
+    uptime = {k: v for k, v in (result.get("stack_uptime_s") or {}).items() if v is not None}
+    if uptime:
+        line = "stack processes up before the sweep: " + ", ".join(f"{k} {v:.0f} s" for k, v in uptime.items())
+        if uptime.get("kafka", float("inf")) < 600:
+            line += " (a broker up less than ~10 minutes is still warming: more CPU per message and latency than a warm one)"
+        out.append(line)
     out.append(
         "peak RSS (MB): "
         + ", ".join(f"{k} {v / 1024:.0f}" for k, v in result["peak_rss_kb"].items() if v)
@@ -1778,6 +1799,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             name: ((idle1[name][0] - idle0[name][0]) / span if idle0[name][0] is not None and idle1[name][0] is not None else None)
             for name in idle0
         }
+        result["stack_uptime_s"] = {name: process_uptime_s(pid) for name, pid in stack_pids().items()}
         print(
             "bench: idle (no load from this run) cores: "
             + ", ".join(f"{k} {v:.2f}" for k, v in result["idle_cores"].items() if v is not None),

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from bench.pipeline import at_or_before, message_costs, unstored_verdict
+from bench.pipeline import at_or_before, message_costs, process_uptime_s, unstored_verdict
 
 
 def test_costs_are_the_step_deltas_per_message() -> None:
@@ -130,3 +130,21 @@ def test_the_baseline_line_names_every_pass(rates: list[float | None] | None, te
     from bench.pipeline import _rates
 
     assert _rates(rates) == text
+
+
+def test_a_process_uptime_is_read_from_its_start_time() -> None:
+    """The report says how long the stack's processes have run (a cold broker skews a run)."""
+    import os
+    import subprocess
+    import time
+
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        time.sleep(1.2)
+        mine, childs = process_uptime_s(os.getpid()), process_uptime_s(child.pid)
+        assert mine is not None and childs is not None
+        assert 0.9 <= childs <= 10 and mine >= childs
+    finally:
+        child.kill()
+        child.wait()
+    assert process_uptime_s(child.pid) is None
