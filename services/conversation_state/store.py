@@ -23,6 +23,7 @@ copy is what to read (``find_conversation``, ``overlay_held``). Read through thi
 from __future__ import annotations
 
 import itertools
+import sys
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -248,17 +249,14 @@ class ConversationStore:
             cursor = self.messages.find({"conversation_id": conversation["_id"]}).sort([("at", ASCENDING), ("_id", ASCENDING)])
             every = [d async for d in cursor]
             return every[start : start + limit], len(every)
-        lines = (await self.read_transcripts([conversation], start, limit, trailing={conversation["_id"]}))[conversation["_id"]]
+        conv_id = conversation["_id"]
+        lines = (await self.read_transcripts([conversation], start, limit, trailing={conv_id}))[conv_id]
         if lines and len(lines) < limit and start + len(lines) >= count:
             return lines, start + len(lines)  # the page ends where the positions past the count did
-        count = max(count, start + len(lines))
-        while True:
-            probe = [line_id(conversation["_id"], count + k) for k in range(1, LINES_PROBED + 1)]
-            found = await find_by_ids(self.messages, probe)
-            present = len(list(itertools.takewhile(lambda i: i in found, probe)))
-            count += present
-            if present < len(probe):
-                return lines, count
+        known = max(count, start + len(lines))
+        # The positions past what is known to exist, read until one is missing.
+        past = await self.read_transcripts([{"_id": conv_id, "line_count": known}], known, sys.maxsize - known, trailing={conv_id})
+        return lines, known + len(past[conv_id])
 
     async def read_transcripts(
         self,
