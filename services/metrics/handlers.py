@@ -94,14 +94,14 @@ class EventsConsumer:
             for fact in contributed:
                 pending.append((writer, item.offset, fact))
 
-        ids = {bucket_id(hour_of(f.at), f.team, w): (w, f) for w, _, f in pending}
+        keys = [bucket_id(hour_of(f.at), f.team, w) for w, _, f in pending]
+        ids = dict(zip(keys, ((w, f) for w, _, f in pending)))
         absent = {i: empty_bucket(i, hour_of(f.at), f.team, w) for i, (w, f) in ids.items() if i not in self.buckets}
         if absent:
             self.buckets.update(await self.store.claim_or_load_buckets(absent))
         counted: list[tuple[str, int, Fact]] = []
         batch_marks: dict[str, int] = {}  # bucket → last offset counted into it by this batch
-        for writer, offset, fact in pending:
-            key = bucket_id(hour_of(fact.at), fact.team, writer)
+        for key, (writer, offset, fact) in zip(keys, pending):
             doc = self.buckets[key]
             # A record counted into this bucket before (stored before a crash) is not counted again.
             if offset <= doc["applied_offset"]:

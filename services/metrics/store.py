@@ -42,12 +42,32 @@ COUNTED_EVENTS_PREFIX = "kpi_counted_"
 COUNTED_EVENT_DAYS = 8  # a repeat comes minutes after its original; a backlog may take days
 
 
+# Formatting a time costs more than the rest of counting a fact (~1.5 µs a strftime, a few
+# per fact): the few names a stream of events needs are remembered (cleared past 4,096).
+_DAY_NAMES: dict[int, str] = {}
+_HOUR_TEXTS: dict[tuple[datetime, timedelta | None], str] = {}
+_REMEMBERED = 4_096
+
+
 def counted_events_collection(at: datetime) -> str:
-    return COUNTED_EVENTS_PREFIX + at.astimezone(UTC).strftime("%Y%m%d")
+    """The collection of the UTC day of ``at``."""
+    day = int(at.timestamp() // 86_400)
+    name = _DAY_NAMES.get(day)
+    if name is None:
+        if len(_DAY_NAMES) >= _REMEMBERED:
+            _DAY_NAMES.clear()
+        name = _DAY_NAMES[day] = COUNTED_EVENTS_PREFIX + at.astimezone(UTC).strftime("%Y%m%d")
+    return name
 
 
 def bucket_id(hour: datetime, team: str, writer: str) -> str:
-    return f"{hour.strftime('%Y-%m-%dT%H')}|{team}|{writer}"
+    key = (hour, hour.utcoffset())  # equal instants in other offsets print other hours
+    text = _HOUR_TEXTS.get(key)
+    if text is None:
+        if len(_HOUR_TEXTS) >= _REMEMBERED:
+            _HOUR_TEXTS.clear()
+        text = _HOUR_TEXTS[key] = hour.strftime("%Y-%m-%dT%H")
+    return f"{text}|{team}|{writer}"
 
 
 def empty_bucket(bucket: str, hour: datetime, team: str, writer: str) -> dict[str, Any]:
