@@ -78,7 +78,7 @@ def create_service(settings: TeamRoutingSettings | None = None, *, span_processo
 
     @commands_subscriber
     async def on_routing_commands(batch: documented_payloads(ROUTING_COMMANDS), message: KafkaMessage) -> None:  # type: ignore[valid-type]
-        await checkpointed.run_batch(records_of(message), pools.handle)
+        await checkpointed.run_batch(records_of(message), pools.handle, confirm_outputs=True)
 
     @broker.subscriber(
         settings.topic(AGENT_PRESENCE.name),

@@ -81,8 +81,11 @@ class PoolConsumer:
         self.dirty.clear()
         self.logs.clear()
 
-    async def handle(self, records: Sequence[ConsumerRecord]) -> None:
-        """One batch; call under the checkpoint lock (``Checkpointed.run_batch``)."""
+    async def handle(self, records: Sequence[ConsumerRecord], confirmed: Callable[[], Awaitable[None]] | None = None) -> None:
+        """One batch; call under the checkpoint lock (``Checkpointed.run_batch``), which
+        passes ``confirmed``: awaited before any output goes out (it raises
+        ``MembershipLost`` unless the group coordinator confirmed this member as the batch
+        began; the state in memory is rewound then)."""
         incoming = await self.reader.read(records)
         pool_ids = list(dict.fromkeys(i.envelope.subject for i in incoming))
         missing = [p for p in pool_ids if p not in self.states]
@@ -109,6 +112,8 @@ class PoolConsumer:
             published.append((item, outputs))
             touched[state.pool_id] = (item.envelope.id, command_time(item.payload))
 
+        if confirmed is not None and touched:
+            await confirmed()
         for item, outputs in published:
             with self.tracing.span(item.record, item.envelope.id):
                 for n, output in enumerate(outputs):

@@ -18,6 +18,7 @@ batches that were never stored, so the only safe restart point is the checkpoint
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import weakref
@@ -83,6 +84,11 @@ def confirming(consumer: AIOKafkaConsumer | None, due: bool) -> asyncio.Future[b
     a batch starts it before its work and awaits it before storing, so the heartbeat's round
     trip overlaps the batch instead of delaying it."""
     return asyncio.ensure_future(membership_confirmed(consumer)) if due else None
+
+
+async def _confirmed(member: asyncio.Future[bool] | None) -> None:
+    if member is not None and not await member:
+        raise MembershipLost("the group coordinator does not confirm this member; the batch is left to the partitions' owner")
 
 
 def group_generation(consumer: AIOKafkaConsumer | None) -> int:
@@ -319,26 +325,49 @@ class Checkpointed:
                 wrong.add(tp)
         return [r for r in records if TopicPartition(r.topic, r.partition) not in wrong]
 
-    async def run_batch(self, records: Sequence[ConsumerRecord], handle: Callable[[list[ConsumerRecord]], Awaitable[Any]]) -> None:
+    async def run_batch(
+        self,
+        records: Sequence[ConsumerRecord],
+        handle: Callable[..., Awaitable[Any]],
+        *,
+        confirm_outputs: bool = False,
+    ) -> None:
         """Handle one batch under the lock; store when due. A failure rewinds every assigned
         partition to its checkpoint (and is logged, not raised: the framework's own retry
         would seek to the failed batch's start, skipping the unstored batches before it). A
         batch reaching a consumer whose membership lapsed raises ``MembershipLost``: the
         framework's seek is harmless then, the rebalance that follows resumes every partition
-        at its checkpoint."""
+        at its checkpoint.
+
+        ``confirm_outputs``: the handler publishes, so the group coordinator is asked as every
+        batch begins (not only one due to store), and ``handle`` gets a second argument, an
+        async function to await before its outputs go out: it raises ``MembershipLost``
+        unless the coordinator confirmed this member (a member whose session lapsed in a
+        stall learns it only from its next heartbeat otherwise, and would publish what the
+        partitions' new owner publishes too). The state is rewound then, and the error
+        raised (nothing committed)."""
         async with self.lock:
             if membership_lost(self.consumer()):
                 # Its partitions may be another member's by now: handle nothing, commit nothing
                 # (the rebalance that follows drops the state).
                 raise MembershipLost("group membership lost; the batch is left to the partitions' owner")
-            member = confirming(self.consumer(), self.due)
+            due = self.due
+            member = confirming(self.consumer(), due or confirm_outputs)
             try:
                 ready = await self._resume_at_checkpoints(list(records))
                 if ready:
-                    await handle(ready)
+                    if confirm_outputs:
+                        await handle(ready, functools.partial(_confirmed, member))
+                    else:
+                        await handle(ready)
                     self.note(ready)
-                if member is not None and await member:
+                if due and member is not None and await member:
                     self.flush()
+            except MembershipLost:
+                log.warning("the group coordinator does not confirm this member: the batch's outputs are left to the partitions' owner")
+                consumer = self.consumer()
+                self.rewind(consumer.assignment() if consumer is not None else ())
+                raise
             except Exception:
                 log.exception("batch failed; replaying from the last checkpoint")
                 consumer = self.consumer()

@@ -196,3 +196,97 @@ async def test_conversation_state_publishes_and_journals_only_once_the_coordinat
         with pytest.raises(MembershipLost):
             await consumer.handle([SimpleNamespace(topic="t", partition=0, offset=3)])  # type: ignore[list-item]
     assert (bool(done.calls), bool(journaled)) == (handled, handled)
+
+
+@pytest.mark.parametrize(("answer", "confirmed"), [("ok", True), ("rebalancing", True), ("unreachable", False), ("unknown", False)])
+async def test_a_checkpointed_batch_with_outputs_is_confirmed_before_they_go_out(answer, confirmed) -> None:
+    """``confirm_outputs``: every batch asks the coordinator (not only one due to store) and
+    the handler awaits the answer before publishing; unconfirmed, the state is rewound and
+    ``MembershipLost`` raised (nothing committed)."""
+    consumer = asking(7, answer)
+    consumer.assignment = lambda: set()
+    dropped: list[int] = []
+    owner = Checkpointed(
+        checkpoints=None,  # type: ignore[arg-type]
+        snapshot_state=lambda: None,
+        drop_state=lambda: dropped.append(1),
+        interval_s=60.0,  # not due to store
+        consumer=lambda: consumer,
+    )
+    published: list[Any] = []
+
+    async def handle(records: list[Any], confirmed_now: Any) -> None:
+        await confirmed_now()
+        published.extend(records)
+
+    batch = [SimpleNamespace(topic="t", partition=0, offset=3)]
+    if confirmed:
+        await owner.run_batch(batch, handle, confirm_outputs=True)  # type: ignore[arg-type]
+    else:
+        with pytest.raises(MembershipLost):
+            await owner.run_batch(batch, handle, confirm_outputs=True)  # type: ignore[arg-type]
+    assert consumer._coordinator.sent == 1
+    assert (bool(published), bool(dropped), owner.handled) == (confirmed, not confirmed, {"t/0": 3} if confirmed else {})
+
+
+class _Outputs:
+    """team-routing's outbox and reader, recording what goes out."""
+
+    def __init__(self, incoming: list[Any]) -> None:
+        self.incoming = incoming
+        self.sent: list[tuple[str, str]] = []
+
+    async def read(self, records: Any) -> list[Any]:
+        return self.incoming
+
+    async def send(self, topic: str, key: str, payload: Any, **kwargs: Any) -> None:
+        self.sent.append((topic, key))
+
+    async def flush(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("answer", "published"), [("ok", True), ("unreachable", False), ("unknown", False)])
+async def test_team_routing_publishes_decisions_only_once_the_coordinator_confirms_the_member(answer, published) -> None:
+    """A team-routing member whose session lapsed in a stall would otherwise decide and
+    publish a batch the pool's new owner decides too (two agents for one conversation)."""
+    from contextlib import nullcontext
+    from datetime import UTC, datetime
+
+    from services.team_routing.handlers import PoolConsumer
+    from services.team_routing.pool import PoolState
+    from services.team_routing.store import PlacementLog
+    from shared.contracts.agents import Presence
+    from shared.contracts.routing import SetAgentPresence
+    from tests.unit.test_pool import DIRECTORY
+
+    command = SetAgentPresence(request_id="p1", agent_id="ana", presence=Presence.ONLINE, changed_at=datetime(2026, 11, 16, 18, tzinfo=UTC))
+    record = SimpleNamespace(topic="routing.commands.v1", partition=0, offset=3)
+    io = _Outputs([SimpleNamespace(record=record, offset=3, envelope=SimpleNamespace(id="e1", subject="west"), payload=command)])
+
+    async def load(pool_ids: Any) -> dict[str, Any]:
+        return {p: (PoolState(pool_id=p), PlacementLog()) for p in pool_ids}
+
+    pools = PoolConsumer(
+        reader=io,  # type: ignore[arg-type]
+        store=SimpleNamespace(load=load),  # type: ignore[arg-type]
+        outbox=io,  # type: ignore[arg-type]
+        directory=SimpleNamespace(current=DIRECTORY),  # type: ignore[arg-type]
+        tracing=SimpleNamespace(span=lambda *a: nullcontext()),  # type: ignore[arg-type]
+    )
+    consumer = asking(7, answer)
+    consumer.assignment = lambda: set()
+    owner = Checkpointed(
+        checkpoints=None,  # type: ignore[arg-type]
+        snapshot_state=pools.snapshot_state,
+        drop_state=pools.drop_state,
+        interval_s=60.0,
+        consumer=lambda: consumer,
+    )
+    if published:
+        await owner.run_batch([record], pools.handle, confirm_outputs=True)  # type: ignore[list-item]
+    else:
+        with pytest.raises(MembershipLost):
+            await owner.run_batch([record], pools.handle, confirm_outputs=True)  # type: ignore[list-item]
+    assert bool(io.sent) is published
+    assert ("west" in pools.states) is published  # applied in memory, dropped unconfirmed
