@@ -9,8 +9,8 @@ Two figures, each the best and the median of several repeats (time.perf_counter)
   known agent (in the relationship window), a few are opted out. This is the pure rule.
 - **route**: the whole ``apply_command(RouteConversation)`` transition of
   services/team_routing/pool.py on a home team's pool that already holds conversations
-  (agent views built from the placements, surge check, queue, placement, decision object,
-  surge bookkeeping); each placed conversation is released again outside the transition, so
+  (the agent views the pool keeps, the agents whose load changed rebuilt, surge check,
+  queue, placement, decision object, surge bookkeeping); each placed conversation is released again outside the transition, so
   the pool stays the same size. This is what team-routing does per command between the
   store load and the publish.
 

@@ -34,35 +34,34 @@ from shared.runtime.dead_letter import PoisonMessage
 from shared.teams import parse_directory
 
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri")
-DIRECTORY = parse_directory(
-    {
-        "relationship_window_days": 30,
-        "capacity": {"waiting_on_agent_weight": 1.0, "waiting_on_customer_weight": 0.5},
-        "default_team": "west",
-        "standard_pool": {"agents": [{"id": "std-1", "max_concurrency": 2}]},
-        "teams": [
-            {
-                "id": "west",
-                "name": "West",
-                "timezone": "America/Los_Angeles",
-                "hours": {day: ["08:00-20:00"] for day in WEEKDAYS},
-                "surge": {"max_queue_depth": 3, "max_oldest_wait_seconds": 600},
-                "agents": [
-                    {"id": "ana", "max_concurrency": 2},
-                    {"id": "ben", "max_concurrency": 2},
-                    {"id": "cy", "max_concurrency": 3},
-                ],
-            },
-            {
-                "id": "east",
-                "name": "East",
-                "timezone": "America/New_York",
-                "hours": {day: ["08:00-20:00"] for day in WEEKDAYS},
-                "agents": [{"id": "e-dan", "max_concurrency": 2}],
-            },
-        ],
-    }
-)
+DIRECTORY_SOURCE: dict[str, Any] = {
+    "relationship_window_days": 30,
+    "capacity": {"waiting_on_agent_weight": 1.0, "waiting_on_customer_weight": 0.5},
+    "default_team": "west",
+    "standard_pool": {"agents": [{"id": "std-1", "max_concurrency": 2}]},
+    "teams": [
+        {
+            "id": "west",
+            "name": "West",
+            "timezone": "America/Los_Angeles",
+            "hours": {day: ["08:00-20:00"] for day in WEEKDAYS},
+            "surge": {"max_queue_depth": 3, "max_oldest_wait_seconds": 600},
+            "agents": [
+                {"id": "ana", "max_concurrency": 2},
+                {"id": "ben", "max_concurrency": 2},
+                {"id": "cy", "max_concurrency": 3},
+            ],
+        },
+        {
+            "id": "east",
+            "name": "East",
+            "timezone": "America/New_York",
+            "hours": {day: ["08:00-20:00"] for day in WEEKDAYS},
+            "agents": [{"id": "e-dan", "max_concurrency": 2}],
+        },
+    ],
+}
+DIRECTORY = parse_directory(DIRECTORY_SOURCE)
 
 T0 = datetime(2026, 11, 16, 18, 0, tzinfo=UTC)  # Monday 10:00 in Los Angeles: west is open
 AFTER_HOURS = datetime(2026, 11, 17, 5, 0, tzinfo=UTC)  # Monday 21:00 in Los Angeles: closed
@@ -150,6 +149,25 @@ def _rebuilt_loads(state: PoolState, directory: Any) -> dict[str, float]:
     return loads
 
 
+def _rebuilt_views(state: PoolState, directory: Any) -> dict[str, Any]:
+    """Every agent's view built from scratch (the pool keeps them and rebuilds only changed ones)."""
+    from services.team_routing.decision import AgentView
+    from services.team_routing.pool import AgentPresenceState
+
+    loads = _rebuilt_loads(state, directory)
+    views = {}
+    for agent_id, agent in directory.agents_of(state.pool_id).items():
+        presence = state.agents.get(agent_id) or AgentPresenceState()
+        views[agent_id] = AgentView(
+            agent_id=agent_id,
+            online=presence.presence is Presence.ONLINE,
+            load=loads[agent_id],
+            max_concurrency=agent.max_concurrency,
+            idle_since=presence.idle_since,
+        )
+    return views
+
+
 def _rebuilt_queue(state: PoolState) -> list[str]:
     waiting = [p for p in state.placements.values() if p.agent_id is None]
     return [p.conversation_id for p in sorted(waiting, key=lambda p: (-p.priority, p.enqueued_at, p.conversation_id))]
@@ -158,14 +176,14 @@ def _rebuilt_queue(state: PoolState) -> list[str]:
 @pytest.fixture(autouse=True)
 def _counts_follow_every_command(monkeypatch: pytest.MonkeyPatch) -> None:
     """In every test of this module: after each command the pool's kept counts equal what a
-    rebuild from all placements gives (loads per agent, the queue)."""
+    rebuild from all placements and presences gives (each agent's view with its load, the queue)."""
     import sys
 
     from services.team_routing import pool
 
     def checked(state: PoolState, command: Any, directory: Any, input_id: str) -> list[Output]:
         outputs = pool.apply_command(state, command, directory, input_id)
-        assert state.loads(directory) == _rebuilt_loads(state, directory)
+        assert state.agent_views(directory) == _rebuilt_views(state, directory)
         assert [p.conversation_id for p in state.queue()] == _rebuilt_queue(state)
         return outputs
 
@@ -206,7 +224,7 @@ def routed(outputs: list[Output]) -> list[tuple[str, str | None, RoutingReason, 
 
 
 def loads(state: PoolState) -> dict[str, float]:
-    return state.loads(DIRECTORY)
+    return {agent_id: view.load for agent_id, view in state.agent_views(DIRECTORY).items()}
 
 
 def holder(state: PoolState, conversation: str) -> str | None:
@@ -839,3 +857,26 @@ def test_loads_and_queue_follow_a_long_random_run_without_rebuilding() -> None:
             agent = rng.choice(["ana", "ben", "cy"])
             apply(state, presence(agent, rng.choice([Presence.ONLINE, Presence.OFFLINE]), minute), f"in-{n}")
     assert state.placements and state.held  # the run did hold conversations
+
+
+def test_agent_views_follow_a_reloaded_directory() -> None:
+    """The views a pool keeps are rebuilt for another directory (a reload: other capacities,
+    agents added or gone), and the caller's copy is its own."""
+    state = given(online("ana", "ben", "cy"))
+    apply(state, route("c1", 1))
+    before = state.agent_views(DIRECTORY)
+    before["ana"] = None  # type: ignore[assignment]  # a caller's change stays in its copy
+    assert state.agent_views(DIRECTORY)["ana"] is not None
+    raw = {
+        **DIRECTORY_SOURCE,
+        "teams": [
+            {**DIRECTORY_SOURCE["teams"][0], "agents": [{"id": "ana", "max_concurrency": 5}, {"id": "dee", "max_concurrency": 1}]},
+            DIRECTORY_SOURCE["teams"][1],
+        ],
+    }
+    reloaded = parse_directory(raw)
+    views = state.agent_views(reloaded)
+    assert sorted(views) == ["ana", "dee"]
+    assert (views["ana"].max_concurrency, views["ana"].load, views["ana"].online) == (5, 1.0, True)
+    assert (views["dee"].online, views["dee"].load) == (False, 0.0)
+    assert state.agent_views(DIRECTORY)["cy"].max_concurrency == 3  # and back
