@@ -51,6 +51,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from shared.settings import ServiceSettings
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Module names (python -m services.<module>) and the consumer group name each one uses.
@@ -66,13 +68,15 @@ SERVICE_NAMES = {
 MAIN_GROUPS = tuple(SERVICE_NAMES.values())
 
 # The producer and consumer settings every service uses (shared/runtime/kafka.py, settings.py),
-# repeated by the generator ("a channel adapter") and by the pass-through baseline.
+# repeated by the pass-through baseline; the generator ("a channel adapter", sending one
+# message at a time on its schedule) lingers 5 ms so that its sends share requests.
 PRODUCER_SETTINGS: dict[str, Any] = {
     "acks": "all",
     "enable_idempotence": True,
-    "linger_ms": 5,
+    "linger_ms": ServiceSettings.model_fields["producer_linger_ms"].default,
     "max_batch_size": 256 * 1024,
 }
+ADAPTER_PRODUCER_SETTINGS: dict[str, Any] = {**PRODUCER_SETTINGS, "linger_ms": 5}
 BATCH_TIMEOUT_MS = 20
 # FerretDB 1.24 (SQLite) deadlocks for good when update commands running at the same time on
 # one database hold more than 100 statements that match existing documents (each keeps one of
@@ -478,8 +482,6 @@ def batch_env(batch_max_records: int | None) -> dict[str, str]:
 
 
 def default_batch_max_records() -> int:
-    from shared.settings import ServiceSettings
-
     return int(ServiceSettings.model_fields["consumer_batch_max_records"].default)
 
 
@@ -683,7 +685,7 @@ async def _generate(spec: dict[str, Any], conn: Any) -> None:
 
     plan = plan_of(spec)
     check_plan(plan)
-    producer = AIOKafkaProducer(bootstrap_servers=spec["bootstrap"], client_id="bench-adapter", **PRODUCER_SETTINGS)
+    producer = AIOKafkaProducer(bootstrap_servers=spec["bootstrap"], client_id="bench-adapter", **ADAPTER_PRODUCER_SETTINGS)
     await producer.start()
     await producer.partitions_for(spec["topic"])
     conn.send(("ready", len(plan.offsets)))
@@ -1752,6 +1754,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "consumer_batch_max_records": args.batch_max_records or default_batch_max_records(),
             "consumer_batch_timeout_ms": BATCH_TIMEOUT_MS,
             "producer": PRODUCER_SETTINGS,
+            "adapter_producer": ADAPTER_PRODUCER_SETTINGS,
             "channel_mix": dict(CHANNEL_MIX),
         },
         "steps": [],

@@ -55,7 +55,11 @@ class ServiceSettings(BaseSettings):
         default=65_536, ge=1, le=1_048_576, description="The broker answers a fetch once this much is there (or after the max wait)"
     )
     consumer_fetch_max_wait_ms: int = Field(default=40, ge=0, le=5_000, description="Longest the broker holds a fetch for the min bytes")
-    producer_linger_ms: int = Field(default=5, ge=0, le=1_000)
+    # No linger: a batch's outputs are queued without the event loop turning (the outbox sends
+    # them all, then waits for the acks), so the producer takes them as one request at the next
+    # turn anyway; a linger only held each batch's outputs back (measured with 5 ms: ~30 ms
+    # more p50 to the routing decision at 20 msg/s, the same CPU per message at 1,000).
+    producer_linger_ms: int = Field(default=0, ge=0, le=1_000, description="How long the producer holds a record for more to join its request")
     startup_topics_wait_s: float = Field(
         default=60.0, ge=0, description="How long a starting service waits for its input topics to exist before it exits naming them"
     )

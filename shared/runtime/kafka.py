@@ -1,7 +1,8 @@
 """The one place a service's Kafka broker is built, with the settings that keep data safe.
 
-Producers: ``acks=all`` with idempotence and a small linger, so batches form without losing
-writes. Consumers: batch subscribers, ``auto_offset_reset=earliest`` (a new group must not
+Producers: ``acks=all`` with idempotence and no linger (a batch's outputs are queued in one
+turn of the event loop, so they go out as one request without waiting): no write is lost.
+Consumers: batch subscribers, ``auto_offset_reset=earliest`` (a new group must not
 skip what is already there) and ``AckPolicy.NACK_ON_ERROR`` (commit after the handler's
 effects are durable; on a transient error rewind and retry). Poison records never raise:
 the handler dead-letters them (see ``shared.runtime.dead_letter``).
@@ -101,7 +102,7 @@ class RememberingPartitioner:
 
 def build_producer(settings: ServiceSettings) -> AIOKafkaProducer:
     """The producer a service's outputs go through (see ``shared.runtime.outbox``): the same
-    durability as the broker's (acks=all, idempotence), batching with a small linger, and
+    durability as the broker's (acks=all, idempotence), a batch's outputs in one request, and
     none of the per-message framework overhead (measured: ~15 µs per record against ~300 µs
     through FastStream's publish with its middlewares)."""
     return AIOKafkaProducer(

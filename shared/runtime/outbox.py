@@ -1,8 +1,10 @@
 """Publishing a batch's outputs: envelopes built in one place, sent without waiting on each
 record, then awaited together before the batch's offsets are committed.
 
-Records go straight to an aiokafka producer (acks=all, idempotent, batched with a small
-linger). The W3C trace context of the current span travels in the ``traceparent`` header,
+Records go straight to an aiokafka producer (acks=all, idempotent). Queuing a record does not
+let the event loop turn (nothing in ``send`` waits unless the producer's buffer is full), so
+a batch's outputs are all queued before the producer's sender runs and leave as one request
+without a linger (``PRODUCER_LINGER_MS``, 0). The W3C trace context of the current span travels in the ``traceparent`` header,
 under a PRODUCER span when the trace is sampled.
 """
 
