@@ -1,0 +1,59 @@
+"""The producer every service's outputs go through, against the real broker: a batch's
+outputs are queued without the event loop turning, so without a linger they leave at once,
+as one request (``PRODUCER_LINGER_MS`` 0; aiokafka's ``send`` yields only when its buffer
+is full). A linger would hold them back for nothing."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from shared.runtime.kafka import build_producer
+from shared.settings import ServiceSettings
+
+pytestmark = pytest.mark.integration
+
+
+async def _drained_after_a_few_turns(producer: Any) -> bool:
+    for _ in range(20):  # event-loop turns, no time: the sender needs two or three
+        await asyncio.sleep(0)
+        if not producer._message_accumulator._batches:
+            return True
+    return False
+
+
+@pytest.mark.parametrize(("linger_ms", "at_once"), [(None, True), (50, False)])
+async def test_a_batch_of_outputs_leaves_at_once_in_one_request(infra, topic_prefix, linger_ms, at_once) -> None:
+    overrides = {} if linger_ms is None else {"producer_linger_ms": linger_ms}  # None: the services' default
+    settings = ServiceSettings(service_name="test", kafka_bootstrap_servers=infra.kafka, **overrides)
+    producer = build_producer(settings)
+    await producer.start()
+    accumulator = producer._message_accumulator
+    requests: list[int] = []
+    drain = accumulator.drain_by_nodes
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        nodes, unknown = drain(*args, **kwargs)
+        if nodes:
+            requests.append(sum(len(batches) for batches in nodes.values()))
+        return nodes, unknown
+
+    accumulator.drain_by_nodes = counted
+    try:
+        topic = f"{topic_prefix}conversations.events.v1"
+        partitions = await producer.partitions_for(topic)
+        # A new topic's partitions answer "not leader" for a moment: settled first.
+        await asyncio.gather(*[await producer.send(topic, b"warm-up", partition=p) for p in partitions])
+        requests.clear()
+        for _ in range(3):
+            futures = [await producer.send(topic, b"x" * 300, key=f"customer-{i}".encode()) for i in range(200)]
+            assert await _drained_after_a_few_turns(producer) is at_once
+            await asyncio.gather(*futures)
+        # Each round's records: one batch per partition, none split (a partition whose previous
+        # request is still being acknowledged goes in the next request: idempotence allows one
+        # in flight per partition).
+        assert sum(requests) == 3 * len(partitions)
+    finally:
+        await producer.stop()
