@@ -28,7 +28,7 @@ from shared.runtime.logging import get_logger
 from shared.runtime.outbox import Outbox
 from shared.teams import DirectoryWatcher, next_change
 
-from services.timeout_sweeper.deadlines import HOURS, claim_attempt, firing_for, hours_deadline
+from services.timeout_sweeper.deadlines import HOURS, Firing, claim_attempt, firing_for, hours_deadline
 from services.timeout_sweeper.store import DeadlineStore
 
 log = get_logger("hometeam.sweeper")
@@ -198,6 +198,7 @@ class Sweeper:
         due = await self._due(now)
         self.overdue.set(len(due))
         fired: list[str] = []
+        firings: list[tuple[Firing, datetime]] = []
         next_hours = []
         directory = self.directory.current
         attempts = {doc["_id"]: claim_attempt(doc["due_at"], now, self.lease) for doc in due}
@@ -216,7 +217,7 @@ class Sweeper:
                 continue
             firing = firing_for(doc, directory)
             if firing is not None:
-                await self.outbox.send(firing.topic, firing.key, firing.command, id=_command_id(firing.command), time=doc["due_at"])
+                firings.append((firing, doc["due_at"]))
             if doc["kind"] == HOURS:
                 team = directory.team(doc["entity"])
                 change = next_change(team, doc["due_at"]) if team else None
@@ -225,6 +226,11 @@ class Sweeper:
             fired.append(doc["_id"])
             self.fired.labels(doc["kind"]).inc()
             self.lateness.labels(doc["kind"]).observe(max(0.0, (now - doc["due_at"]).total_seconds()))
+        # Queued together after the claims (each claim waits on the store: a command queued
+        # between two of them would leave in a request of its own); durable at the flush
+        # either way, and a claim whose command never went out is fired again after its lease.
+        for firing, due_at in firings:
+            await self.outbox.send(firing.topic, firing.key, firing.command, id=_command_id(firing.command), time=due_at)
         await self.outbox.flush()
         if next_hours:
             await self.store.insert(next_hours, now)

@@ -1,0 +1,75 @@
+"""A sweep queues its commands together, after claiming every due deadline: each claim waits
+on the store, and a command queued between two claims would leave Kafka's producer in a
+request of its own (with no linger: ``PRODUCER_LINGER_MS`` 0)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from services.timeout_sweeper.deadlines import INACTIVITY
+from services.timeout_sweeper.sweep import Sweeper
+
+NOW = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
+
+
+class _Calls:
+    """The store and the outbox of a sweep, recording the order of what it asks."""
+
+    def __init__(self, docs: list[dict[str, Any]], lost: set[str] = frozenset()) -> None:
+        self.docs = {d["_id"]: d for d in docs}
+        self.lost = lost
+        self.calls: list[str] = []
+        self.armed_listeners: list[Any] = []
+
+    async def due(self, until: datetime, limit: int) -> list[dict[str, Any]]:
+        return [d for d in self.docs.values() if d["due_at"] <= until]
+
+    async def get(self, ids: Any) -> dict[str, dict[str, Any]]:
+        return {i: self.docs[i] for i in ids if i in self.docs}
+
+    async def recent_claims(self, claim_ids: list[str], since: datetime) -> set[str]:
+        return set()
+
+    async def claim(self, deadline_id: str, attempt: int, owner: str, now: datetime) -> bool:
+        await asyncio.sleep(0)  # a round trip to the store: the event loop turns
+        self.calls.append(f"claim {deadline_id}")
+        return deadline_id not in self.lost
+
+    async def done(self, ids: list[str]) -> None:
+        self.calls.append("done")
+
+    async def insert(self, arms: Any, now: datetime) -> None:
+        pass
+
+    async def send(self, topic: str, key: str, command: Any, **kwargs: Any) -> None:
+        self.calls.append(f"send {command.conversation_id}")
+
+    async def flush(self) -> None:
+        self.calls.append("flush")
+
+
+def _inactivity(n: int) -> dict[str, Any]:
+    return {
+        "_id": f"d{n}",
+        "kind": INACTIVITY,
+        "entity": f"c{n}",
+        "due_at": NOW - timedelta(seconds=n + 1),
+        "data": {"customer_id": f"cus{n}", "conversation_id": f"c{n}"},
+    }
+
+
+async def test_a_sweep_claims_every_due_deadline_then_queues_their_commands_together() -> None:
+    calls = _Calls([_inactivity(n) for n in range(3)], lost={"d1"})
+    sweeper = Sweeper(calls, calls, SimpleNamespace(current=None), lambda: NOW, "me", CollectorRegistry())  # type: ignore[arg-type]
+    assert await sweeper.sweep_once() == 2
+    claims = [c for c in calls.calls if c.startswith("claim")]
+    assert sorted(claims) == ["claim d0", "claim d1", "claim d2"]
+    first_send = min(i for i, c in enumerate(calls.calls) if c.startswith("send"))
+    assert all(i < first_send for i, c in enumerate(calls.calls) if c.startswith("claim"))
+    assert sorted(c for c in calls.calls[first_send:] if c.startswith("send")) == ["send c0", "send c2"]  # not the lost claim
+    assert calls.calls[-2:] == ["flush", "done"]
