@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 from pymongo import ASCENDING, DeleteOne, ReplaceOne
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError, DuplicateKeyError
+from pymongo.errors import BulkWriteError
 
 from shared.runtime.store import DUPLICATE_KEY, bulk_write_chunked, create_query_index, find_by_ids, insert_absent
 
@@ -145,12 +145,13 @@ class DeadlineStore:
         """These deadlines as stored now (fired or superseded ones are absent)."""
         return await find_by_ids(self.deadlines, deadline_ids)
 
-    async def claim(self, deadline_id: str, attempt: int, owner: str, now: datetime) -> bool:
-        try:
-            await self.claims.insert_one({"_id": f"{deadline_id}#{attempt}", "claimed_by": owner, "claimed_at": now})
-        except DuplicateKeyError:
-            return False
-        return True
+    async def claim(self, attempts: dict[str, int], owner: str, now: datetime) -> set[str]:
+        """Claim these deadlines (deadline id → attempt) in one insert command; returns the
+        ones this owner claimed (for the others another replica's claim of the same attempt
+        came first: the unique ``_id`` settles it)."""
+        docs = [{"_id": f"{deadline_id}#{attempt}", "claimed_by": owner, "claimed_at": now} for deadline_id, attempt in attempts.items()]
+        taken = await insert_absent(self.claims, docs)
+        return {deadline_id for deadline_id, attempt in attempts.items() if f"{deadline_id}#{attempt}" not in taken}
 
     async def recent_claims(self, claim_ids: list[str], since: datetime) -> set[str]:
         """Which of these claims were made after ``since`` (their holder may still be working)."""

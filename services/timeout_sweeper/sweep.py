@@ -207,12 +207,17 @@ class Sweeper:
         busy = await self.store.recent_claims(
             [f"{i}#{a - 1}" for i, a in attempts.items() if a > 0], now - self.lease
         )
+        free = []
         for doc in due:
             attempt = attempts[doc["_id"]]
             if attempt > 0 and f"{doc['_id']}#{attempt - 1}" in busy:
                 self.ahead.note([(doc["_id"], doc["due_at"])])  # looked at again next sweep
                 continue
-            if not await self.store.claim(doc["_id"], attempt, self.owner, now):
+            free.append(doc)
+        # One insert command claims them all (it was a round trip per deadline).
+        claimed = await self.store.claim({doc["_id"]: attempts[doc["_id"]] for doc in free}, self.owner, now)
+        for doc in free:
+            if doc["_id"] not in claimed:
                 self.lost_claims.inc()
                 continue
             firing = firing_for(doc, directory)
@@ -226,9 +231,8 @@ class Sweeper:
             fired.append(doc["_id"])
             self.fired.labels(doc["kind"]).inc()
             self.lateness.labels(doc["kind"]).observe(max(0.0, (now - doc["due_at"]).total_seconds()))
-        # Queued together after the claims (each claim waits on the store: a command queued
-        # between two of them would leave in a request of its own); durable at the flush
-        # either way, and a claim whose command never went out is fired again after its lease.
+        # Queued together, after the claims: durable at the flush, and a claim whose command
+        # never went out (a crash before it) is fired again after its lease.
         for firing, due_at in firings:
             await self.outbox.send(firing.topic, firing.key, firing.command, id=_command_id(firing.command), time=due_at)
         await self.outbox.flush()

@@ -1,6 +1,7 @@
-"""A sweep queues its commands together, after claiming every due deadline: each claim waits
-on the store, and a command queued between two claims would leave Kafka's producer in a
-request of its own (with no linger: ``PRODUCER_LINGER_MS`` 0)."""
+"""A sweep claims its due deadlines in one store command, then queues their commands
+together: a command queued between two waits on the store would leave Kafka's producer in a
+request of its own (with no linger: ``PRODUCER_LINGER_MS`` 0), and a claim per deadline was a
+round trip each."""
 
 from __future__ import annotations
 
@@ -35,10 +36,10 @@ class _Calls:
     async def recent_claims(self, claim_ids: list[str], since: datetime) -> set[str]:
         return set()
 
-    async def claim(self, deadline_id: str, attempt: int, owner: str, now: datetime) -> bool:
+    async def claim(self, attempts: dict[str, int], owner: str, now: datetime) -> set[str]:
         await asyncio.sleep(0)  # a round trip to the store: the event loop turns
-        self.calls.append(f"claim {deadline_id}")
-        return deadline_id not in self.lost
+        self.calls.append("claim " + ",".join(sorted(attempts)))
+        return set(attempts) - self.lost
 
     async def done(self, ids: list[str]) -> None:
         self.calls.append("done")
@@ -63,13 +64,12 @@ def _inactivity(n: int) -> dict[str, Any]:
     }
 
 
-async def test_a_sweep_claims_every_due_deadline_then_queues_their_commands_together() -> None:
-    calls = _Calls([_inactivity(n) for n in range(3)], lost={"d1"})
-    sweeper = Sweeper(calls, calls, SimpleNamespace(current=None), lambda: NOW, "me", CollectorRegistry())  # type: ignore[arg-type]
+async def test_a_sweep_claims_its_due_deadlines_at_once_then_queues_their_commands_together() -> None:
+    calls = _Calls([_inactivity(n) for n in range(3)], lost={"d1"})  # d1: another replica claimed it
+    registry = CollectorRegistry()
+    sweeper = Sweeper(calls, calls, SimpleNamespace(current=None), lambda: NOW, "me", registry)  # type: ignore[arg-type]
     assert await sweeper.sweep_once() == 2
-    claims = [c for c in calls.calls if c.startswith("claim")]
-    assert sorted(claims) == ["claim d0", "claim d1", "claim d2"]
-    first_send = min(i for i, c in enumerate(calls.calls) if c.startswith("send"))
-    assert all(i < first_send for i, c in enumerate(calls.calls) if c.startswith("claim"))
-    assert sorted(c for c in calls.calls[first_send:] if c.startswith("send")) == ["send c0", "send c2"]  # not the lost claim
-    assert calls.calls[-2:] == ["flush", "done"]
+    assert calls.calls[0] == "claim d0,d1,d2"
+    assert sorted(calls.calls[1:3]) == ["send c0", "send c2"]  # not the lost claim's
+    assert calls.calls[3:] == ["flush", "done"]
+    assert registry.get_sample_value("hometeam_deadline_claims_lost_total") == 1
