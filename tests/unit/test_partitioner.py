@@ -52,3 +52,4 @@ async def test_the_outbox_producer_uses_it() -> None:
         assert isinstance(producer._partitioner, RememberingPartitioner)
     finally:
         await producer.stop()
+
