@@ -55,6 +55,16 @@ class ServiceSettings(BaseSettings):
         default=65_536, ge=1, le=1_048_576, description="The broker answers a fetch once this much is there (or after the max wait)"
     )
     consumer_fetch_max_wait_ms: int = Field(default=40, ge=0, le=5_000, description="Longest the broker holds a fetch for the min bytes")
+    # ingest and conversation-state, on the way to every routing decision: while their input
+    # is light (records arriving, fewer than ``consumer_fetch_light_below_per_s`` a second over
+    # the last 5 s) a fetch never fills its 64 KB, so it waits ``consumer_fetch_light_wait_ms``
+    # instead of the whole ``consumer_fetch_max_wait_ms`` (shared/runtime/kafka.py FetchWaitTuner).
+    consumer_fetch_light_wait_ms: int = Field(
+        default=10, ge=0, le=5_000, description="The fetch wait while the input is light (not shorter than the max wait: off)"
+    )
+    consumer_fetch_light_below_per_s: float = Field(
+        default=100.0, ge=0, description="Records a second under which a consumer's input counts as light"
+    )
     # No linger: a batch's outputs are queued without the event loop turning (the outbox sends
     # them all, then waits for the acks), so the producer takes them as one request at the next
     # turn anyway; a linger only held each batch's outputs back (measured with 5 ms: ~30 ms

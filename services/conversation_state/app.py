@@ -25,7 +25,7 @@ from prometheus_client import Histogram
 
 from shared.runtime.decoding import BatchReader, documented_payloads
 from shared.runtime.http import LATENCY_BUCKETS
-from shared.runtime.kafka import batch_subscriber_options, records_of
+from shared.runtime.kafka import batch_subscriber_options, fetch_wait_tuner, records_of
 from shared.runtime.checkpoints import CheckpointMetrics
 from shared.runtime.service import Service, assemble, build_runtime
 from shared.settings import ServiceSettings
@@ -126,19 +126,27 @@ def create_service(
     )
 
     memory.consumer = lambda: subscriber.consumer
+    tuner = fetch_wait_tuner(settings)
+    if tuner is not None:
+        runtime.background.append(lambda: tuner.run(lambda: subscriber.consumer))
 
     @subscriber
     async def on_customer_records(batch: documented_payloads(*INPUTS), message: KafkaMessage) -> None:  # type: ignore[valid-type]
-        await consumer.handle(records_of(message))
+        records = records_of(message)
+        if tuner is not None:
+            tuner.note(len(records))
+        await consumer.handle(records)
 
     token = settings.read_api_token.get_secret_value() if settings.read_api_token else None
     commands = runtime.outbox("/hometeam/conversation-state/api")
-    return assemble(
+    service = assemble(
         runtime,
         title="hometeam conversation-state",
         description="One continuous conversation per customer; agent actions; lifecycle events.",
         routes=[*read_routes(store, directory, token, memory), *command_routes(commands, token)],
     )
+    service.extras["fetch_wait_tuner"] = tuner
+    return service
 
 
 def asyncapi_app():  # type: ignore[no-untyped-def]

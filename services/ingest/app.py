@@ -13,7 +13,7 @@ from pydantic import Field, SecretStr
 from shared.contracts.channel import ChannelMessagePosted
 from shared.contracts.registry import CHANNEL_INBOUND, MESSAGES_RECEIVED
 from shared.runtime.decoding import BatchReader, documented_payloads
-from shared.runtime.kafka import batch_subscriber_options, records_of
+from shared.runtime.kafka import batch_subscriber_options, fetch_wait_tuner, records_of
 from shared.runtime.service import Service, assemble, build_runtime
 from shared.settings import ServiceSettings
 
@@ -73,14 +73,22 @@ def create_service(settings: IngestSettings | None = None, *, span_processors: S
             )
             await webhook_outbox.flush()
 
-    @broker.subscriber(
+    subscriber = broker.subscriber(
         settings.topic(CHANNEL_INBOUND.name),
         **batch_subscriber_options(settings),
         title="ingest:consume:channel.inbound",
         description=CHANNEL_INBOUND.description,
     )
+    tuner = fetch_wait_tuner(settings)
+    if tuner is not None:
+        runtime.background.append(lambda: tuner.run(lambda: subscriber.consumer))
+
+    @subscriber
     async def on_channel_inbound(batch: documented_payloads(CHANNEL_INBOUND), message: KafkaMessage) -> None:  # type: ignore[valid-type]
-        await consumer.handle(records_of(message))
+        records = records_of(message)
+        if tuner is not None:
+            tuner.note(len(records))
+        await consumer.handle(records)
 
     routes = webhook_routes(
         publish_inbound,
@@ -92,12 +100,14 @@ def create_service(settings: IngestSettings | None = None, *, span_processors: S
         app_audience=settings.app_jwt_audience,
         max_request_bytes=settings.max_request_bytes,
     )
-    return assemble(
+    service = assemble(
         runtime,
         title="hometeam ingest",
         description="Channel webhooks and customer identity resolution.",
         routes=routes,
     )
+    service.extras["fetch_wait_tuner"] = tuner
+    return service
 
 
 def asyncapi_app():  # type: ignore[no-untyped-def]

@@ -11,6 +11,7 @@ the handler dead-letters them (see ``shared.runtime.dead_letter``).
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import ssl
 import time
@@ -170,6 +171,58 @@ def batch_subscriber_options(settings: ServiceSettings, *, group_suffix: str = "
         # all of them reach the same consumer (a single writer per customer).
         "partition_assignment_strategy": (RangePartitionAssignor,),
     }
+
+
+def fetch_wait_for(records_per_s: float, light_wait_ms: int, heavy_wait_ms: int, light_below_per_s: float) -> int:
+    """The fetch wait for a consumer whose input ran at ``records_per_s`` lately: a light
+    stream (records arriving, fewer than ``light_below_per_s``) never fills a fetch's minimum
+    bytes, so each record would wait the whole ``heavy_wait_ms`` at this hop; an idle consumer
+    keeps the long wait (its polls stay cheap) and so does a busy one (its batches stay large:
+    what a batch costs apart from its records is paid fewer times)."""
+    return light_wait_ms if 0 < records_per_s < light_below_per_s else heavy_wait_ms
+
+
+class FetchWaitTuner:
+    """Adapts a consumer's fetch wait to its input (``fetch_wait_for``) over the last
+    ``window_s`` seconds, rechecked every second by ``run`` (a background task). The wait is
+    aiokafka's (0.14) ``Fetcher._fetch_max_wait_ms``, read for every fetch request it builds;
+    a consumer without one is left alone."""
+
+    def __init__(self, light_wait_ms: int, heavy_wait_ms: int, light_below_per_s: float, window_s: int = 5) -> None:
+        self.light_wait_ms = light_wait_ms
+        self.heavy_wait_ms = heavy_wait_ms
+        self.light_below_per_s = light_below_per_s
+        self.seconds: collections.deque[int] = collections.deque([0] * window_s, maxlen=window_s)
+        self.current = heavy_wait_ms
+
+    def note(self, records: int) -> None:
+        """Records a batch brought (call per batch)."""
+        self.seconds[-1] += records
+
+    def tick(self, consumer: AIOKafkaConsumer | None) -> int:
+        """Set the wait for the rate of the last window, and start the next second."""
+        rate = sum(self.seconds) / len(self.seconds)
+        self.current = fetch_wait_for(rate, self.light_wait_ms, self.heavy_wait_ms, self.light_below_per_s)
+        fetcher = getattr(consumer, "_fetcher", None)
+        if fetcher is not None and hasattr(fetcher, "_fetch_max_wait_ms"):
+            fetcher._fetch_max_wait_ms = self.current
+        self.seconds.append(0)
+        return self.current
+
+    async def run(self, consumer: Callable[[], AIOKafkaConsumer | None]) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.tick(consumer())
+
+
+def fetch_wait_tuner(settings: ServiceSettings) -> FetchWaitTuner | None:
+    """The service's tuner for a consumer on the way to a routing decision (None when the
+    light wait is not shorter than the service's wait)."""
+    if settings.consumer_fetch_light_wait_ms >= settings.consumer_fetch_max_wait_ms:
+        return None
+    return FetchWaitTuner(
+        settings.consumer_fetch_light_wait_ms, settings.consumer_fetch_max_wait_ms, settings.consumer_fetch_light_below_per_s
+    )
 
 
 def records_of(message: Any) -> Sequence[ConsumerRecord]:

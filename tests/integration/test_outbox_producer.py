@@ -57,3 +57,29 @@ async def test_a_batch_of_outputs_leaves_at_once_in_one_request(infra, topic_pre
         assert sum(requests) == 3 * len(partitions)
     finally:
         await producer.stop()
+
+
+
+async def test_the_fetch_wait_tuner_sets_a_real_consumers_fetch_wait(infra, topic_prefix) -> None:
+    """``FetchWaitTuner`` sets the wait aiokafka's fetcher puts in each fetch request it
+    builds (``Fetcher._fetch_max_wait_ms``, 0.14): present on a started consumer with the
+    configured value, and changed by the tuner (guards an aiokafka upgrade that moves it)."""
+    from aiokafka import AIOKafkaConsumer
+
+    from shared.runtime.kafka import FetchWaitTuner
+
+    consumer = AIOKafkaConsumer(
+        f"{topic_prefix}channel.inbound.v1", bootstrap_servers=infra.kafka, fetch_max_wait_ms=40, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    try:
+        await consumer.getmany(timeout_ms=100)
+        assert consumer._fetcher._fetch_max_wait_ms == 40
+        tuner = FetchWaitTuner(10, 40, light_below_per_s=100, window_s=1)
+        tuner.note(5)
+        assert tuner.tick(consumer) == 10
+        assert consumer._fetcher._fetch_max_wait_ms == 10
+        assert tuner.tick(consumer) == 40  # a second without records: idle
+        assert consumer._fetcher._fetch_max_wait_ms == 40
+    finally:
+        await consumer.stop()
