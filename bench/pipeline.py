@@ -749,6 +749,10 @@ async def run_generator(spec: dict[str, Any]) -> tuple[float, dict[str, Any]]:
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_generator_main, args=(spec, child), daemon=True)
     proc.start()
+    # The child's end lives on in the child only: once it exits (Ctrl-C signals the whole
+    # process group), a ``recv`` here ends with EOFError instead of waiting for ever in a
+    # thread that asyncio's shutdown then joins (the run hung after cleaning up).
+    child.close()
     try:
         kind, _ = await asyncio.to_thread(parent.recv)
         assert kind == "ready"
@@ -757,6 +761,9 @@ async def run_generator(spec: dict[str, Any]) -> tuple[float, dict[str, Any]]:
         kind, report = await asyncio.to_thread(parent.recv)
         assert kind == "done"
         return t0, report
+    except BaseException:
+        proc.kill()  # interrupted or failed: the generator must not go on sending
+        raise
     finally:
         await asyncio.to_thread(proc.join, 30)
         if proc.is_alive():
