@@ -50,7 +50,9 @@ class ServiceSettings(BaseSettings):
     # A fetch is answered once 64 KB are there (~100 messages) or after 40 ms: under load every
     # consumer then handles fewer, larger batches (measured in make bench at 375-1,000 msg/s:
     # 10-35% less CPU per message; at 750-1,000 msg/s p99 to the routing decision about halved),
-    # for up to 40 ms more per hop when traffic is light (p50 ~50 -> ~125 ms at 5 msg/s).
+    # for up to 40 ms more per hop when traffic is light (p50 ~50 -> ~125 ms at 5 msg/s, measured
+    # then; the consumers on the way to a decision now shorten the wait while their input is
+    # light: ``consumer_fetch_light_wait_ms``).
     consumer_fetch_min_bytes: int = Field(
         default=65_536, ge=1, le=1_048_576, description="The broker answers a fetch once this much is there (or after the max wait)"
     )
