@@ -126,9 +126,7 @@ def create_service(
     )
 
     memory.consumer = lambda: subscriber.consumer
-    tuner = fetch_wait_tuner(settings)
-    if tuner is not None:
-        runtime.background.append(lambda: tuner.run(lambda: subscriber.consumer))
+    tuner = fetch_wait_tuner(settings, runtime.background, lambda: subscriber.consumer)
 
     @subscriber
     async def on_customer_records(batch: documented_payloads(*INPUTS), message: KafkaMessage) -> None:  # type: ignore[valid-type]

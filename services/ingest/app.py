@@ -79,9 +79,7 @@ def create_service(settings: IngestSettings | None = None, *, span_processors: S
         title="ingest:consume:channel.inbound",
         description=CHANNEL_INBOUND.description,
     )
-    tuner = fetch_wait_tuner(settings)
-    if tuner is not None:
-        runtime.background.append(lambda: tuner.run(lambda: subscriber.consumer))
+    tuner = fetch_wait_tuner(settings, runtime.background, lambda: subscriber.consumer)
 
     @subscriber
     async def on_channel_inbound(batch: documented_payloads(CHANNEL_INBOUND), message: KafkaMessage) -> None:  # type: ignore[valid-type]

@@ -9,7 +9,7 @@ by pool id), so these transitions run one at a time per pool. Every transition t
 from __future__ import annotations
 
 from bisect import bisect_left, insort
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -190,17 +190,16 @@ class PoolState:
         only through ``presence_of``."""
         agents = directory.agents_of(self.pool_id)
         if directory is not self._views_for:
-            self._views = self._build_views(directory, agents.keys())
+            self._views = self._build_views(directory, agents, agents.keys())
             self._views_for = directory
             self._stale.clear()
         elif self._stale:
-            self._views.update(self._build_views(directory, [a for a in self._stale if a in agents]))
+            self._views.update(self._build_views(directory, agents, [a for a in self._stale if a in agents]))
             self._stale.clear()
         return dict(self._views)
 
-    def _build_views(self, directory: TeamDirectory, agent_ids: Iterable[str]) -> dict[str, AgentView]:
+    def _build_views(self, directory: TeamDirectory, agents: Mapping[str, Any], agent_ids: Iterable[str]) -> dict[str, AgentView]:
         on_agent, on_customer = directory.capacity.waiting_on_agent_weight, directory.capacity.waiting_on_customer_weight
-        agents = directory.agents_of(self.pool_id)
         views = {}
         for agent_id in agent_ids:
             presence = self.agents.get(agent_id) or AgentPresenceState()

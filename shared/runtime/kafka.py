@@ -215,14 +215,22 @@ class FetchWaitTuner:
             self.tick(consumer())
 
 
-def fetch_wait_tuner(settings: ServiceSettings) -> FetchWaitTuner | None:
+def fetch_wait_tuner(
+    settings: ServiceSettings,
+    background: list[Callable[[], Awaitable[None]]] | None = None,
+    consumer: Callable[[], AIOKafkaConsumer | None] = lambda: None,
+) -> FetchWaitTuner | None:
     """The service's tuner for a consumer on the way to a routing decision (None when the
-    light wait is not shorter than the service's wait)."""
+    light wait is not shorter than the service's wait), its ``run`` over ``consumer`` added
+    to the service's ``background`` jobs."""
     if settings.consumer_fetch_light_wait_ms >= settings.consumer_fetch_max_wait_ms:
         return None
-    return FetchWaitTuner(
+    tuner = FetchWaitTuner(
         settings.consumer_fetch_light_wait_ms, settings.consumer_fetch_max_wait_ms, settings.consumer_fetch_light_below_per_s
     )
+    if background is not None:
+        background.append(lambda: tuner.run(consumer))
+    return tuner
 
 
 def records_of(message: Any) -> Sequence[ConsumerRecord]:

@@ -68,5 +68,8 @@ def test_the_consumers_on_the_way_to_a_decision_tune_their_wait(module: str, tun
 def test_the_tuner_is_off_when_the_light_wait_is_not_shorter() -> None:
     from shared.settings import ServiceSettings
 
-    assert fetch_wait_tuner(ServiceSettings(consumer_fetch_light_wait_ms=40)) is None
-    assert fetch_wait_tuner(ServiceSettings()) is not None
+    jobs: list = []
+    assert fetch_wait_tuner(ServiceSettings(consumer_fetch_light_wait_ms=40), jobs) is None
+    assert jobs == []
+    assert fetch_wait_tuner(ServiceSettings(), jobs) is not None
+    assert len(jobs) == 1  # its run, started with the service's other background jobs
