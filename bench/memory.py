@@ -1,6 +1,6 @@
 """Resident memory of each service with many known customers.
 
-    python -m bench.memory [--customers 1000000] [--rate 50] [--duration 30]
+    python -m bench.memory [--customers 1000000] [--rate 700] [--duration 90]
 
 1. seeds the store: for each customer an identity in ingest's ``identities`` collection
    (``{_id: "<channel>:<address>", customer_id}``) and a customer document in
@@ -11,10 +11,16 @@
    ``--max-seed-seconds``, the count is lowered to what fits and the report says so;
 2. starts the five services (databases of their own, as in bench.pipeline), brings the agents
    online and sends ``--rate`` messages/s for ``--duration`` s from customers drawn uniformly
-   from the known ones (each lookup misses ingest's identity cache at first);
+   from the known ones (each lookup misses ingest's identity cache at first). The default
+   load (63,000 messages, ~61,000 distinct customers) meets more customers than
+   conversation-state keeps in memory (``STATE_CACHE_CUSTOMERS``, 20,000) and is faster than
+   the store takes their rewrites on this machine, so its bounded caches fill and its
+   backpressure holds (``STATE_MAX_UNSTORED_CUSTOMERS``): what the services hold at their
+   largest. Until 2026-12-05 the default was 50 msg/s for 30 s, which filled nothing;
 3. samples VmRSS every half second and reads VmHWM (peak resident set) of every service at
-   the end, with how many messages got through (MessageAdded events), then removes
-   everything it created.
+   the end, with how many messages got through (MessageAdded events) and how long
+   conversation-state's consumer waited for its store (``hometeam_state_backpressure_seconds_total``),
+   then removes everything it created.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from bench.pipeline import (
     cleanup,
     endpoints,
     make_population,
+    metric_families,
     proc_memory_kb,
     run_generator,
     run_until_signalled,
@@ -102,6 +109,23 @@ async def seed(db_ingest: Any, db_state: Any, population: Sequence[Any], start: 
             db_state["customers"].insert_many(customers, ordered=False),
         )
     return time.monotonic() - started
+
+
+async def backpressure_seconds(processes: dict[str, Any]) -> dict[str, float]:
+    """Each write-behind state's ``hometeam_state_backpressure_seconds_total``, by service/state."""
+    out: dict[str, float] = {}
+    for module, process in processes.items():
+        try:
+            families = await metric_families(process.port)
+        except Exception as exc:  # reported, never fatal: the memory figures stand
+            print(f"bench.memory: {module} metrics unreadable: {type(exc).__name__}: {exc}", file=sys.stderr)
+            continue
+        for family in families:
+            if family.name == "hometeam_state_backpressure_seconds":
+                for sample in family.samples:
+                    if sample.name.endswith("_total"):
+                        out[f"{module}/{sample.labels['state']}"] = sample.value
+    return out
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -179,6 +203,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         sampler.cancel()
         await asyncio.gather(sampler, return_exceptions=True)
         done = sum(1 for m in gen["message_ids"] if m in collector.added)
+        backpressure = await backpressure_seconds(processes)
         peaks = {m: proc_memory_kb(p.pid).get("VmHWM") for m, p in processes.items()}
         infra = {name: proc_memory_kb(pid).get("VmHWM") for name, pid in stack_pids().items()}
         result.update(
@@ -189,6 +214,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "rss_max_sampled_kb": {m: max((s.get(m) or 0) for s in samples) for m in processes},
                 "peak_rss_kb": peaks,
                 "infra_peak_rss_kb": infra,
+                "backpressure_seconds": backpressure,
             }
         )
     finally:
@@ -206,8 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--customers", type=int, default=1_000_000, help="known customers to seed")
     p.add_argument("--probe", type=int, default=50_000, help="customers seeded first to measure the seeding rate")
     p.add_argument("--max-seed-seconds", type=float, default=300.0, help="seed fewer customers if all would take longer")
-    p.add_argument("--rate", type=float, default=50.0, help="messages/s of the load")
-    p.add_argument("--duration", type=float, default=30.0)
+    p.add_argument("--rate", type=float, default=700.0, help="messages/s of the load")
+    p.add_argument("--duration", type=float, default=90.0)
     p.add_argument("--settle", type=float, default=20.0, help="seconds to keep sampling after the load")
     p.add_argument("--teams", type=int, default=4)
     p.add_argument("--batch-max-records", type=int, default=None, help="records per consumer batch (default: the services' own)")
@@ -232,6 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     for name, kb in result["infra_peak_rss_kb"].items():
         print(f"{name + ' (shared)':<22}{'':>17}{'':>12}{(kb or 0) / 1024:>17.0f}")
+    for state, seconds in result["backpressure_seconds"].items():
+        print(f"backpressure {state}: waited {seconds:.1f} s for the store (the rest of the load stayed in Kafka)")
     print(f"results: {path}")
     return 0
 

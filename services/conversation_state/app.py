@@ -56,7 +56,15 @@ class ConversationStateSettings(ServiceSettings):
     inactivity_min_samples: int = Field(default=3, ge=1)
     callback_priority: int = Field(default=5, ge=0, le=9)
     state_cache_customers: int = Field(
-        default=50_000, ge=0, description="Stored customers whose state stays in memory between batches (0: none kept once stored)"
+        default=20_000, ge=0, description="Stored customers whose state stays in memory between batches (0: none kept once stored)"
+    )
+    state_max_unstored_customers: int = Field(
+        default=5_000,
+        ge=1,
+        description=(
+            "Customers with changes not yet written to their collections before the consumer stops taking input until "
+            "they are (backpressure: a store slower than the input leaves the backlog in Kafka, not in memory)"
+        ),
     )
     state_flush_interval_s: float = Field(
         default=1.0,
@@ -87,7 +95,11 @@ def create_service(
     directory = DirectoryWatcher(settings.teams_config)
     store = ConversationStore(runtime.db)
     memory = JournaledCustomers(
-        store, settings.state_flush_interval_s, settings.state_cache_customers, CheckpointMetrics(runtime.registry, "conversations")
+        store,
+        settings.state_flush_interval_s,
+        settings.state_cache_customers,
+        CheckpointMetrics(runtime.registry, "conversations"),
+        max_unstored=settings.state_max_unstored_customers,
     )
     consumer = ConversationConsumer(
         reader=BatchReader(INPUTS, runtime.dead_letters, settings.kafka_topic_prefix),

@@ -10,6 +10,7 @@ sequence numbers), never lose them.
 from __future__ import annotations
 
 import asyncio
+import sys
 
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
@@ -37,6 +38,18 @@ from services.conversation_state.lifecycle import CustomerRecords, Effects, Rule
 from services.conversation_state.model import Line
 from services.conversation_state.store import ConversationStore
 from services.conversation_state.write_behind import JournaledCustomers
+
+
+_APPLIED_KEYS: dict[tuple[str, int], str] = {}
+
+
+def applied_key_of(topic: str, partition: int) -> str:
+    """The key of ``Customer.applied`` for a topic's partition: one string for every customer
+    kept in memory, not one each (a few hundred bytes per customer)."""
+    key = _APPLIED_KEYS.get((topic, partition))
+    if key is None:
+        key = _APPLIED_KEYS[(topic, partition)] = sys.intern(f"{topic}/{partition}")
+    return key
 
 
 class OpeningsFirst:
@@ -188,6 +201,7 @@ class ConversationConsumer:
         await self.memory.append(loaded, partition_of)
         if self.memory.due:  # (confirmed above, moments ago)
             self.memory.store_aged()
+        await self.memory.catch_up()  # backpressure, if the store falls behind
         if self.latency is not None:
             # From the channel's publish (the inbound envelope's time) to the stored update.
             now = self.clock()
@@ -202,7 +216,7 @@ class ConversationConsumer:
         effects: list[tuple[CustomerRecords, Effects, Incoming[Any]]],
         lines: list[Line],
     ) -> None:
-        applied_key = f"{item.record.topic}/{item.record.partition}"
+        applied_key = applied_key_of(item.record.topic, item.record.partition)
         if records.customer is not None and records.customer.applied.get(applied_key, -1) >= item.offset:
             return  # applied before a crash or rebalance: its effects are already out
         fx = Effects(item.envelope.id)

@@ -84,6 +84,10 @@ class CustomerRecords:
     # Conversations whose own stored document may trail ``stored`` (the customer's document
     # holds the newer copy; see the store): written in full once no longer current.
     trailing: set[str] = field(default_factory=set, repr=False, compare=False)
+    # ``stored`` left empty while the customer is kept in memory stored and unchanged: the
+    # store then holds exactly the records' own documents, so they are rebuilt when a batch
+    # takes the customer again instead of being kept twice (see write_behind).
+    stored_derived: bool = field(default=False, repr=False, compare=False)
 
     @property
     def open_conversation(self) -> Conversation | None:

@@ -6,6 +6,7 @@ stay free of any store or broker types.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
@@ -73,7 +74,8 @@ class Customer:
         data["id"] = doc["_id"]
         if data.get("last_channel"):
             data["last_channel"] = Channel(data["last_channel"])
-        data["applied"] = {a["key"]: a["offset"] for a in doc.get("applied", [])}
+        # (the keys interned: the same few topic partitions for every customer held in memory)
+        data["applied"] = {sys.intern(a["key"]): a["offset"] for a in doc.get("applied", [])}
         return cls(**data)
 
 

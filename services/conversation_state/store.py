@@ -117,6 +117,24 @@ def take_held(records: CustomerRecords, customer_doc: Mapping[str, Any]) -> None
             records.trailing.add(conv_id)
 
 
+def shed_stored(records: CustomerRecords) -> None:
+    """Forget ``stored`` of a customer that is stored and unchanged since (their records' own
+    documents are what the store holds); ``rebuild_stored`` makes it again."""
+    records.stored.clear()
+    records.stored_derived = True
+
+
+def rebuild_stored(records: CustomerRecords) -> None:
+    """``stored`` of a customer shed by ``shed_stored``: their conversations' documents and
+    their customer document holding the current ones, made from the records as ``load`` makes
+    them from what it reads."""
+    docs: dict[str, dict[str, Any]] = {conv_id: conv.to_doc() for conv_id, conv in records.conversations.items()}
+    if records.customer is not None:
+        docs[records.customer.id] = customer_document(records, docs)
+    records.stored = docs
+    records.stored_derived = False
+
+
 def customer_fields(doc: Mapping[str, Any]) -> dict[str, Any]:
     """A customer document without the conversations it holds (``Customer.to_doc``'s shape)."""
     return {k: v for k, v in doc.items() if k != HELD}

@@ -57,6 +57,8 @@ from services.conversation_state.store import (
     entry_contents,
     journal_entry,
     keep_current,
+    rebuild_stored,
+    shed_stored,
     take_held,
 )
 
@@ -68,13 +70,15 @@ class JournaledCustomers:
         self,
         store: ConversationStore,
         interval_s: float,
-        max_clean: int = 50_000,
+        max_clean: int = 20_000,
         metrics: CheckpointMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
+        max_unstored: int = 5_000,
     ) -> None:
         self.store = store
         self.interval_s = interval_s
         self.max_clean = max_clean  # stored customers kept in memory (least recently used go first)
+        self.max_unstored = max_unstored  # customers with unstored changes before batches wait (``catch_up``)
         self.metrics = metrics
         self.clock = clock
         self.instance = uuid.uuid4().hex[:12]  # names this process's journal entries
@@ -88,10 +92,16 @@ class JournaledCustomers:
         # Customers overlaid from journal entries this process did not write (they may not
         # hold every current conversation), until their next entry or store.
         self.overlaid: set[str] = set()
+        # Customers a write stored and no batch changed since (so in no write in flight): the
+        # next flush sheds their stored documents (``shed_stored``: about half of what a
+        # customer kept between batches costs in memory), rebuilt when a batch takes them.
+        self.settled: set[str] = set()
+        self.writing_customers: set[str] = set()  # the customers the write in flight stores
         self.assigned: set[int] = set()  # partition numbers (the same across the input topics)
         self.recovered: set[int] = set()
         self.epoch = 0  # moves whenever the memory is dropped
         self.writing: asyncio.Task[None] | None = None
+        self.write_failed = False  # the last write failed (its customers are dirty again)
         self.last_flush = clock()
         self._n = 0
         # The consumer whose partitions these are (set by the service once it exists): a flush
@@ -129,6 +139,8 @@ class JournaledCustomers:
         for cid in customer_ids:
             r = self.records.get(cid)
             if r is not None:
+                if r.stored_derived:
+                    rebuild_stored(r)
                 found[cid] = r
                 self.records.move_to_end(cid)
         return found
@@ -189,6 +201,7 @@ class JournaledCustomers:
             self._forget(c.id)
             self._remember(c.id, {c.id: c.to_doc(), **{x.id: x.to_doc() for x in r.conversations.values()}})
             self.dirty[c.id] = float("-inf")  # stored at the next flush
+            self.settled.discard(c.id)
             self.overlaid.add(c.id)
         overlaid_ids = {r.customer.id for r in overlaid if r.customer is not None}
         for entry_id, customers in holds.items():
@@ -237,6 +250,9 @@ class JournaledCustomers:
             if cid in changed:
                 self._remember(cid, changed[cid])
                 self.dirty.setdefault(cid, journaled_at)
+                self.settled.discard(cid)  # its stored documents are needed again
+            elif cid not in self.dirty and cid not in self.writing_customers:
+                self.settled.add(cid)  # read and left unchanged: as stored
             self.records[cid] = r
             self.records.move_to_end(cid)
         self._report()
@@ -257,6 +273,7 @@ class JournaledCustomers:
         least ``min_age_s`` old (all of them by default: before giving partitions up) and start
         writing them, then delete the journal entries no longer holding anything unstored
         (unless a write is still in flight). Call under ``lock``."""
+        self._shed_settled()  # (while a write is in flight too: none of its customers is settled)
         if self.writing is not None and not self.writing.done():
             return
         if membership_lost(self.consumer()):
@@ -283,6 +300,7 @@ class JournaledCustomers:
         for customers in self.entries.values():
             customers -= ready
         dirty = {cid: self.dirty.pop(cid) for cid in ready}
+        self.writing_customers = set(dirty)
         journaled = {cid for cid, _ in held if cid not in self.overlaid}
         self.writing = asyncio.create_task(
             self._store(changes, dirty, sorted(done), before, stored_until, self.epoch, let_go, journaled)
@@ -307,11 +325,14 @@ class JournaledCustomers:
             await self.store.write_changes(changes, journaled=journaled)
             if done:
                 await bulk_write_chunked(self.store.journal, [DeleteOne({"_id": e}) for e in done])
+            self.write_failed = False
         except Exception:
+            self.write_failed = True
             log.exception("storing conversation state failed; retrying")
             if self.metrics is not None:
                 self.metrics.failures.inc()
             if epoch == self.epoch:  # still ours: stored next time, with whatever it holds by then
+                self.writing_customers = set()
                 for cid, since in dirty.items():
                     self.dirty[cid] = min(since, self.dirty.get(cid, since))
                 for e, customers in before.items():
@@ -324,12 +345,37 @@ class JournaledCustomers:
                                 r.stored[conv_id] = stored
             return
         if epoch == self.epoch:
+            self.writing_customers = set()
             for cid in [c for c in dirty if c not in self.dirty]:  # (a keys difference walks all of self.dirty)
                 self._forget(cid)  # stored as they are: the store (and ``stored``) is the reference again
                 self.overlaid.discard(cid)
+                self.settled.add(cid)
         if self.metrics is not None:
             self.metrics.stored_at.set(stored_until)
         self._report()
+
+    async def catch_up(self, retry_after_s: float = 0.5) -> None:
+        """Backpressure: while more than ``max_unstored`` customers have changes not yet
+        stored (the store is slower than the input), wait for the write in flight and store
+        everything unstored, before the consumer takes more input. The backlog then stays in
+        Kafka (consumer lag), not in this process's memory. A failed write is retried every
+        ``retry_after_s``; a lapsed membership ends the wait (the next batch stops on it). Call
+        under ``lock``, after a batch is journaled."""
+        if len(self.dirty) <= self.max_unstored:
+            return
+        started = self.clock()
+        try:
+            while len(self.dirty) > self.max_unstored:
+                if self.writing is None or self.writing.done():
+                    self.flush()  # all of them, however recent
+                    if self.writing is None or self.writing.done():
+                        return  # nothing started: the membership lapsed
+                await self.settle()
+                if self.write_failed:
+                    await asyncio.sleep(retry_after_s)
+        finally:
+            if self.metrics is not None:
+                self.metrics.backpressure.inc(max(0.0, self.clock() - started))
 
     async def settle(self) -> None:
         if self.writing is not None:
@@ -343,6 +389,8 @@ class JournaledCustomers:
         self.dirty.clear()
         self.entries.clear()
         self.overlaid.clear()
+        self.settled.clear()
+        self.writing_customers = set()
         self.recovered.clear()
         self.epoch += 1
         if self.metrics is not None:
@@ -362,6 +410,15 @@ class JournaledCustomers:
                         self.store_aged()
             except Exception:  # this loop must outlive any one failure
                 log.exception("recovering or storing conversation state failed; retrying")
+
+    def _shed_settled(self) -> None:
+        """Shed the stored documents of the customers the last writes stored, unless a batch
+        changed them since (under ``lock``: no batch holds them now)."""
+        for cid in self.settled:
+            r = self.records.get(cid)
+            if r is not None and cid not in self.dirty and cid not in self.writing_customers and not r.stored_derived:
+                shed_stored(r)
+        self.settled.clear()
 
     def _evict_clean(self) -> None:
         excess = len(self.records) - self.max_clean

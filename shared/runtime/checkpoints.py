@@ -103,7 +103,7 @@ class CheckpointMetrics:
     """How far a write-behind state is from the store (for the StateNotStored alert). Several
     states of one service share the metric families, labelled by ``state``."""
 
-    _families: weakref.WeakKeyDictionary[CollectorRegistry, tuple[Gauge, Gauge, Counter, Counter]] = weakref.WeakKeyDictionary()
+    _families: weakref.WeakKeyDictionary[CollectorRegistry, tuple[Gauge, Gauge, Counter, Counter, Counter]] = weakref.WeakKeyDictionary()
 
     def __init__(self, registry: CollectorRegistry, state: str) -> None:
         families = self._families.get(registry)
@@ -128,13 +128,20 @@ class CheckpointMetrics:
                     ["state"],
                     registry=registry,
                 ),
+                Counter(
+                    "hometeam_state_backpressure_seconds_total",
+                    "Seconds the consumer waited for its state to be stored before taking more input (too much unstored: the store is slower than the input).",
+                    ["state"],
+                    registry=registry,
+                ),
             )
             self._families[registry] = families
-        unstored, stored_at, failures, rewinds = families
+        unstored, stored_at, failures, rewinds, backpressure = families
         self.unstored = unstored.labels(state)
         self.stored_at = stored_at.labels(state)
         self.failures = failures.labels(state)
         self.rewinds = rewinds.labels(state)
+        self.backpressure = backpressure.labels(state)
         self.stored_at.set_to_current_time()
 
 

@@ -6,6 +6,7 @@ keeps everything for the next attempt."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,17 @@ async def test_a_failed_write_keeps_the_state_and_the_journal_for_the_next_one(s
     assert memory.take(["cus_1"]) == {}  # stored now: evicted
 
 
+async def stored_then_routed(store: ConversationStore) -> tuple[JournaledCustomers, CustomerRecords]:
+    """cus_1's first message stored, then the routing decision journaled, not stored yet."""
+    memory = JournaledCustomers(store, interval_s=60)
+    records = opened("cus_1", "conv_1")
+    await memory.append({"cus_1": records}, {"cus_1": 0})
+    await flushed(memory)
+    routed(records, "ana")
+    await memory.append({"cus_1": records}, {"cus_1": 0})
+    return memory, records
+
+
 async def test_the_read_api_of_the_owner_shows_what_is_not_stored_yet(store, tmp_path) -> None:
     import httpx
     from starlette.applications import Starlette
@@ -160,12 +172,7 @@ async def test_the_read_api_of_the_owner_shows_what_is_not_stored_yet(store, tmp
     from shared.teams import DirectoryWatcher
 
     store, _ = store
-    memory = JournaledCustomers(store, interval_s=60)
-    records = opened("cus_1", "conv_1")
-    await memory.append({"cus_1": records}, {"cus_1": 0})
-    await flushed(memory)
-    routed(records, "ana")
-    await memory.append({"cus_1": records}, {"cus_1": 0})  # journaled, not stored yet
+    memory, records = await stored_then_routed(store)  # the decision journaled, not stored yet
     fresh = opened("cus_2", "conv_2")
     await memory.append({"cus_2": fresh}, {"cus_2": 0})  # never stored at all
     assert (await stored(store, "conversations", "conv_1"))["agent_id"] is None
@@ -840,3 +847,72 @@ async def test_a_customer_stored_while_the_journal_was_read_is_read_again(store,
     found = await store.find_customer("cus_1")
     assert reads == [{"cus_1"}]
     assert found is not None and [c["inbound_count"] for c in found["held"]] == [2]
+
+
+@pytest.mark.parametrize("held", [False, True], ids=["own-documents", "held-copy-trailing"])
+async def test_a_customer_kept_stored_and_unchanged_sheds_its_stored_documents_and_rebuilds_them_as_read(store, held) -> None:
+    """Between batches a stored, unchanged customer keeps no copy of its stored documents
+    (half of what it costs in memory): taken again, they are rebuilt from its records exactly
+    as a read of the store makes them, so the next change writes only what changed."""
+    store, writes = store
+    memory = JournaledCustomers(store, interval_s=60)
+    records = opened("cus_1", "conv_1")
+    await memory.append({"cus_1": records}, {"cus_1": 0})
+    await flushed(memory)
+    if held:  # conv_1's newer copy only in the customer's document: its own trails
+        messaged(records, 2)
+        await memory.append({"cus_1": records}, {"cus_1": 0})
+        await flushed(memory)
+    assert records.stored and not records.stored_derived
+    await flushed(memory)  # the next flush sheds what the last write stored
+    assert records.stored == {} and records.stored_derived
+    assert records.trailing == ({"conv_1"} if held else set())
+
+    taken = memory.take(["cus_1"])["cus_1"]
+    assert taken is records and not records.stored_derived
+    read = (await store.load(["cus_1"], []))["cus_1"]  # the same customer read from the store
+    assert records.stored == read.stored
+    assert records.trailing == ({"conv_1"} if held else set())  # (a read assumes any held copy may trail)
+
+    writes.ops.clear()
+    routed(records, "ana")  # a queried field: the conversation's own document is rewritten
+    await memory.append({"cus_1": records}, {"cus_1": 0})
+    await flushed(memory)
+    assert writes.of("conversations") == [("update", "conv_1")]
+    assert writes.of("customers") == await rewrite_of(store, "cus_1")
+    assert (await expanded(store, "conv_1"))["agent_id"] == "ana"
+
+
+async def test_a_customer_changed_after_its_write_keeps_its_stored_documents(store) -> None:
+    store, _ = store
+    memory, records = await stored_then_routed(store)  # changed again since its write: dirty
+    memory.flush(min_age_s=3600)  # a flush that stores nothing (the change is too recent)
+    await memory.settle()
+    assert records.stored and not records.stored_derived  # what the store holds is still needed
+    assert records.stored["conv_1"]["agent_id"] is None
+
+
+async def test_a_customer_read_unchanged_while_its_write_is_in_flight_keeps_its_stored_documents(store, monkeypatch) -> None:
+    """A customer whose write is in flight (it may fail, and then be written again from its
+    stored documents) is not shed, even if a batch meanwhile takes it and changes nothing."""
+    store, _ = store
+    memory, records = await stored_then_routed(store)
+
+    release = asyncio.Event()
+    write_changes = store.write_changes
+
+    async def failing_later(*args: Any, **kwargs: Any) -> None:
+        await release.wait()
+        raise ConnectionError("store unreachable")
+
+    monkeypatch.setattr(store, "write_changes", failing_later)
+    memory.flush()  # the routed change's write, in flight
+    taken = memory.take(["cus_1"])
+    await memory.append(taken, {"cus_1": 0})  # a batch that changed nothing
+    memory.flush()  # (sheds what is settled; the write is still in flight)
+    assert records.stored and not records.stored_derived
+    release.set()
+    await memory.settle()  # failed: dirty again
+    monkeypatch.setattr(store, "write_changes", write_changes)
+    await flushed(memory)
+    assert (await expanded(store, "conv_1"))["agent_id"] == "ana"  # written on the retry

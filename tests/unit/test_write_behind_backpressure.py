@@ -1,0 +1,119 @@
+"""conversation-state's write-behind holds a bounded backlog: once more than ``max_unstored``
+customers have changes not yet written to their collections (the store is slower than the
+input), the batch that crossed the limit waits until they are written, so the backlog stays
+in Kafka and the process's memory stays bounded. A failed write is retried while waiting."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from services.conversation_state.lifecycle import CustomerRecords
+from services.conversation_state.model import Customer
+from services.conversation_state.write_behind import JournaledCustomers
+from shared.runtime.checkpoints import CheckpointMetrics
+
+NOW = datetime(2026, 12, 5, 9, tzinfo=UTC)
+
+
+class Journal:
+    def __init__(self) -> None:
+        self.entries: list[dict[str, Any]] = []
+
+    async def insert_many(self, docs: list[dict[str, Any]]) -> None:
+        self.entries.extend(docs)
+
+    async def bulk_write(self, ops: list[Any], ordered: bool = True) -> None:
+        return None
+
+
+class SlowStore:
+    """A store whose writes finish only when the test lets them (``gate``), and can fail."""
+
+    def __init__(self) -> None:
+        self.journal = Journal()
+        self.gate = asyncio.Event()
+        self.failures = 0  # writes still to fail
+        self.written: list[set[str]] = []
+
+    async def write_changes(self, changes: Any, journaled: Any = ()) -> None:
+        await self.gate.wait()
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("store unreachable")
+        self.written.append({doc["_id"] for doc, _ in changes.customers})
+
+
+def batch(*customer_ids: str) -> dict[str, CustomerRecords]:
+    return {
+        cid: CustomerRecords(customer=Customer(id=cid, home_team_id="pnw", home_team_source="area_code", created_at=NOW))
+        for cid in customer_ids
+    }
+
+
+async def journaled(memory: JournaledCustomers, *customer_ids: str) -> None:
+    records = batch(*customer_ids)
+    await memory.append(records, {cid: 0 for cid in customer_ids})
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+async def test_within_the_limit_a_batch_does_not_wait(registry) -> None:
+    store = SlowStore()
+    memory = JournaledCustomers(store, interval_s=60, metrics=CheckpointMetrics(registry, "conversations"), max_unstored=3)  # type: ignore[arg-type]
+    await journaled(memory, "cus_1", "cus_2", "cus_3")
+    await asyncio.wait_for(memory.catch_up(), timeout=1)  # three unstored: at the limit, no write started
+    assert memory.writing is None and len(memory.dirty) == 3
+    assert registry.get_sample_value("hometeam_state_backpressure_seconds_total", {"state": "conversations"}) == 0
+
+
+async def test_over_the_limit_the_batch_waits_until_the_backlog_is_stored(registry) -> None:
+    store = SlowStore()
+    memory = JournaledCustomers(store, interval_s=60, metrics=CheckpointMetrics(registry, "conversations"), max_unstored=3)  # type: ignore[arg-type]
+    await journaled(memory, "cus_1", "cus_2", "cus_3", "cus_4")
+    waiting = asyncio.create_task(memory.catch_up())
+    await asyncio.sleep(0.05)
+    assert not waiting.done()  # the store has not answered: the consumer takes no more input
+    assert memory.writing is not None  # everything unstored is being written, however recent
+    store.gate.set()
+    await asyncio.wait_for(waiting, timeout=1)
+    assert store.written == [{"cus_1", "cus_2", "cus_3", "cus_4"}]
+    assert memory.dirty == {}
+    assert registry.get_sample_value("hometeam_state_backpressure_seconds_total", {"state": "conversations"}) > 0
+
+
+async def test_a_failed_write_is_retried_while_the_batch_waits(registry) -> None:
+    store = SlowStore()
+    store.failures = 2
+    store.gate.set()
+    memory = JournaledCustomers(store, interval_s=60, metrics=CheckpointMetrics(registry, "conversations"), max_unstored=1)  # type: ignore[arg-type]
+    await journaled(memory, "cus_1", "cus_2")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await asyncio.wait_for(memory.catch_up(retry_after_s=0.05), timeout=2)
+    assert store.written == [{"cus_1", "cus_2"}]  # the third attempt ...
+    assert loop.time() - started >= 0.1  # ... each failure followed by a pause, not a busy retry
+    assert memory.dirty == {} and memory.write_failed is False
+    assert registry.get_sample_value("hometeam_state_store_failures_total", {"state": "conversations"}) == 2
+
+
+async def test_a_write_already_in_flight_is_waited_for_then_the_rest_is_stored(registry) -> None:
+    store = SlowStore()
+    memory = JournaledCustomers(store, interval_s=60, metrics=CheckpointMetrics(registry, "conversations"), max_unstored=2)  # type: ignore[arg-type]
+    await journaled(memory, "cus_1")
+    memory.flush()  # the aged customers' write, still in flight ...
+    await journaled(memory, "cus_2", "cus_3", "cus_4")  # ... while the next batch crosses the limit
+    waiting = asyncio.create_task(memory.catch_up())
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    store.gate.set()
+    await asyncio.wait_for(waiting, timeout=1)
+    assert store.written == [{"cus_1"}, {"cus_2", "cus_3", "cus_4"}]
+    assert memory.dirty == {}
