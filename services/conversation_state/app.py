@@ -59,7 +59,7 @@ class ConversationStateSettings(ServiceSettings):
         default=20_000, ge=0, description="Stored customers whose state stays in memory between batches (0: none kept once stored)"
     )
     state_max_unstored_customers: int = Field(
-        default=5_000,
+        default=20_000,
         ge=1,
         description=(
             "Customers with changes not yet written to their collections before the consumer stops taking input until "

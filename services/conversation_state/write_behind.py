@@ -73,7 +73,7 @@ class JournaledCustomers:
         max_clean: int = 20_000,
         metrics: CheckpointMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
-        max_unstored: int = 5_000,
+        max_unstored: int = 20_000,
     ) -> None:
         self.store = store
         self.interval_s = interval_s
@@ -356,8 +356,9 @@ class JournaledCustomers:
 
     async def catch_up(self, retry_after_s: float = 0.5) -> None:
         """Backpressure: while more than ``max_unstored`` customers have changes not yet
-        stored (the store is slower than the input), wait for the write in flight and store
-        everything unstored, before the consumer takes more input. The backlog then stays in
+        stored (the store is slower than the input), wait for the write in flight, start the
+        next (of the customers whose changes have aged, or else of all), and so on until
+        within the limit, before the consumer takes more input. The backlog then stays in
         Kafka (consumer lag), not in this process's memory. A failed write is retried every
         ``retry_after_s``; a lapsed membership ends the wait (the next batch stops on it). Call
         under ``lock``, after a batch is journaled."""
@@ -367,9 +368,14 @@ class JournaledCustomers:
         try:
             while len(self.dirty) > self.max_unstored:
                 if self.writing is None or self.writing.done():
-                    self.flush()  # all of them, however recent
+                    # The aged ones first (a customer changed a moment ago usually changes
+                    # again soon: its routing decision), all of them if none is.
+                    now = self.clock()
+                    aged = any(now - since >= self.interval_s for since in self.dirty.values())
+                    self.flush(min_age_s=self.interval_s if aged else 0.0)
                     if self.writing is None or self.writing.done():
                         return  # nothing started: the membership lapsed
+                    continue  # (its customers left ``dirty``: within the limit, the batches go on while it writes)
                 await self.settle()
                 if self.write_failed:
                     await asyncio.sleep(retry_after_s)

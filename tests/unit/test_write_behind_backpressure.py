@@ -1,7 +1,8 @@
 """conversation-state's write-behind holds a bounded backlog: once more than ``max_unstored``
 customers have changes not yet written to their collections (the store is slower than the
-input), the batch that crossed the limit waits until they are written, so the backlog stays
-in Kafka and the process's memory stays bounded. A failed write is retried while waiting."""
+input), the batch that crossed the limit waits for the write in flight and starts the next,
+until within the limit, so the backlog stays in Kafka and the process's memory stays
+bounded. A failed write is retried after a pause while waiting."""
 
 from __future__ import annotations
 
@@ -74,34 +75,38 @@ async def test_within_the_limit_a_batch_does_not_wait(registry) -> None:
     assert registry.get_sample_value("hometeam_state_backpressure_seconds_total", {"state": "conversations"}) == 0
 
 
-async def test_over_the_limit_the_batch_waits_until_the_backlog_is_stored(registry) -> None:
+async def test_over_the_limit_with_no_write_in_flight_a_write_starts_and_the_batches_go_on(registry) -> None:
     store = SlowStore()
     memory = JournaledCustomers(store, interval_s=60, metrics=CheckpointMetrics(registry, "conversations"), max_unstored=3)  # type: ignore[arg-type]
     await journaled(memory, "cus_1", "cus_2", "cus_3", "cus_4")
-    waiting = asyncio.create_task(memory.catch_up())
-    await asyncio.sleep(0.05)
-    assert not waiting.done()  # the store has not answered: the consumer takes no more input
-    assert memory.writing is not None  # everything unstored is being written, however recent
-    store.gate.set()
-    await asyncio.wait_for(waiting, timeout=1)
-    assert store.written == [{"cus_1", "cus_2", "cus_3", "cus_4"}]
+    await asyncio.wait_for(memory.catch_up(), timeout=1)  # the store has not answered, and need not have
+    assert memory.writing is not None and not memory.writing.done()  # everything unstored is being written
     assert memory.dirty == {}
-    assert registry.get_sample_value("hometeam_state_backpressure_seconds_total", {"state": "conversations"}) > 0
-
-
-async def test_a_failed_write_is_retried_while_the_batch_waits(registry) -> None:
-    store = SlowStore()
-    store.failures = 2
     store.gate.set()
+    await memory.settle()
+    assert store.written == [{"cus_1", "cus_2", "cus_3", "cus_4"}]
+
+
+async def test_a_failed_write_is_retried_after_a_pause_while_the_batch_waits(registry) -> None:
+    store = SlowStore()
+    store.failures = 1
     memory = JournaledCustomers(store, interval_s=60, metrics=CheckpointMetrics(registry, "conversations"), max_unstored=1)  # type: ignore[arg-type]
-    await journaled(memory, "cus_1", "cus_2")
+    await journaled(memory, "cus_1")
+    memory.flush()  # in flight; it will fail
+    await journaled(memory, "cus_2", "cus_3")  # over the limit meanwhile
     loop = asyncio.get_running_loop()
     started = loop.time()
-    await asyncio.wait_for(memory.catch_up(retry_after_s=0.05), timeout=2)
-    assert store.written == [{"cus_1", "cus_2"}]  # the third attempt ...
-    assert loop.time() - started >= 0.1  # ... each failure followed by a pause, not a busy retry
+    waiting = asyncio.create_task(memory.catch_up(retry_after_s=0.05))
+    await asyncio.sleep(0.02)
+    assert not waiting.done()  # the write in flight holds the batch
+    store.gate.set()
+    await asyncio.wait_for(waiting, timeout=2)
+    assert loop.time() - started >= 0.05  # the failure was followed by a pause, not a busy retry
+    await memory.settle()
+    assert store.written == [{"cus_1", "cus_2", "cus_3"}]  # the retry took the failed write's customers too
     assert memory.dirty == {} and memory.write_failed is False
-    assert registry.get_sample_value("hometeam_state_store_failures_total", {"state": "conversations"}) == 2
+    assert registry.get_sample_value("hometeam_state_store_failures_total", {"state": "conversations"}) == 1
+    assert registry.get_sample_value("hometeam_state_backpressure_seconds_total", {"state": "conversations"}) > 0
 
 
 async def test_a_write_already_in_flight_is_waited_for_then_the_rest_is_stored(registry) -> None:
@@ -115,5 +120,25 @@ async def test_a_write_already_in_flight_is_waited_for_then_the_rest_is_stored(r
     assert not waiting.done()
     store.gate.set()
     await asyncio.wait_for(waiting, timeout=1)
+    assert memory.dirty == {}  # the rest is being written: within the limit, the batches go on
+    await memory.settle()
     assert store.written == [{"cus_1"}, {"cus_2", "cus_3", "cus_4"}]
-    assert memory.dirty == {}
+
+
+async def test_the_customers_whose_changes_have_aged_are_stored_first(registry) -> None:
+    """Over the limit, a write of the aged customers that brings the backlog within it is
+    enough: the ones changed a moment ago (whose routing decision is about to follow) wait
+    for their own interval, so a customer is not written twice for one message."""
+    store = SlowStore()
+    store.gate.set()
+    now = [0.0]
+    memory = JournaledCustomers(
+        store, interval_s=1.0, metrics=CheckpointMetrics(registry, "conversations"), clock=lambda: now[0], max_unstored=2  # type: ignore[arg-type]
+    )
+    await journaled(memory, "cus_1", "cus_2")
+    now[0] = 1.5
+    await journaled(memory, "cus_3", "cus_4")
+    await asyncio.wait_for(memory.catch_up(), timeout=1)
+    await memory.settle()
+    assert store.written == [{"cus_1", "cus_2"}]
+    assert set(memory.dirty) == {"cus_3", "cus_4"}
