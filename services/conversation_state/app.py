@@ -98,7 +98,7 @@ def create_service(
         store,
         settings.state_flush_interval_s,
         settings.state_cache_customers,
-        CheckpointMetrics(runtime.registry, "conversations"),
+        CheckpointMetrics(runtime.registry, "conversations", backpressure=True),
         max_unstored=settings.state_max_unstored_customers,
     )
     consumer = ConversationConsumer(

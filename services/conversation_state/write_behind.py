@@ -380,7 +380,7 @@ class JournaledCustomers:
                 if self.write_failed:
                     await asyncio.sleep(retry_after_s)
         finally:
-            if self.metrics is not None:
+            if self.metrics is not None and self.metrics.backpressure is not None:
                 self.metrics.backpressure.inc(max(0.0, self.clock() - started))
 
     async def settle(self) -> None:

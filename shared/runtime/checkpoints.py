@@ -105,7 +105,7 @@ class CheckpointMetrics:
 
     _families: weakref.WeakKeyDictionary[CollectorRegistry, tuple[Gauge, Gauge, Counter, Counter, Counter]] = weakref.WeakKeyDictionary()
 
-    def __init__(self, registry: CollectorRegistry, state: str) -> None:
+    def __init__(self, registry: CollectorRegistry, state: str, backpressure: bool = False) -> None:
         families = self._families.get(registry)
         if families is None:
             families = (
@@ -136,12 +136,14 @@ class CheckpointMetrics:
                 ),
             )
             self._families[registry] = families
-        unstored, stored_at, failures, rewinds, backpressure = families
+        unstored, stored_at, failures, rewinds, backpressure_family = families
         self.unstored = unstored.labels(state)
         self.stored_at = stored_at.labels(state)
         self.failures = failures.labels(state)
         self.rewinds = rewinds.labels(state)
-        self.backpressure = backpressure.labels(state)
+        # Only a state whose consumer waits for its store has the series (the others' would
+        # read 0 forever).
+        self.backpressure = backpressure_family.labels(state) if backpressure else None
         self.stored_at.set_to_current_time()
 
 

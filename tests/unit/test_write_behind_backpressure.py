@@ -68,7 +68,7 @@ def registry() -> CollectorRegistry:
 
 async def test_within_the_limit_a_batch_does_not_wait(registry) -> None:
     store = SlowStore()
-    memory = JournaledCustomers(store, interval_s=60, metrics=CheckpointMetrics(registry, "conversations"), max_unstored=3)  # type: ignore[arg-type]
+    memory = JournaledCustomers(store, interval_s=60, metrics=CheckpointMetrics(registry, "conversations", backpressure=True), max_unstored=3)  # type: ignore[arg-type]
     await journaled(memory, "cus_1", "cus_2", "cus_3")
     await asyncio.wait_for(memory.catch_up(), timeout=1)  # three unstored: at the limit, no write started
     assert memory.writing is None and len(memory.dirty) == 3
@@ -77,7 +77,7 @@ async def test_within_the_limit_a_batch_does_not_wait(registry) -> None:
 
 async def test_over_the_limit_with_no_write_in_flight_a_write_starts_and_the_batches_go_on(registry) -> None:
     store = SlowStore()
-    memory = JournaledCustomers(store, interval_s=60, metrics=CheckpointMetrics(registry, "conversations"), max_unstored=3)  # type: ignore[arg-type]
+    memory = JournaledCustomers(store, interval_s=60, metrics=CheckpointMetrics(registry, "conversations", backpressure=True), max_unstored=3)  # type: ignore[arg-type]
     await journaled(memory, "cus_1", "cus_2", "cus_3", "cus_4")
     await asyncio.wait_for(memory.catch_up(), timeout=1)  # the store has not answered, and need not have
     assert memory.writing is not None and not memory.writing.done()  # everything unstored is being written
@@ -90,7 +90,7 @@ async def test_over_the_limit_with_no_write_in_flight_a_write_starts_and_the_bat
 async def test_a_failed_write_is_retried_after_a_pause_while_the_batch_waits(registry) -> None:
     store = SlowStore()
     store.failures = 1
-    memory = JournaledCustomers(store, interval_s=60, metrics=CheckpointMetrics(registry, "conversations"), max_unstored=1)  # type: ignore[arg-type]
+    memory = JournaledCustomers(store, interval_s=60, metrics=CheckpointMetrics(registry, "conversations", backpressure=True), max_unstored=1)  # type: ignore[arg-type]
     await journaled(memory, "cus_1")
     memory.flush()  # in flight; it will fail
     await journaled(memory, "cus_2", "cus_3")  # over the limit meanwhile
@@ -111,7 +111,7 @@ async def test_a_failed_write_is_retried_after_a_pause_while_the_batch_waits(reg
 
 async def test_a_write_already_in_flight_is_waited_for_then_the_rest_is_stored(registry) -> None:
     store = SlowStore()
-    memory = JournaledCustomers(store, interval_s=60, metrics=CheckpointMetrics(registry, "conversations"), max_unstored=2)  # type: ignore[arg-type]
+    memory = JournaledCustomers(store, interval_s=60, metrics=CheckpointMetrics(registry, "conversations", backpressure=True), max_unstored=2)  # type: ignore[arg-type]
     await journaled(memory, "cus_1")
     memory.flush()  # the aged customers' write, still in flight ...
     await journaled(memory, "cus_2", "cus_3", "cus_4")  # ... while the next batch crosses the limit
@@ -133,7 +133,7 @@ async def test_the_customers_whose_changes_have_aged_are_stored_first(registry) 
     store.gate.set()
     now = [0.0]
     memory = JournaledCustomers(
-        store, interval_s=1.0, metrics=CheckpointMetrics(registry, "conversations"), clock=lambda: now[0], max_unstored=2  # type: ignore[arg-type]
+        store, interval_s=1.0, metrics=CheckpointMetrics(registry, "conversations", backpressure=True), clock=lambda: now[0], max_unstored=2  # type: ignore[arg-type]
     )
     await journaled(memory, "cus_1", "cus_2")
     now[0] = 1.5
