@@ -84,9 +84,9 @@ class JournaledCustomers:
         self.instance = uuid.uuid4().hex[:12]  # names this process's journal entries
         self.lock = asyncio.Lock()  # batches, captures and recoveries run one at a time
         self.records: OrderedDict[str, CustomerRecords] = OrderedDict()
-        # The documents as last journaled or stored, by id (what a batch compares with).
-        self.written: dict[str, dict[str, dict[str, Any]]] = {}
-        self.owner_of: dict[str, str] = {}  # conversation id → customer id, for what ``written`` holds
+        # Conversation id → customer id, for the conversations of the customers not stored yet
+        # (unstored or in the write in flight): what the read API finds in memory (``latest``).
+        self.owner_of: dict[str, str] = {}
         self.dirty: dict[str, float] = {}  # customer → when its oldest unstored change was journaled (clock)
         self.entries: dict[str, set[str]] = {}  # journal entry → its customers not stored yet (deleted when none)
         # Customers overlaid from journal entries this process did not write (they may not
@@ -108,30 +108,42 @@ class JournaledCustomers:
         # while its group membership has lapsed would write over the next owner's documents.
         self.consumer: Callable[[], AIOKafkaConsumer | None] = lambda: None
 
+    def _unstored(self, customer_id: str) -> CustomerRecords | None:
+        """The records of a customer not stored as they are yet (changed since, or in the write
+        in flight), if this process holds one."""
+        if customer_id in self.dirty or customer_id in self.writing_customers:
+            return self.records.get(customer_id)
+        return None
+
     def latest(self, doc_id: str, customer_id: str | None = None) -> dict[str, Any] | None:
-        """The newest document this process holds for a customer (``doc_id`` = customer id) or
-        a conversation, if it holds one: newer than the store until the next flush. For the
-        read API of the replica that owns the customer."""
+        """The document of a customer (``doc_id`` = customer id, ``Customer.to_doc``'s shape)
+        or a conversation of theirs, made from this process's records while they are newer
+        than the store (until their write lands), else None. For the read API of the replica
+        that owns the customer: what its consumer has applied shows at once (a batch being
+        published included; the records are made again from the journal if it fails)."""
         owner = customer_id or self.owner_of.get(doc_id) or doc_id
-        return self.written.get(owner, {}).get(doc_id)
+        r = self._unstored(owner)
+        if r is None or r.customer is None:
+            return None
+        if doc_id == owner:
+            return r.customer.to_doc()
+        conv = r.conversations.get(doc_id)
+        return conv.to_doc() if conv is not None else None
 
     def conversations_of(self, customer_id: str) -> dict[str, dict[str, Any]]:
-        """The conversation documents this process holds for a customer (see ``latest``)."""
-        return {k: v for k, v in self.written.get(customer_id, {}).items() if k != customer_id}
+        """The conversation documents of a customer newer than the store (see ``latest``)."""
+        r = self._unstored(customer_id)
+        return {} if r is None else {conv_id: conv.to_doc() for conv_id, conv in r.conversations.items()}
 
-    def _remember(self, customer_id: str, docs: dict[str, dict[str, Any]]) -> None:
-        self.written.setdefault(customer_id, {}).update(docs)
-        for doc_id in docs:
-            if doc_id != customer_id:
-                self.owner_of[doc_id] = customer_id
+    def _remember(self, records: CustomerRecords) -> None:
+        if records.customer is not None:
+            for conv_id in records.conversations:
+                self.owner_of[conv_id] = records.customer.id
 
-    def _forget(self, customer_id: str, keep: Callable[[str], bool] = lambda _: False) -> None:
-        docs = self.written.pop(customer_id, {})
-        kept = {k: v for k, v in docs.items() if keep(k)}
-        for doc_id in docs.keys() - kept.keys():
-            self.owner_of.pop(doc_id, None)
-        if kept:
-            self.written[customer_id] = kept
+    def _forget(self, records: CustomerRecords, keep: Collection[str] = ()) -> None:
+        for conv_id in records.conversations:
+            if conv_id not in keep:
+                self.owner_of.pop(conv_id, None)
 
     # batches -------------------------------------------------------------------------------
     def take(self, customer_ids: Iterable[str]) -> dict[str, CustomerRecords]:
@@ -198,8 +210,7 @@ class JournaledCustomers:
                     r.conversations[conv_id] = Conversation.from_doc(found[conv_id])
                     r.stored[conv_id] = found[conv_id]
             self.records[c.id] = r
-            self._forget(c.id)
-            self._remember(c.id, {c.id: c.to_doc(), **{x.id: x.to_doc() for x in r.conversations.values()}})
+            self._remember(r)
             self.dirty[c.id] = float("-inf")  # stored at the next flush
             self.settled.discard(c.id)
             self.overlaid.add(c.id)
@@ -214,11 +225,14 @@ class JournaledCustomers:
         """Journal what this batch changed (one insert command), then keep it in memory as
         dirty. Call under ``lock``, after the batch's outputs are out."""
         by_partition: dict[int, dict[str, list[dict[str, Any]]]] = {}
-        changed: dict[str, dict[str, dict[str, Any]]] = {}
+        changed: set[str] = set()
         for cid, r in loaded.items():
             if r.customer is None:
                 continue
-            before = self.written.get(cid) or r.stored
+            # Compared with the store's (a customer journaled since is journaled again even if
+            # this batch changed nothing: a replay of what it applied, rare; the journal is
+            # not kept twice in memory).
+            before = r.stored
             docs = [c.to_doc() for c in r.conversations.values()]
             convs = [d for d in docs if before.get(d["_id"]) != d]
             doc = r.customer.to_doc()
@@ -234,7 +248,7 @@ class JournaledCustomers:
             entry = by_partition.setdefault(partition_of[cid], {"customers": [], "conversations": []})
             entry["customers"].append(doc)
             entry["conversations"].extend(convs)
-            changed[cid] = {doc["_id"]: doc, **{d["_id"]: d for d in convs}}
+            changed.add(cid)
             self.overlaid.discard(cid)
         if by_partition:
             now = datetime.now(UTC)
@@ -248,7 +262,7 @@ class JournaledCustomers:
         journaled_at = self.clock()
         for cid, r in loaded.items():
             if cid in changed:
-                self._remember(cid, changed[cid])
+                self._remember(r)
                 self.dirty.setdefault(cid, journaled_at)
                 self.settled.discard(cid)  # its stored documents are needed again
             elif cid not in self.dirty and cid not in self.writing_customers:
@@ -291,8 +305,10 @@ class JournaledCustomers:
         changes = changes_of(r for _, r in held)
         let_go: list[tuple[CustomerRecords, LetGo]] = []
         for cid, r in held:
-            let_go.append((r, keep_current(r)))  # older conversations are read again if a record names them
-            self._forget(cid, keep=lambda k, r=r, cid=cid: k == cid or k in r.conversations)  # type: ignore[misc]
+            gone = keep_current(r)  # older conversations are read again if a record names them
+            let_go.append((r, gone))
+            for conv_id in gone:
+                self.owner_of.pop(conv_id, None)
         # What the entries held before, to put back if the write fails.
         before = {e: set(customers) for e, customers in self.entries.items() if e in done or customers & ready}
         for e in done:
@@ -343,11 +359,13 @@ class JournaledCustomers:
                             r.conversations[conv_id] = conv
                             if stored is not None:
                                 r.stored[conv_id] = stored
+                    self._remember(r)
             return
         if epoch == self.epoch:
             self.writing_customers = set()
             for cid in [c for c in dirty if c not in self.dirty]:  # (a keys difference walks all of self.dirty)
-                self._forget(cid)  # stored as they are: the store (and ``stored``) is the reference again
+                if (r := self.records.get(cid)) is not None:
+                    self._forget(r)  # stored as they are: the store (and ``stored``) is the reference again
                 self.overlaid.discard(cid)
                 self.settled.add(cid)
         if self.metrics is not None:
@@ -390,7 +408,6 @@ class JournaledCustomers:
     def drop(self) -> None:
         """Forget everything in memory (the journal keeps what was not stored)."""
         self.records.clear()
-        self.written.clear()
         self.owner_of.clear()
         self.dirty.clear()
         self.entries.clear()
@@ -432,13 +449,12 @@ class JournaledCustomers:
             return
         victims = []
         for cid in self.records:
-            if cid not in self.dirty:
+            if cid not in self.dirty and cid not in self.writing_customers:  # (the read API reads those)
                 victims.append(cid)
                 if len(victims) == excess:
                     break
         for cid in victims:
-            del self.records[cid]
-            self._forget(cid)
+            self._forget(self.records.pop(cid))
 
     def _report(self) -> None:
         if self.metrics is not None:
