@@ -370,9 +370,10 @@ class ConversationStore:
         await self.save_lines(lines)
         await self.write_changes(changes_of(records))
 
-    async def write_changes(self, changes: Changes, journaled: Collection[str] = ()) -> None:
+    async def write_changes(self, changes: Changes, journaled: Collection[str] = (), mark: bool = True) -> None:
         """Conversations before customers (which carry the applied offsets); then the records
-        know what the store holds. ``journaled``: customers whose newest journal entry holds
+        know what the store holds (``mark_written``; ``mark=False``: the caller marked them
+        when it took the changes). ``journaled``: customers whose newest journal entry holds
         them with their current conversations and stays until this returns
         (``write_behind``); where the store does it for less (FerretDB:
         ``delete_then_insert_is_cheaper``), such a customer, if stored, is rewritten by
@@ -382,12 +383,8 @@ class ConversationStore:
         await _upsert(self.conversations, changes.conversations, CONVERSATION_QUERY_FIELDS)
         by_delete = journaled if changes.customers and await delete_then_insert_is_cheaper(self.customers) else ()
         await _upsert(self.customers, changes.customers, delete_first=by_delete)
-        for r, doc in changes.written:
-            r.stored[doc["_id"]] = doc
-            r.trailing.discard(doc["_id"])
-        for r, doc in changes.held_only:  # as the customer's document now holds it
-            r.stored[doc["_id"]] = doc
-            r.trailing.add(doc["_id"])
+        if mark:
+            mark_written(changes)
 
 
 @dataclass(slots=True)
@@ -400,6 +397,25 @@ class Changes:
     customers: list[tuple[dict[str, Any], bool]] = field(default_factory=list)
     written: list[tuple[CustomerRecords, dict[str, Any]]] = field(default_factory=list)
     held_only: list[tuple[CustomerRecords, dict[str, Any]]] = field(default_factory=list)
+
+
+def mark_written(changes: Changes) -> None:
+    """Make the records' ``stored`` what the store holds once these changes are written: the
+    documents written replace what was stored of them (which is then let go)."""
+    for r, doc in changes.written:
+        r.stored[doc["_id"]] = doc
+        r.trailing.discard(doc["_id"])
+    for r, doc in changes.held_only:  # as the customer's document now holds it
+        r.stored[doc["_id"]] = doc
+        r.trailing.add(doc["_id"])
+
+
+def stored_unknown(records: CustomerRecords) -> None:
+    """After a write that failed (some of it may have landed, ``mark_written`` assumed it
+    all): the records no longer claim to know what the store holds, so the next write writes
+    every document, inserting it and replacing it where it exists (``_upsert``)."""
+    records.stored.clear()
+    records.stored_derived = False
 
 
 def changes_of(records: Iterable[CustomerRecords]) -> Changes:

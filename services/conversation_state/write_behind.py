@@ -57,8 +57,10 @@ from services.conversation_state.store import (
     entry_contents,
     journal_entry,
     keep_current,
+    mark_written,
     rebuild_stored,
     shed_stored,
+    stored_unknown,
     take_held,
 )
 
@@ -303,6 +305,10 @@ class JournaledCustomers:
             return
         held = [(cid, r) for cid in ready if (r := self.records.get(cid)) is not None]
         changes = changes_of(r for _, r in held)
+        # ``stored`` as it will be once the write lands, now: what it held of these customers is
+        # let go while the write is in flight instead of kept beside the documents written (if
+        # the write fails, the records no longer claim to know what is stored: ``_store``).
+        mark_written(changes)
         let_go: list[tuple[CustomerRecords, LetGo]] = []
         for cid, r in held:
             gone = keep_current(r)  # older conversations are read again if a record names them
@@ -336,9 +342,9 @@ class JournaledCustomers:
         """Write what ``flush`` captured under the memory of ``epoch`` (the memory as it was
         then: after a ``drop`` nothing is put back). If the write fails, the conversations
         ``flush`` let go of (no longer current: their changes are in this write) are taken
-        back, to be written next time."""
+        back, and the customers' documents are all written next time (``stored_unknown``)."""
         try:
-            await self.store.write_changes(changes, journaled=journaled)
+            await self.store.write_changes(changes, journaled=journaled, mark=False)
             if done:
                 await bulk_write_chunked(self.store.journal, [DeleteOne({"_id": e}) for e in done])
             self.write_failed = False
@@ -354,11 +360,9 @@ class JournaledCustomers:
                 for e, customers in before.items():
                     self.entries.setdefault(e, set()).update(customers)
                 for r, conversations in let_go:
-                    for conv_id, (conv, stored) in conversations.items():
-                        if conv_id not in r.conversations:
-                            r.conversations[conv_id] = conv
-                            if stored is not None:
-                                r.stored[conv_id] = stored
+                    for conv_id, (conv, _) in conversations.items():
+                        r.conversations.setdefault(conv_id, conv)
+                    stored_unknown(r)  # every document written in full next time
                     self._remember(r)
             return
         if epoch == self.epoch:

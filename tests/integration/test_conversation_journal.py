@@ -916,3 +916,57 @@ async def test_a_customer_read_unchanged_while_its_write_is_in_flight_keeps_its_
     monkeypatch.setattr(store, "write_changes", write_changes)
     await flushed(memory)
     assert (await expanded(store, "conv_1"))["agent_id"] == "ana"  # written on the retry
+
+
+async def test_while_a_write_is_in_flight_its_customers_keep_only_the_documents_it_writes(store, monkeypatch) -> None:
+    """The documents a write replaces are let go when it starts (not kept beside the new ones
+    until it lands): the records' ``stored`` are the documents being written."""
+    store, _ = store
+    memory, records = await stored_then_routed(store)  # stored without an agent; routed since
+    release = asyncio.Event()
+    write_changes = store.write_changes
+
+    async def held_back(*args: Any, **kwargs: Any) -> None:
+        await release.wait()
+        await write_changes(*args, **kwargs)
+
+    monkeypatch.setattr(store, "write_changes", held_back)
+    memory.flush()
+    assert records.stored["conv_1"]["agent_id"] == "ana"  # (the store's document has none yet)
+    assert records.stored["cus_1"]["held"] == [records.stored["conv_1"]]
+    release.set()
+    await memory.settle()
+    assert (await expanded(store, "conv_1"))["agent_id"] == "ana"
+
+
+async def test_a_write_that_failed_half_way_is_redone_in_full(store, monkeypatch) -> None:
+    """The conversations landed, the customers did not: the records no longer claim to know
+    what is stored, so the next write writes every document again (inserting, replacing what
+    exists), and the store ends as the records are."""
+    store, writes = store
+    memory, records = await stored_then_routed(store)
+    messaged(records)
+    await memory.append({"cus_1": records}, {"cus_1": 0})
+    replace_customers = store.customers.bulk_write
+    insert_customers = store.customers.insert_many
+
+    async def down(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("store unreachable")
+
+    monkeypatch.setattr(store.customers, "bulk_write", down)
+    monkeypatch.setattr(store.customers, "insert_many", down)
+    await flushed(memory)
+    assert memory.write_failed and "cus_1" in memory.dirty
+    assert (await expanded(store, "conv_1"))["agent_id"] == "ana"  # this part landed
+    assert records.stored == {}
+    monkeypatch.setattr(store.customers, "bulk_write", replace_customers)
+    monkeypatch.setattr(store.customers, "insert_many", insert_customers)
+    before = len(writes.of("conversations"))
+    await flushed(memory)
+    assert not memory.write_failed and memory.dirty == {}
+    assert {doc_id for _, doc_id in writes.of("conversations")[before:]} == {"conv_1"}  # written again in full
+    customer = expand_document(await stored(store, "customers", "cus_1"))
+    assert customer["applied"] == [{"key": k, "offset": v} for k, v in records.customer.applied.items()]  # type: ignore[union-attr]
+    assert customer["held"] == [records.conversations["conv_1"].to_doc()]
+    assert expand_document(await stored(store, "conversations", "conv_1")) == records.conversations["conv_1"].to_doc()
+    assert await store.journal.count_documents({}) == 0

@@ -41,7 +41,7 @@ class SlowStore:
         self.failures = 0  # writes still to fail
         self.written: list[set[str]] = []
 
-    async def write_changes(self, changes: Any, journaled: Any = ()) -> None:
+    async def write_changes(self, changes: Any, journaled: Any = (), mark: bool = True) -> None:
         await self.gate.wait()
         if self.failures:
             self.failures -= 1
