@@ -402,10 +402,14 @@ class Changes:
 def mark_written(changes: Changes) -> None:
     """Make the records' ``stored`` what the store holds once these changes are written: the
     documents written replace what was stored of them (which is then let go)."""
-    for r, doc in changes.written:
+    _mark(changes.written, changes.held_only)
+
+
+def _mark(written: Iterable[tuple[CustomerRecords, dict[str, Any]]], held_only: Iterable[tuple[CustomerRecords, dict[str, Any]]]) -> None:
+    for r, doc in written:
         r.stored[doc["_id"]] = doc
         r.trailing.discard(doc["_id"])
-    for r, doc in changes.held_only:  # as the customer's document now holds it
+    for r, doc in held_only:  # as the customer's document now holds it
         r.stored[doc["_id"]] = doc
         r.trailing.add(doc["_id"])
 
@@ -418,15 +422,18 @@ def stored_unknown(records: CustomerRecords) -> None:
     records.stored_derived = False
 
 
-def changes_of(records: Iterable[CustomerRecords]) -> Changes:
+def changes_of(records: Iterable[CustomerRecords], mark: bool = False) -> Changes:
     """The documents to write. A current conversation that changed: its own document if it is
     new or a queried field changed, else only its customer's document (which holds it). A
     conversation no longer current: its own document if it changed or trails. The customer
-    (holding their current conversations) if that changed."""
+    (holding their current conversations) if that changed. ``mark``: ``mark_written`` each
+    customer's records as soon as their changes are made (what they replace is let go before
+    the next customer's documents are made: a large write never holds both at once)."""
     changes = Changes()
     for r in records:
         if r.customer is None:
             continue
+        written, held_only = len(changes.written), len(changes.held_only)
         current = current_ids(r.customer)
         docs: dict[str, dict[str, Any]] = {}  # each conversation's document, for the customer's to hold
         for conv in r.conversations.values():
@@ -447,6 +454,8 @@ def changes_of(records: Iterable[CustomerRecords]) -> Changes:
         if r.stored.get(r.customer.id) != doc:
             changes.customers.append((doc, r.customer.id in r.stored))
             changes.written.append((r, doc))
+        if mark:
+            _mark(changes.written[written:], changes.held_only[held_only:])
     return changes
 
 

@@ -57,7 +57,6 @@ from services.conversation_state.store import (
     entry_contents,
     journal_entry,
     keep_current,
-    mark_written,
     rebuild_stored,
     shed_stored,
     stored_unknown,
@@ -304,11 +303,10 @@ class JournaledCustomers:
                 self.metrics.stored_at.set(stored_until)
             return
         held = [(cid, r) for cid in ready if (r := self.records.get(cid)) is not None]
-        changes = changes_of(r for _, r in held)
         # ``stored`` as it will be once the write lands, now: what it held of these customers is
         # let go while the write is in flight instead of kept beside the documents written (if
         # the write fails, the records no longer claim to know what is stored: ``_store``).
-        mark_written(changes)
+        changes = changes_of((r for _, r in held), mark=True)
         let_go: list[tuple[CustomerRecords, LetGo]] = []
         for cid, r in held:
             gone = keep_current(r)  # older conversations are read again if a record names them
@@ -376,20 +374,27 @@ class JournaledCustomers:
             self.metrics.stored_at.set(stored_until)
         self._report()
 
+    @property
+    def unstored(self) -> int:
+        """Customers not stored as they are: changed since their last write, or in the write
+        in flight."""
+        return len(self.dirty) + len(self.writing_customers)
+
     async def catch_up(self, retry_after_s: float = 0.5) -> None:
-        """Backpressure: while more than ``max_unstored`` customers have changes not yet
-        stored (the store is slower than the input), wait for the write in flight, start the
-        next (of the customers whose changes have aged, or else of all), and so on until
-        within the limit, before the consumer takes more input. The backlog then stays in
-        Kafka (consumer lag), not in this process's memory. A failed write is retried every
+        """Backpressure: while more than ``max_unstored`` customers are not stored as they are
+        (``unstored``: the store is slower than the input), wait for the write in flight,
+        start the next (of the customers whose changes have aged, or else of all), and so on
+        until within the limit, before the consumer takes more input. The backlog then stays
+        in Kafka (consumer lag), not in this process's memory, which holds at most about
+        ``max_unstored`` customers besides its cache. A failed write is retried every
         ``retry_after_s``; a lapsed membership ends the wait (the next batch stops on it). Call
         under ``lock``, after a batch is journaled."""
-        if len(self.dirty) <= self.max_unstored:
+        if self.unstored <= self.max_unstored:
             return
         started = self.clock()
         try:
-            while len(self.dirty) > self.max_unstored:
-                if self.writing is None or self.writing.done():
+            while self.unstored > self.max_unstored:
+                if self.dirty and (self.writing is None or self.writing.done()):
                     # The aged ones first (a customer changed a moment ago usually changes
                     # again soon: its routing decision), all of them if none is.
                     now = self.clock()
@@ -397,7 +402,6 @@ class JournaledCustomers:
                     self.flush(min_age_s=self.interval_s if aged else 0.0)
                     if self.writing is None or self.writing.done():
                         return  # nothing started: the membership lapsed
-                    continue  # (its customers left ``dirty``: within the limit, the batches go on while it writes)
                 await self.settle()
                 if self.write_failed:
                     await asyncio.sleep(retry_after_s)
@@ -462,7 +466,7 @@ class JournaledCustomers:
 
     def _report(self) -> None:
         if self.metrics is not None:
-            self.metrics.unstored.set(len(self.dirty))
+            self.metrics.unstored.set(self.unstored)
 
     def rebalance_listener(self) -> ConsumerRebalanceListener:
         return StoreBeforeRevocation(self, lambda: self.consumer())

@@ -74,3 +74,20 @@ def test_a_customer_document_holding_the_same_is_not_written_again() -> None:
     assert changes_of([records]).customers == []
     records.conversations["conv_1"] = counted(CONV)
     assert [d["_id"] for d, _ in changes_of([records]).customers] == ["cus_1"]  # the held copy changed
+
+
+def test_marked_as_they_are_made_the_records_hold_what_the_store_will() -> None:
+    """``mark=True`` (a write-behind flush): each customer's ``stored`` becomes the documents
+    being written as soon as they are made, and a conversation carried only by its customer's
+    document is marked as trailing; the same writes as unmarked."""
+    queried = records_with(replace(CONV, agent_id="ben"), CONV.to_doc())
+    counters = records_with(counted(CONV), CONV.to_doc())
+    plain = changes_of([records_with(replace(CONV, agent_id="ben"), CONV.to_doc()), records_with(counted(CONV), CONV.to_doc())])
+    marked = changes_of([queried, counters], mark=True)
+    assert [d for d, _ in marked.conversations] == [d for d, _ in plain.conversations]
+    assert [d for d, _ in marked.customers] == [d for d, _ in plain.customers]
+    for records in (queried, counters):
+        assert records.stored["conv_1"] == records.conversations["conv_1"].to_doc()
+        assert records.stored["cus_1"] == customer_document(records)
+    assert queried.trailing == set() and counters.trailing == {"conv_1"}
+    assert changes_of([queried, counters]).customers == []  # nothing left to write

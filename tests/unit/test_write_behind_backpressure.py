@@ -1,8 +1,8 @@
 """conversation-state's write-behind holds a bounded backlog: once more than ``max_unstored``
-customers have changes not yet written to their collections (the store is slower than the
-input), the batch that crossed the limit waits for the write in flight and starts the next,
-until within the limit, so the backlog stays in Kafka and the process's memory stays
-bounded. A failed write is retried after a pause while waiting."""
+customers have changes not yet written to their collections, or are in the write in flight
+(the store is slower than the input), the batch that crossed the limit waits for the write in
+flight and starts the next, until within the limit, so the backlog stays in Kafka and the
+process's memory stays bounded. A failed write is retried after a pause while waiting."""
 
 from __future__ import annotations
 
@@ -75,16 +75,23 @@ async def test_within_the_limit_a_batch_does_not_wait(registry) -> None:
     assert registry.get_sample_value("hometeam_state_backpressure_seconds_total", {"state": "conversations"}) == 0
 
 
-async def test_over_the_limit_with_no_write_in_flight_a_write_starts_and_the_batches_go_on(registry) -> None:
+async def test_over_the_limit_a_write_starts_and_the_batch_waits_until_it_lands(registry) -> None:
+    """The customers of the write in flight are not stored yet either: they count against the
+    limit until it lands (what the process holds is bounded by the limit, not twice it)."""
     store = SlowStore()
     memory = JournaledCustomers(store, interval_s=60, metrics=CheckpointMetrics(registry, "conversations", backpressure=True), max_unstored=3)  # type: ignore[arg-type]
     await journaled(memory, "cus_1", "cus_2", "cus_3", "cus_4")
-    await asyncio.wait_for(memory.catch_up(), timeout=1)  # the store has not answered, and need not have
-    assert memory.writing is not None and not memory.writing.done()  # everything unstored is being written
-    assert memory.dirty == {}
+    waiting = asyncio.create_task(memory.catch_up())
+    await asyncio.sleep(0.05)
+    assert memory.writing is not None and not memory.writing.done()  # everything unstored is being written ...
+    assert memory.dirty == {} and memory.unstored == 4
+    assert not waiting.done()  # ... and the batch waits for it
+    assert registry.get_sample_value("hometeam_state_unstored_records", {"state": "conversations"}) == 4
     store.gate.set()
-    await memory.settle()
+    await asyncio.wait_for(waiting, timeout=1)
     assert store.written == [{"cus_1", "cus_2", "cus_3", "cus_4"}]
+    assert memory.unstored == 0
+    assert registry.get_sample_value("hometeam_state_unstored_records", {"state": "conversations"}) == 0
 
 
 async def test_a_failed_write_is_retried_after_a_pause_while_the_batch_waits(registry) -> None:
@@ -120,9 +127,8 @@ async def test_a_write_already_in_flight_is_waited_for_then_the_rest_is_stored(r
     assert not waiting.done()
     store.gate.set()
     await asyncio.wait_for(waiting, timeout=1)
-    assert memory.dirty == {}  # the rest is being written: within the limit, the batches go on
-    await memory.settle()
-    assert store.written == [{"cus_1"}, {"cus_2", "cus_3", "cus_4"}]
+    assert store.written == [{"cus_1"}, {"cus_2", "cus_3", "cus_4"}]  # then the rest, and that was waited for too
+    assert memory.unstored == 0
 
 
 async def test_the_customers_whose_changes_have_aged_are_stored_first(registry) -> None:
