@@ -73,6 +73,16 @@ class Effects:
 
 
 @dataclass(slots=True)
+class StoredSummary:
+    """What the store holds of a customer, as much as a write needs (bookkeeping of the
+    store's): each stored document's id with the fields it is queried by (a conversation's; None
+    for the customer's), and which documents changed since."""
+
+    queried: dict[str, tuple[object, ...] | None]
+    changed: set[str] = field(default_factory=set)
+
+
+@dataclass(slots=True)
 class CustomerRecords:
     """A customer and the conversations of theirs that a batch touches."""
 
@@ -88,6 +98,9 @@ class CustomerRecords:
     # store then holds exactly the records' own documents, so they are rebuilt when a batch
     # takes the customer again instead of being kept twice (see write_behind).
     stored_derived: bool = field(default=False, repr=False, compare=False)
+    # Instead of ``stored`` while the customer has changes not stored yet (write_behind): what
+    # a write needs of it (see the store's ``summarize_stored``).
+    summary: StoredSummary | None = field(default=None, repr=False, compare=False)
 
     @property
     def open_conversation(self) -> Conversation | None:

@@ -42,7 +42,7 @@ from shared.runtime.store import (
     insert_absent,
 )
 
-from services.conversation_state.lifecycle import CustomerRecords
+from services.conversation_state.lifecycle import CustomerRecords, StoredSummary
 from services.conversation_state.model import Conversation, Customer, Line, line_id
 
 # What the read API queries and sorts conversations by; the rest of a conversation is compact.
@@ -133,6 +133,23 @@ def rebuild_stored(records: CustomerRecords) -> None:
         docs[records.customer.id] = customer_document(records, docs)
     records.stored = docs
     records.stored_derived = False
+
+
+def summarize_stored(records: CustomerRecords, changed: Iterable[str]) -> None:
+    """Keep of what the store holds of a customer just what a write needs, once a change of
+    theirs is journaled (``write_behind``: until it is stored the records are what to write,
+    and their stored documents cost as much memory again): each stored document's id with
+    its queried fields, and the documents ``changed`` since (accumulated until the write,
+    which makes ``stored`` whole again: ``changes_of(..., mark=True)``). Documents added to
+    ``stored`` meanwhile (a conversation read for a later batch) are folded in."""
+    summary = records.summary
+    if summary is None:
+        summary = records.summary = StoredSummary({})
+    customer_id = records.customer.id if records.customer is not None else None
+    for doc_id, doc in records.stored.items():
+        summary.queried[doc_id] = None if doc_id == customer_id else _query_part(doc)
+    records.stored.clear()
+    summary.changed.update(changed)
 
 
 def customer_fields(doc: Mapping[str, Any]) -> dict[str, Any]:
@@ -420,6 +437,7 @@ def stored_unknown(records: CustomerRecords) -> None:
     every document, inserting it and replacing it where it exists (``_upsert``)."""
     records.stored.clear()
     records.stored_derived = False
+    records.summary = None
 
 
 def changes_of(records: Iterable[CustomerRecords], mark: bool = False) -> Changes:
@@ -432,6 +450,9 @@ def changes_of(records: Iterable[CustomerRecords], mark: bool = False) -> Change
     changes = Changes()
     for r in records:
         if r.customer is None:
+            continue
+        if r.summary is not None:
+            _summarized_changes(r, changes, mark)
             continue
         written, held_only = len(changes.written), len(changes.held_only)
         current = current_ids(r.customer)
@@ -457,6 +478,37 @@ def changes_of(records: Iterable[CustomerRecords], mark: bool = False) -> Change
         if mark:
             _mark(changes.written[written:], changes.held_only[held_only:])
     return changes
+
+
+def _summarized_changes(r: CustomerRecords, changes: Changes, mark: bool) -> None:
+    """``changes_of`` for a customer whose stored documents are summarized
+    (``summarize_stored``): the same decisions, from the summary's queried fields and changed
+    documents instead of comparing documents. Marked, ``stored`` is whole again: every
+    document as it is now."""
+    summary = r.summary
+    assert summary is not None and r.customer is not None
+    current = current_ids(r.customer)
+    docs: dict[str, dict[str, Any]] = {}
+    written, held_only = len(changes.written), len(changes.held_only)
+    for conv in r.conversations.values():
+        doc = docs[conv.id] = conv.to_doc()
+        known = conv.id in summary.queried
+        if known and conv.id not in summary.changed and (conv.id in current or conv.id not in r.trailing):
+            continue  # as stored
+        if known and conv.id in current and summary.queried[conv.id] == _query_part(doc):
+            changes.held_only.append((r, doc))
+            continue
+        changes.conversations.append((doc, known))
+        changes.written.append((r, doc))
+    customer_id = r.customer.id
+    doc = customer_document(r, docs)
+    if customer_id not in summary.queried or customer_id in summary.changed or not current.isdisjoint(summary.changed):
+        changes.customers.append((doc, customer_id in summary.queried))
+        changes.written.append((r, doc))
+    if mark:
+        r.summary = None
+        r.stored = {**docs, customer_id: doc}
+        _mark(changes.written[written:], changes.held_only[held_only:])
 
 
 # Documents encoded and written at a time by ``_upsert``: a write-behind flush after a backlog

@@ -60,6 +60,7 @@ from services.conversation_state.store import (
     rebuild_stored,
     shed_stored,
     stored_unknown,
+    summarize_stored,
     take_held,
 )
 
@@ -226,30 +227,35 @@ class JournaledCustomers:
         """Journal what this batch changed (one insert command), then keep it in memory as
         dirty. Call under ``lock``, after the batch's outputs are out."""
         by_partition: dict[int, dict[str, list[dict[str, Any]]]] = {}
-        changed: set[str] = set()
+        changed: dict[str, list[str]] = {}  # customer → the documents of theirs changed since stored
         for cid, r in loaded.items():
             if r.customer is None:
                 continue
-            # Compared with the store's (a customer journaled since is journaled again even if
-            # this batch changed nothing: a replay of what it applied, rare; the journal is
-            # not kept twice in memory).
-            before = r.stored
             docs = [c.to_doc() for c in r.conversations.values()]
-            convs = [d for d in docs if before.get(d["_id"]) != d]
             doc = r.customer.to_doc()
-            if not convs and customer_fields(before.get(cid) or {}) == doc:
-                continue
-            # The customer's current conversations go with it, changed or not: the entry
-            # alone then holds what the customer's document holds (its copies of them, newer
-            # than their own documents), which a flush may rewrite by deleting it first.
-            current = current_ids(r.customer)
-            convs += [d for d in docs if d["_id"] in current and before.get(d["_id"]) == d]
+            if r.summary is not None:
+                # Journaled since stored, and what is stored of them summarized: journaled
+                # again whole (a batch that changed nothing is a replay of what it applied,
+                # rare), not compared with a second copy kept in memory.
+                convs = docs
+                changed_ids = [d["_id"] for d in docs]
+            else:
+                before = r.stored
+                convs = [d for d in docs if before.get(d["_id"]) != d]
+                if not convs and customer_fields(before.get(cid) or {}) == doc:
+                    continue
+                changed_ids = [d["_id"] for d in convs]
+                # The customer's current conversations go with it, changed or not: the entry
+                # alone then holds what the customer's document holds (its copies of them,
+                # newer than their own documents), which a flush may rewrite by deleting it first.
+                current = current_ids(r.customer)
+                convs += [d for d in docs if d["_id"] in current and before.get(d["_id"]) == d]
             r.customer.rev += 1
             doc["rev"] = r.customer.rev  # (the document is the batch's own: no second to_doc)
             entry = by_partition.setdefault(partition_of[cid], {"customers": [], "conversations": []})
             entry["customers"].append(doc)
             entry["conversations"].extend(convs)
-            changed.add(cid)
+            changed[cid] = [cid, *changed_ids]
             self.overlaid.discard(cid)
         if by_partition:
             now = datetime.now(UTC)
@@ -263,6 +269,7 @@ class JournaledCustomers:
         journaled_at = self.clock()
         for cid, r in loaded.items():
             if cid in changed:
+                summarize_stored(r, changed[cid])  # (what a write needs of them, not a copy)
                 self._remember(r)
                 self.dirty.setdefault(cid, journaled_at)
                 self.settled.discard(cid)  # its stored documents are needed again

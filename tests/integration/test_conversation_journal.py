@@ -883,13 +883,23 @@ async def test_a_customer_kept_stored_and_unchanged_sheds_its_stored_documents_a
     assert (await expanded(store, "conv_1"))["agent_id"] == "ana"
 
 
-async def test_a_customer_changed_after_its_write_keeps_its_stored_documents(store) -> None:
-    store, _ = store
+async def test_a_customer_changed_after_its_write_keeps_what_a_write_needs_of_its_stored_documents(store) -> None:
+    """Journaled since stored: of the stored documents only their ids, queried fields and
+    which changed since are kept (not a second copy of the customer), and the write they
+    need is the same."""
+    store, writes = store
     memory, records = await stored_then_routed(store)  # changed again since its write: dirty
     memory.flush(min_age_s=3600)  # a flush that stores nothing (the change is too recent)
     await memory.settle()
-    assert records.stored and not records.stored_derived  # what the store holds is still needed
-    assert records.stored["conv_1"]["agent_id"] is None
+    assert records.stored == {} and not records.stored_derived
+    summary = records.summary
+    assert summary is not None and set(summary.queried) == {"cus_1", "conv_1"}
+    assert summary.queried["conv_1"] is not None and summary.queried["conv_1"][4] is None  # (agent_id, as stored)
+    assert summary.changed == {"cus_1", "conv_1"}
+    await flushed(memory)
+    assert writes.of("conversations")[-1] == ("update", "conv_1")  # a queried field changed: its own document
+    assert (await expanded(store, "conv_1"))["agent_id"] == "ana"
+    assert records.summary is None and records.stored["conv_1"] == records.conversations["conv_1"].to_doc()
 
 
 async def test_a_customer_read_unchanged_while_its_write_is_in_flight_keeps_its_stored_documents(store, monkeypatch) -> None:

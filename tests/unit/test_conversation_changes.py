@@ -14,7 +14,7 @@ from shared.contracts.common import Channel, ConversationStatus
 
 from services.conversation_state.lifecycle import CustomerRecords
 from services.conversation_state.model import Conversation, Customer
-from services.conversation_state.store import HELD, changes_of, customer_document
+from services.conversation_state.store import HELD, changes_of, customer_document, summarize_stored
 
 T = datetime(2026, 12, 4, 9, tzinfo=UTC)
 CONV = Conversation(
@@ -91,3 +91,31 @@ def test_marked_as_they_are_made_the_records_hold_what_the_store_will() -> None:
         assert records.stored["cus_1"] == customer_document(records)
     assert queried.trailing == set() and counters.trailing == {"conv_1"}
     assert changes_of([queried, counters]).customers == []  # nothing left to write
+
+
+@pytest.mark.parametrize(("what", "conv", "stored", "trailing", "current", "written_as"), CASES, ids=[c[0] for c in CASES])
+def test_summarized_the_same_documents_are_written(what, conv, stored, trailing, current, written_as) -> None:
+    """A customer journaled since stored keeps a summary of what is stored (``summarize_stored``:
+    ids, queried fields, what changed since) instead of the documents: the same writes."""
+    compared = records_with(conv, stored, current, trailing)
+    summarized = records_with(conv, stored, current, trailing)
+    summarize_stored(summarized, ["cus_1"] + ([conv.id] if stored not in (None, conv.to_doc()) else []))
+    assert summarized.stored == {}
+    expected, got = changes_of([compared]), changes_of([summarized], mark=True)
+    assert [(d["_id"], known) for d, known in got.conversations] == [(d["_id"], known) for d, known in expected.conversations]
+    assert [d["_id"] for _, d in got.held_only] == [d["_id"] for _, d in expected.held_only]
+    assert got.customers == expected.customers
+    # Marked, the records hold every document as the store will: nothing left to write.
+    assert summarized.summary is None and summarized.stored[conv.id] == conv.to_doc()
+    assert changes_of([summarized]).conversations == [] and changes_of([summarized]).customers == []
+
+
+def test_summarized_an_unchanged_customer_holding_an_unchanged_conversation_is_not_written() -> None:
+    records = records_with(CONV, CONV.to_doc())
+    records.stored["cus_1"] = customer_document(records)
+    summarize_stored(records, [])
+    assert changes_of([records]).customers == [] and changes_of([records]).conversations == []
+    summarize_stored(records, ["conv_1"])  # its held copy changed (counters only)
+    records.conversations["conv_1"] = counted(CONV)
+    changes = changes_of([records])
+    assert [d["_id"] for d, _ in changes.customers] == ["cus_1"] and [d["_id"] for _, d in changes.held_only] == ["conv_1"]

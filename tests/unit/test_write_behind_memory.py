@@ -13,6 +13,7 @@ from typing import Any
 
 from services.conversation_state import lifecycle
 from services.conversation_state.lifecycle import CustomerRecords, Effects
+from services.conversation_state.store import rebuild_stored
 from services.conversation_state.write_behind import JournaledCustomers
 from tests.unit.test_lifecycle import RULES, T0, decision, message
 from tests.unit.test_write_behind_backpressure import SlowStore
@@ -59,6 +60,35 @@ async def test_journaling_keeps_no_copy_of_the_customers_documents() -> None:
     # cache, the unstored set, its journal entry's set, its conversation's owner. A copy of
     # its documents (customer and conversation) costs more than 2 KB on its own.
     assert kept / customers < 1_000, f"{kept / customers:.0f} bytes kept per journaled customer"
+
+
+async def test_journaling_a_stored_customer_lets_go_of_its_stored_documents() -> None:
+    """A customer read from the store holds its stored documents (what a batch compares with);
+    once its change is journaled only a summary of them is kept until its write (ids,
+    queried fields, what changed), so journaling frees more than it keeps."""
+    store = SlowStore()
+    store.journal = Discarding()  # type: ignore[assignment]
+    memory = JournaledCustomers(store, interval_s=60, max_unstored=10**6)  # type: ignore[arg-type]
+    customers = 2_000
+    tracemalloc.start()
+    try:
+        batch = {r.customer.id: r for r in map(routed_customer, range(customers)) if r.customer is not None}
+        for records in batch.values():
+            rebuild_stored(records)  # as read from the store
+            assert records.customer is not None
+            records.customer.applied["customer.messages.v1/0"] += 1  # and changed by the batch
+        gc.collect()
+        before, _ = tracemalloc.get_traced_memory()
+        await memory.append(batch, dict.fromkeys(batch, 0))
+        gc.collect()
+        after, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert all(r.stored == {} and r.summary is not None for r in batch.values())
+    # A customer's stored documents (the customer's holding its conversation, and the
+    # conversation's) are ~3 KB; the summary and the bookkeeping a few hundred bytes.
+    freed = (before - after) / customers
+    assert freed > 1_500, f"{freed:.0f} bytes freed per journaled customer"
 
 
 async def test_the_read_api_reads_the_records_until_their_write_lands() -> None:
