@@ -62,8 +62,9 @@ class ConversationStateSettings(ServiceSettings):
         default=20_000,
         ge=1,
         description=(
-            "Customers with changes not yet written to their collections before the consumer stops taking input until "
-            "they are (backpressure: a store slower than the input leaves the backlog in Kafka, not in memory)"
+            "Customers with changes not yet written to their collections, or in the write in flight, before the consumer "
+            "stops taking input until they are (backpressure: a store slower than the input leaves the backlog in Kafka, "
+            "not in memory)"
         ),
     )
     state_flush_interval_s: float = Field(

@@ -20,6 +20,14 @@ reads five topics, and a replay interleaves them differently from the first pass
 decision before the message that opened its conversation would release the placement). The
 journal records the state as it was applied, so recovery replays no input.
 
+Memory: a customer kept between batches is its records (``CustomerRecords``) and what the
+store holds of it as much as the next write needs: nothing more once stored and unchanged
+(``shed_stored``: the records make the same documents), a summary while it has unstored
+changes (``summarize_stored``: the ids, the queried fields, what changed), the documents
+being written while its write is in flight. The journal entries are sent, not kept; the
+owner's read API makes documents from the records. ``STATE_MAX_UNSTORED_CUSTOMERS`` bounds the
+unstored customers (changed, or in the write in flight) and ``STATE_CACHE_CUSTOMERS`` the rest.
+
 Recovery: after an assignment, a rebalance or a failed batch the memory is dropped, and
 before a partition's next record is applied (or by the background loop, whatever comes
 first) its journal entries are read and overlaid on the stored documents: per customer, the
