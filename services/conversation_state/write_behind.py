@@ -150,10 +150,9 @@ class JournaledCustomers:
             for conv_id in records.conversations:
                 self.owner_of[conv_id] = records.customer.id
 
-    def _forget(self, records: CustomerRecords, keep: Collection[str] = ()) -> None:
+    def _forget(self, records: CustomerRecords) -> None:
         for conv_id in records.conversations:
-            if conv_id not in keep:
-                self.owner_of.pop(conv_id, None)
+            self.owner_of.pop(conv_id, None)
 
     # batches -------------------------------------------------------------------------------
     def take(self, customer_ids: Iterable[str]) -> dict[str, CustomerRecords]:
