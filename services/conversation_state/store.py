@@ -542,18 +542,19 @@ async def _upsert(
             await bulk_write_chunked(collection, ops)
 
 
-# Conversations ``keep_current`` let go of, each with what was stored of it.
-LetGo = dict[str, tuple[Conversation, dict[str, Any] | None]]
+# Conversations ``keep_current`` let go of, by id.
+LetGo = dict[str, Conversation]
 
 
 def keep_current(records: CustomerRecords) -> LetGo:
     """Keep of a customer's records between batches what is worth keeping: the customer with
-    their open and last conversations (an older one is read again if a record names it).
-    Returns the conversations let go, with what was stored of each."""
+    their open and last conversations (an older one is read again if a record names it), and
+    what is stored of those. Returns the conversations let go."""
     customer = records.customer
     let_go: LetGo = {}
     if customer is not None:
         keep = current_ids(customer)
         for conv_id in [c for c in records.conversations if c not in keep]:
-            let_go[conv_id] = (records.conversations.pop(conv_id), records.stored.pop(conv_id, None))
+            let_go[conv_id] = records.conversations.pop(conv_id)
+            records.stored.pop(conv_id, None)
     return let_go

@@ -372,7 +372,7 @@ class JournaledCustomers:
                 for e, customers in before.items():
                     self.entries.setdefault(e, set()).update(customers)
                 for r, conversations in let_go:
-                    for conv_id, (conv, _) in conversations.items():
+                    for conv_id, conv in conversations.items():
                         r.conversations.setdefault(conv_id, conv)
                     stored_unknown(r)  # every document written in full next time
                     self._remember(r)
@@ -471,7 +471,7 @@ class JournaledCustomers:
             return
         victims = []
         for cid in self.records:
-            if cid not in self.dirty and cid not in self.writing_customers:  # (the read API reads those)
+            if cid not in self.dirty:  # (none is in a write: a flush evicts only with no write in flight)
                 victims.append(cid)
                 if len(victims) == excess:
                     break
