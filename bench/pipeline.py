@@ -1945,7 +1945,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--batch-max-records",
         type=int,
         default=None,
-        help="records per consumer batch for the services and the baseline (default: the services' own, 500)",
+        help="records per consumer batch for the services and the baseline (default: the services' own, CONSUMER_BATCH_MAX_RECORDS: 2,000)",
     )
     p.add_argument("--warmup", type=float, default=5.0, help="seconds of warm-up load before the sweep")
     p.add_argument("--warmup-rate", type=float, default=10.0)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -19,7 +21,11 @@ from faststream.specification import AsyncAPI
 from opentelemetry import trace
 from opentelemetry.sdk.trace import SpanProcessor
 from prometheus_client import CollectorRegistry
-from pymongo import AsyncMongoClient
+from aiokafka.errors import KafkaConnectionError
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
+from pymongo import AsyncMongoClient, uri_parser
+from pymongo.errors import ConnectionFailure
 from pymongo.asynchronous.database import AsyncDatabase
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute
@@ -36,6 +42,7 @@ from shared.runtime.store import build_mongo_client, database, ping
 from shared.runtime.telemetry import build_tracer_provider
 from shared.runtime.tracing import RecordTracer
 from shared.settings import ServiceSettings
+from shared.teams import TeamConfigError
 
 Hook = Callable[[], Awaitable[None]]
 log = get_logger("hometeam.service")
@@ -146,10 +153,10 @@ def assemble(runtime: Runtime, *, title: str, description: str, routes: Sequence
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         gc_pauses.start()
-        for hook in runtime.on_startup:
-            await hook()
-        await runtime.publisher.start()
         try:
+            for hook in runtime.on_startup:  # the store's indexes: a store down waits MONGODB_TIMEOUT_MS
+                await until_stop_requested(hook(), lambda: runtime.stop_requested, "preparing the store")
+            await until_stop_requested(runtime.publisher.start(), lambda: runtime.stop_requested, "connecting to Kafka")
             await wait_for_topics(
                 lambda: topics_in_cluster(runtime.publisher.producer),
                 broker_topics(runtime.broker, runtime.settings.kafka_topic_prefix),
@@ -157,10 +164,10 @@ def assemble(runtime: Runtime, *, title: str, description: str, routes: Sequence
                 lambda: runtime.stop_requested,
             )
         except BaseException as exc:
-            if isinstance(exc, MissingTopics):
-                log.error("cannot start: %s", exc)
+            log.error("cannot start: %s", startup_failure(exc, runtime.settings))
             await runtime.publisher.stop()
             await runtime.mongo.close()
+            gc_pauses.stop()
             raise
         await runtime.broker.start()
         tasks = [asyncio.create_task(job()) for job in runtime.background]
@@ -223,6 +230,89 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+class StartupStopped(Exception):
+    """A stop was requested while the service was still starting."""
+
+
+async def until_stop_requested(step: Awaitable[Any], stop_requested: Callable[[], bool], doing: str, poll_s: float = 0.1) -> Any:
+    """Await one start-up ``step``, giving up (cancelled, ``StartupStopped``) as soon as a stop
+    is requested: uvicorn acts on SIGTERM only once start-up is over, and a step waiting for a
+    server that does not answer (the store: ``MONGODB_TIMEOUT_MS``) would keep it waiting."""
+    task = asyncio.ensure_future(step)
+    try:
+        while not task.done():
+            if stop_requested():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                raise StartupStopped(f"stopped while {doing}")
+            await asyncio.wait({task}, timeout=poll_s)
+        return task.result()
+    finally:
+        if not task.done():  # this coroutine itself was cancelled
+            task.cancel()
+
+
+def _servers(url: str) -> str:
+    """The hosts of a MongoDB URL, without its credentials or options."""
+    try:
+        return ", ".join(f"{h}:{p}" for h, p in uri_parser.parse_uri(url, validate=False, warn=True)["nodelist"])
+    except Exception:
+        return "MONGODB_URL (not a valid MongoDB URL)"
+
+
+def startup_failure(exc: BaseException, settings: ServiceSettings) -> str:
+    """One line for the log saying why a start-up failed (never the store's credentials)."""
+    if isinstance(exc, (MissingTopics, StartupStopped)):
+        return str(exc)
+    if isinstance(exc, ConnectionFailure):
+        return (
+            f"the store did not answer within {settings.mongodb_timeout_ms / 1000:g} s "
+            f"({_servers(settings.mongodb_url.get_secret_value())}; MONGODB_URL, MONGODB_TIMEOUT_MS): {type(exc).__name__}"
+        )
+    if isinstance(exc, KafkaConnectionError):
+        return f"Kafka did not answer at {settings.kafka_bootstrap_servers} (KAFKA_BOOTSTRAP_SERVERS): {exc}"
+    if isinstance(exc, asyncio.CancelledError):
+        return "start-up cancelled"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def configuration_problem(exc: Exception) -> str | None:
+    """What is wrong with a service's configuration, for a one-line error (None: not a
+    configuration error). Settings come from environment variables: each is named as such,
+    without the value it had (it may be a secret)."""
+    if isinstance(exc, TeamConfigError):
+        return f"{exc} (TEAMS_CONFIG)"
+    if isinstance(exc, ValidationError) and exc.title.endswith("Settings"):
+        problems = [_setting_problem(error["loc"], error["msg"]) for error in exc.errors(include_input=False, include_url=False)]
+        return "invalid settings: " + "; ".join(problems)
+    if isinstance(exc, SettingsError):  # a value that must be JSON (a list, a mapping) is not
+        field = re.search(r'field "(\w+)"', str(exc))
+        return f"invalid settings: {field.group(1).upper() if field else 'a setting'}: not a valid JSON value"
+    return None
+
+
+def _setting_problem(loc: tuple[int | str, ...], msg: str) -> str:
+    if not loc:
+        return msg
+    variable = str(loc[0]).upper()  # settings are read from variables of the field's name
+    inside = f" (at {'.'.join(str(part) for part in loc[1:])})" if len(loc) > 1 else ""
+    return f"{variable}{inside}: {msg}"
+
+
+EXIT_CONFIGURATION = 2
+
+
 def run_main(factory: Callable[[], Any]) -> None:
-    """Entry point body shared by ``python -m services.<name>``."""
-    serve(factory())
+    """Entry point body shared by ``python -m services.<name>``. A configuration error (an
+    environment variable, the team directory) ends the process with one line saying what is
+    wrong and exit status 2, not a traceback."""
+    try:
+        service = factory()
+    except Exception as exc:
+        problem = configuration_problem(exc)
+        if problem is None:
+            raise
+        configure_logging(factory.__module__.split(".")[1] if factory.__module__.startswith("services.") else "hometeam")
+        log.error("cannot start: %s", problem)
+        sys.exit(EXIT_CONFIGURATION)
+    serve(service)

@@ -134,30 +134,61 @@ async def test_a_service_whose_topics_are_missing_names_them_and_does_not_start(
     assert f"topics missing after 1 s: {', '.join(expected)} " in str(failed.value)
 
 
-def test_a_service_waiting_for_its_topics_stops_on_sigterm(infra, mongo_db_name, tmp_path):
-    """uvicorn acts on a signal only once start-up is over; the wait for topics ends on it."""
-    env = {
+def process_env(infra, database: str, **overrides: str) -> dict[str, str]:
+    """The environment of a service started as its own process against the test stack."""
+    return {
         **{k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")},
         "KAFKA_BOOTSTRAP_SERVERS": infra.kafka,
         "MONGODB_URL": infra.mongodb_url,
-        "MONGODB_DATABASE": mongo_db_name,
-        "KAFKA_TOPIC_PREFIX": f"missing{uuid.uuid4().hex[:8]}.",
+        "MONGODB_DATABASE": database,
         "HTTP_PORT": "0",
-        "STARTUP_TOPICS_WAIT_S": "600",
         "PYTHONPATH": str(REPO),
+        **overrides,
     }
-    log = tmp_path / "metrics.log"
+
+
+def sigterm_while_starting(env: dict[str, str], log: Path, waiting: str, settle_s: float = 0.0) -> int:
+    """Start metrics as a process, send SIGTERM once its log shows ``waiting`` (and
+    ``settle_s`` more), and return its exit code: within 30 s, or the test fails."""
     with log.open("wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "services.metrics"], cwd=REPO, env=env, stdout=out, stderr=out)
     try:
         deadline = time.monotonic() + 60
-        while "waiting up to 600 s for topics" not in log.read_text() and time.monotonic() < deadline:
+        while waiting not in log.read_text() and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert "waiting up to 600 s for topics" in log.read_text()
+        assert waiting in log.read_text()
+        time.sleep(settle_s)
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)  # not the 600 s wait (nor aiokafka's 40 s per topic)
+        return proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_service_waiting_for_its_topics_stops_on_sigterm(infra, mongo_db_name, tmp_path):
+    """uvicorn acts on a signal only once start-up is over; the wait for topics ends on it
+    (not after the 600 s wait, nor aiokafka's 40 s per topic)."""
+    env = process_env(infra, mongo_db_name, KAFKA_TOPIC_PREFIX=f"missing{uuid.uuid4().hex[:8]}.", STARTUP_TOPICS_WAIT_S="600")
+    log = tmp_path / "metrics.log"
+    assert sigterm_while_starting(env, log, "waiting up to 600 s for topics") != 0
     assert "cannot start: stopped while waiting for topics to exist" in log.read_text()
+
+
+def test_a_service_waiting_for_the_store_stops_on_sigterm(infra, mongo_db_name, tmp_path):
+    """A store that does not answer keeps the start-up's index creation waiting up to
+    MONGODB_TIMEOUT_MS (here 10 minutes); a SIGTERM meanwhile ends it at once, saying so."""
+    # nothing listens at 127.0.0.1:9
+    env = process_env(infra, mongo_db_name, MONGODB_URL="mongodb://127.0.0.1:9/?directConnection=true", MONGODB_TIMEOUT_MS="600000")
+    log = tmp_path / "metrics.log"
+    assert sigterm_while_starting(env, log, "Waiting for application startup", settle_s=0.5) != 0
+    assert "cannot start: stopped while preparing the store" in log.read_text()
+
+
+def test_a_service_whose_store_does_not_answer_says_so(infra, mongo_db_name, tmp_path):
+    env = process_env(infra, mongo_db_name, MONGODB_URL="mongodb://svc:hunter22@127.0.0.1:9/?directConnection=true", MONGODB_TIMEOUT_MS="500")
+    run = subprocess.run([sys.executable, "-m", "services.timeout_sweeper"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0
+    said = run.stdout + run.stderr
+    assert "cannot start: the store did not answer within 0.5 s (127.0.0.1:9; MONGODB_URL, MONGODB_TIMEOUT_MS)" in said
+    assert "hunter22" not in said
