@@ -169,6 +169,26 @@ class ConversationConsumer:
         incoming = await self.reader.read(records)
         partition_of = {i.payload.customer_id: i.record.partition for i in incoming}
         await self.memory.recover(set(partition_of.values()))
+        # From taking the customers until they are journaled, the write in flight makes no
+        # documents (``JournaledCustomers.applying``): it must not store a change whose
+        # outputs may not be out yet.
+        async with self.memory.applying:
+            lines = await self._apply_and_journal(incoming, partition_of, member)
+        if self.memory.due:  # (confirmed above, moments ago)
+            self.memory.store_aged()
+        await self.memory.catch_up()  # backpressure, if the store falls behind
+        if self.latency is not None:
+            # From the channel's publish (the inbound envelope's time) to the stored update.
+            now = self.clock()
+            for line in lines:
+                if line.direction is Direction.INBOUND:
+                    self.latency.observe(max(0.0, (now - line.at).total_seconds()))
+
+    async def _apply_and_journal(
+        self, incoming: list[Incoming[Any]], partition_of: dict[str, int], member: asyncio.Future[bool]
+    ) -> list[Line]:
+        """Apply a batch's records to its customers, publish the effects, store the transcript
+        lines, journal the customers; returns the lines."""
         customer_ids = [i.payload.customer_id for i in incoming]
         conversation_ids = [i.payload.conversation_id for i in incoming if hasattr(i.payload, "conversation_id")]
         cached = self.memory.take(customer_ids)
@@ -199,15 +219,7 @@ class ConversationConsumer:
                 raise outcome
         # Durable once journaled; the customers and conversations are written behind.
         await self.memory.append(loaded, partition_of)
-        if self.memory.due:  # (confirmed above, moments ago)
-            self.memory.store_aged()
-        await self.memory.catch_up()  # backpressure, if the store falls behind
-        if self.latency is not None:
-            # From the channel's publish (the inbound envelope's time) to the stored update.
-            now = self.clock()
-            for line in lines:
-                if line.direction is Direction.INBOUND:
-                    self.latency.observe(max(0.0, (now - line.at).total_seconds()))
+        return lines
 
     def _apply_record(
         self,

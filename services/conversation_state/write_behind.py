@@ -24,9 +24,11 @@ Memory: a customer kept between batches is its records (``CustomerRecords``) and
 store holds of it as much as the next write needs: nothing more once stored and unchanged
 (``shed_stored``: the records make the same documents), a summary while it has unstored
 changes (``summarize_stored``: the ids, the queried fields, what changed), the documents
-being written while its write is in flight. The journal entries are sent, not kept; the
-owner's read API makes documents from the records. ``STATE_MAX_UNSTORED_CUSTOMERS`` bounds the
-unstored customers (changed, or in the write in flight) and ``STATE_CACHE_CUSTOMERS`` the rest.
+being written while its slice of the write in flight is (a write makes and writes
+``WRITE_SLICE`` customers at a time, and each slice's customers count as stored once it
+lands). The journal entries are sent, not kept; the owner's read API makes documents from the
+records. ``STATE_MAX_UNSTORED_CUSTOMERS`` bounds the unstored customers (changed, or in the
+write in flight) and ``STATE_CACHE_CUSTOMERS`` the rest.
 
 Recovery: after an assignment, a rebalance or a failed batch the memory is dropped, and
 before a partition's next record is applied (or by the background loop, whatever comes
@@ -43,7 +45,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -56,7 +58,6 @@ from shared.runtime.store import bulk_write_chunked
 from services.conversation_state.lifecycle import CustomerRecords
 from services.conversation_state.model import Conversation, Customer
 from services.conversation_state.store import (
-    Changes,
     ConversationStore,
     LetGo,
     changes_of,
@@ -73,6 +74,10 @@ from services.conversation_state.store import (
 )
 
 log = logging.getLogger(__name__)
+
+# Customers a write makes documents for and writes at a time (``_store``): one slice's
+# documents exist at once (~3 KB a customer), and its customers count as stored when it lands.
+WRITE_SLICE = 500
 
 
 class JournaledCustomers:
@@ -93,6 +98,11 @@ class JournaledCustomers:
         self.clock = clock
         self.instance = uuid.uuid4().hex[:12]  # names this process's journal entries
         self.lock = asyncio.Lock()  # batches, captures and recoveries run one at a time
+        # Held by a batch from taking its customers until they are journaled (``applying``):
+        # the write in flight makes each slice's documents between batches' applications, so
+        # it never writes a change whose outputs may not be out yet.
+        self.applying = asyncio.Lock()
+        self._landed = asyncio.Event()  # set whenever a slice of the write in flight lands
         self.records: OrderedDict[str, CustomerRecords] = OrderedDict()
         # Conversation id → customer id, for the conversations of the customers not stored yet
         # (unstored or in the write in flight): what the read API finds in memory (``latest``).
@@ -316,76 +326,105 @@ class JournaledCustomers:
             if self.metrics is not None:
                 self.metrics.stored_at.set(stored_until)
             return
-        held = [(cid, r) for cid in ready if (r := self.records.get(cid)) is not None]
-        # ``stored`` as it will be once the write lands, now: what it held of these customers is
-        # let go while the write is in flight instead of kept beside the documents written (if
-        # the write fails, the records no longer claim to know what is stored: ``_store``).
-        changes = changes_of((r for _, r in held), mark=True)
-        let_go: list[tuple[CustomerRecords, LetGo]] = []
-        for cid, r in held:
-            gone = keep_current(r)  # older conversations are read again if a record names them
-            let_go.append((r, gone))
-            for conv_id in gone:
-                self.owner_of.pop(conv_id, None)
         # What the entries held before, to put back if the write fails.
         before = {e: set(customers) for e, customers in self.entries.items() if e in done or customers & ready}
         for e in done:
             del self.entries[e]
         for customers in self.entries.values():
             customers -= ready
-        dirty = {cid: self.dirty.pop(cid) for cid in ready}
+        dirty = {cid: self.dirty.pop(cid) for cid in [c for c in self.dirty if c in ready]}  # (in the order journaled: oldest first)
         self.writing_customers = set(dirty)
-        journaled = {cid for cid, _ in held if cid not in self.overlaid}
-        self.writing = asyncio.create_task(
-            self._store(changes, dirty, sorted(done), before, stored_until, self.epoch, let_go, journaled)
-        )
+        self.writing = asyncio.create_task(self._store(dirty, sorted(done), before, stored_until, self.epoch))
 
-    async def _store(
-        self,
-        changes: Changes,
-        dirty: dict[str, float],
-        done: list[str],
-        before: dict[str, set[str]],
-        stored_until: float,
-        epoch: int,
-        let_go: list[tuple[CustomerRecords, LetGo]],
-        journaled: Collection[str] = (),
-    ) -> None:
-        """Write what ``flush`` captured under the memory of ``epoch`` (the memory as it was
-        then: after a ``drop`` nothing is put back). If the write fails, the conversations
-        ``flush`` let go of (no longer current: their changes are in this write) are taken
-        back, and the customers' documents are all written next time (``stored_unknown``)."""
+    async def _store(self, dirty: dict[str, float], done: list[str], before: dict[str, set[str]], stored_until: float, epoch: int) -> None:
+        """Write the customers ``flush`` handed over (``dirty``: each with when its oldest change
+        was journaled) under the memory of ``epoch``, ``WRITE_SLICE`` at a time: each slice's
+        documents are made when its turn comes (between batches: ``applying``), written, and
+        its customers count as stored as soon as it lands, so a write in flight holds one
+        slice's documents, not every customer's, and the unstored count falls as it goes.
+        Then the journal entries that hold nothing unstored are deleted. If a slice fails, it
+        and the slices after it are stored next time (``_put_back``); after a ``drop`` the
+        write stops (the journal keeps what it did not store)."""
+        order = list(dirty)
+        for start in range(0, len(order), WRITE_SLICE):
+            part = order[start : start + WRITE_SLICE]
+            async with self.applying:
+                if epoch != self.epoch:
+                    return
+                held = [r for cid in part if (r := self.records.get(cid)) is not None]
+                # ``stored`` as it will be once the slice lands, now: what it held of these
+                # customers is let go instead of kept beside the documents written (if the
+                # write fails, the records no longer claim to know what is stored).
+                changes = changes_of(held, mark=True)
+                let_go = [(r, keep_current(r)) for r in held]  # older conversations are read again if a record names them
+                for _, gone in let_go:
+                    for conv_id in gone:
+                        self.owner_of.pop(conv_id, None)
+                journaled = {r.customer.id for r in held if r.customer is not None and r.customer.id not in self.overlaid}
+            try:
+                await self.store.write_changes(changes, journaled=journaled, mark=False)
+            except Exception:
+                self._put_back(order[start:], dirty, before, epoch, let_go)
+                return
+            del changes
+            if epoch == self.epoch:
+                self._landed_slice(part)
         try:
-            await self.store.write_changes(changes, journaled=journaled, mark=False)
             if done:
                 await bulk_write_chunked(self.store.journal, [DeleteOne({"_id": e}) for e in done])
-            self.write_failed = False
         except Exception:
-            self.write_failed = True
-            log.exception("storing conversation state failed; retrying")
-            if self.metrics is not None:
-                self.metrics.failures.inc()
-            if epoch == self.epoch:  # still ours: stored next time, with whatever it holds by then
-                self.writing_customers = set()
-                for cid, since in dirty.items():
-                    self.dirty[cid] = min(since, self.dirty.get(cid, since))
-                for e, customers in before.items():
-                    self.entries.setdefault(e, set()).update(customers)
-                for r, conversations in let_go:
-                    for conv_id, conv in conversations.items():
-                        r.conversations.setdefault(conv_id, conv)
-                    stored_unknown(r)  # every document written in full next time
-                    self._remember(r)
+            self._put_back([], dirty, before, epoch, [])
             return
-        if epoch == self.epoch:
-            self.writing_customers = set()
-            for cid in [c for c in dirty if c not in self.dirty]:  # (a keys difference walks all of self.dirty)
+        self.write_failed = False
+        if self.metrics is not None:
+            self.metrics.stored_at.set(stored_until)
+        self._report()
+
+    def _landed_slice(self, part: list[str]) -> None:
+        """A slice of the write in flight is stored: its customers are as stored, unless a
+        batch changed them since (dirty again, stored by a later write)."""
+        for cid in part:
+            self.writing_customers.discard(cid)
+            if cid not in self.dirty:
                 if (r := self.records.get(cid)) is not None:
                     self._forget(r)  # stored as they are: the store (and ``stored``) is the reference again
                 self.overlaid.discard(cid)
                 self.settled.add(cid)
+        self._landed.set()
+        self._report()
+
+    def _put_back(
+        self,
+        unwritten: list[str],
+        dirty: dict[str, float],
+        before: dict[str, set[str]],
+        epoch: int,
+        let_go: list[tuple[CustomerRecords, LetGo]],
+    ) -> None:
+        """A write failed: its ``unwritten`` customers are dirty again (stored next time, with
+        whatever they hold by then), the journal entries hold them again (an entry whose
+        customers all landed is deleted by the next flush), and the slice that failed (its
+        ``let_go``) takes back the conversations it let go and writes every document next time
+        (``stored_unknown``)."""
+        self.write_failed = True
+        log.exception("storing conversation state failed; retrying")
         if self.metrics is not None:
-            self.metrics.stored_at.set(stored_until)
+            self.metrics.failures.inc()
+        if epoch != self.epoch:
+            return
+        left = set(unwritten)
+        self.writing_customers = set()
+        for cid in unwritten:
+            since = dirty[cid]
+            self.dirty[cid] = min(since, self.dirty.get(cid, since))
+        for e, customers in before.items():
+            self.entries.setdefault(e, set()).update(customers & left)
+        for r, conversations in let_go:
+            for conv_id, conv in conversations.items():
+                r.conversations.setdefault(conv_id, conv)
+            stored_unknown(r)  # every document written in full next time
+            self._remember(r)
+        self._landed.set()
         self._report()
 
     @property
@@ -416,12 +455,24 @@ class JournaledCustomers:
                     self.flush(min_age_s=self.interval_s if aged else 0.0)
                     if self.writing is None or self.writing.done():
                         return  # nothing started: the membership lapsed
-                await self.settle()
-                if self.write_failed:
+                await self._progress()
+                if self.write_failed and (self.writing is None or self.writing.done()):
                     await asyncio.sleep(retry_after_s)
         finally:
             if self.metrics is not None and self.metrics.backpressure is not None:
                 self.metrics.backpressure.inc(max(0.0, self.clock() - started))
+
+    async def _progress(self) -> None:
+        """Until a slice of the write in flight lands or the write ends."""
+        writing = self.writing
+        if writing is None or writing.done():
+            return
+        self._landed.clear()
+        landed = asyncio.ensure_future(self._landed.wait())
+        try:
+            await asyncio.wait({writing, landed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            landed.cancel()
 
     async def settle(self) -> None:
         if self.writing is not None:

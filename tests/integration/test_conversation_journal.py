@@ -64,6 +64,12 @@ async def flushed(memory: JournaledCustomers) -> None:
     await memory.settle()
 
 
+async def first_slice_made() -> None:
+    """Let a write just started make its first slice's documents (its task runs until its
+    first store command, which the tests below hold back)."""
+    await asyncio.sleep(0)
+
+
 async def stored(store: ConversationStore, collection: str, doc_id: str) -> dict[str, Any] | None:
     return await getattr(store, collection).find_one({"_id": doc_id})
 
@@ -917,6 +923,7 @@ async def test_a_customer_read_unchanged_while_its_write_is_in_flight_keeps_its_
 
     monkeypatch.setattr(store, "write_changes", failing_later)
     memory.flush()  # the routed change's write, in flight
+    await first_slice_made()
     taken = memory.take(["cus_1"])
     await memory.append(taken, {"cus_1": 0})  # a batch that changed nothing
     memory.flush()  # (sheds what is settled; the write is still in flight)
@@ -942,6 +949,7 @@ async def test_while_a_write_is_in_flight_its_customers_keep_only_the_documents_
 
     monkeypatch.setattr(store, "write_changes", held_back)
     memory.flush()
+    await first_slice_made()
     assert records.stored["conv_1"]["agent_id"] == "ana"  # (the store's document has none yet)
     assert records.stored["cus_1"]["held"] == [records.stored["conv_1"]]
     release.set()
