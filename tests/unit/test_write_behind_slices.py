@@ -24,7 +24,7 @@ class SteppedStore:
     it notes, for every write, which customers it carries and which customers' documents had
     been made by then (``stored`` whole, ``summary`` gone)."""
 
-    def __init__(self, memory_of: Any = None) -> None:
+    def __init__(self) -> None:
         self.journal = Journal()
         self.steps = asyncio.Semaphore(0)
         self.fail_at: set[int] = set()  # writes (0-based) that fail
@@ -48,15 +48,22 @@ class SteppedStore:
         self.written.append(sorted(doc["_id"] for doc, _ in changes.customers))
 
 
+CUSTOMERS = ("cus_1", "cus_2", "cus_3", "cus_4", "cus_5")
+
+
 @pytest.fixture(autouse=True)
 def slices_of_two(monkeypatch) -> None:
     monkeypatch.setattr(write_behind, "WRITE_SLICE", 2)
 
 
-def memory_on(store: SteppedStore, registry: CollectorRegistry, max_unstored: int = 100) -> JournaledCustomers:
+async def five_journaled(max_unstored: int = 100) -> tuple[CollectorRegistry, SteppedStore, JournaledCustomers]:
+    """A memory on a ``SteppedStore`` with ``CUSTOMERS`` journaled, none stored."""
+    registry = CollectorRegistry()
+    store = SteppedStore()
     memory = JournaledCustomers(store, interval_s=60, metrics=CheckpointMetrics(registry, "conversations", backpressure=True), max_unstored=max_unstored)  # type: ignore[arg-type]
     store.memory = memory
-    return memory
+    await journaled(memory, *CUSTOMERS)
+    return registry, store, memory
 
 
 async def until(condition: Any, timeout: float = 1.0) -> None:
@@ -65,14 +72,9 @@ async def until(condition: Any, timeout: float = 1.0) -> None:
             await asyncio.sleep(0.001)
 
 
-CUSTOMERS = ("cus_1", "cus_2", "cus_3", "cus_4", "cus_5")
-
 
 async def test_a_write_goes_a_slice_at_a_time_and_its_customers_count_as_stored_as_each_lands() -> None:
-    registry = CollectorRegistry()
-    store = SteppedStore()
-    memory = memory_on(store, registry)
-    await journaled(memory, *CUSTOMERS)
+    registry, store, memory = await five_journaled()
     memory.flush()
     await until(lambda: store.calls == 1)
     # The first slice's documents are made; the others' are not yet (only their summaries).
@@ -93,10 +95,7 @@ async def test_a_write_goes_a_slice_at_a_time_and_its_customers_count_as_stored_
 async def test_a_slice_is_made_only_between_batches() -> None:
     """While a batch holds ``applying`` (its customers taken, not journaled yet), the write
     makes no documents: it would store changes whose outputs may not be out."""
-    registry = CollectorRegistry()
-    store = SteppedStore()
-    memory = memory_on(store, registry)
-    await journaled(memory, *CUSTOMERS)
+    registry, store, memory = await five_journaled()
     async with memory.applying:
         memory.flush()
         await asyncio.sleep(0.02)
@@ -113,10 +112,7 @@ async def test_a_slice_is_made_only_between_batches() -> None:
 
 
 async def test_a_batch_held_back_goes_on_once_enough_has_landed() -> None:
-    registry = CollectorRegistry()
-    store = SteppedStore()
-    memory = memory_on(store, registry, max_unstored=3)
-    await journaled(memory, *CUSTOMERS)
+    registry, store, memory = await five_journaled(3)
     waiting = asyncio.create_task(memory.catch_up())  # 5 unstored, limit 3: a write starts
     await until(lambda: store.calls == 1)
     assert not waiting.done()
@@ -130,11 +126,8 @@ async def test_a_batch_held_back_goes_on_once_enough_has_landed() -> None:
 
 
 async def test_a_failed_slice_leaves_the_ones_before_it_stored_and_puts_back_the_rest() -> None:
-    registry = CollectorRegistry()
-    store = SteppedStore()
+    registry, store, memory = await five_journaled()
     store.fail_at = {1}
-    memory = memory_on(store, registry)
-    await journaled(memory, *CUSTOMERS)
     entry = next(iter(memory.entries))
     memory.flush()
     store.step(2)
@@ -155,10 +148,7 @@ async def test_a_failed_slice_leaves_the_ones_before_it_stored_and_puts_back_the
 
 
 async def test_a_write_stops_when_the_memory_is_dropped() -> None:
-    registry = CollectorRegistry()
-    store = SteppedStore()
-    memory = memory_on(store, registry)
-    await journaled(memory, *CUSTOMERS)
+    registry, store, memory = await five_journaled()
     memory.flush()
     await until(lambda: store.calls == 1)
     memory.drop()  # a rebalance: the journal keeps what was not stored
