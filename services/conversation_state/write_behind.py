@@ -390,6 +390,9 @@ class JournaledCustomers:
                     self._forget(r)  # stored as they are: the store (and ``stored``) is the reference again
                 self.overlaid.discard(cid)
                 self.settled.add(cid)
+        # Stored customers beyond the cache go now, not when the whole write has landed: the
+        # batches it lets go on meanwhile bring others in.
+        self._evict_clean()
         self._landed.set()
         self._report()
 
@@ -522,7 +525,7 @@ class JournaledCustomers:
             return
         victims = []
         for cid in self.records:
-            if cid not in self.dirty:  # (none is in a write: a flush evicts only with no write in flight)
+            if cid not in self.dirty and cid not in self.writing_customers:
                 victims.append(cid)
                 if len(victims) == excess:
                     break

@@ -156,3 +156,16 @@ async def test_a_write_stops_when_the_memory_is_dropped() -> None:
     await memory.settle()
     assert store.calls == 1  # the slice under way landed; no further slice was made
     assert memory.unstored == 0 and memory.records == {}
+
+
+async def test_stored_customers_beyond_the_cache_leave_as_each_slice_lands() -> None:
+    """The batches a landed slice lets go on bring other customers in: the stored ones beyond
+    ``max_clean`` leave then, not when the whole write has landed."""
+    _, store, memory = await five_journaled()
+    memory.max_clean = 2
+    memory.flush()
+    store.step()
+    await until(lambda: store.calls == 2)
+    assert set(memory.records) == {"cus_3", "cus_4", "cus_5"}  # cus_1, cus_2 stored and let go; the rest in the write
+    store.step(2)
+    await memory.settle()
