@@ -496,10 +496,8 @@ class Simulator:
             # Waiting on a customer who may not answer: wrap up after a while.
             self._then(held, self.pace * self.rng("quiet", held.conversation_id, str(held.replies)).uniform(25, 40), self._resolve)
 
-    async def _reply(self, held: Held) -> None:
-        if self.held.get(held.conversation_id) is not held or self.presence.get(held.agent_id) is Presence.OFFLINE:
-            return
-        rng = self.rng("reply", held.conversation_id, str(held.replies))
+    async def _agent_line(self, held: Held, text: str) -> None:
+        """The holding agent writes one line to the customer."""
         await self.publish(
             AGENT_ACTIONS.name,
             held.customer_id,
@@ -508,29 +506,23 @@ class Simulator:
                 customer_id=held.customer_id,
                 conversation_id=held.conversation_id,
                 agent_id=held.agent_id,
-                text=rng.choice(AGENT_TEXTS),
+                text=text,
                 sent_at=datetime.now(UTC),
             ),
         )
         self.stats["agent_replies"] += 1
+
+    async def _reply(self, held: Held) -> None:
+        if self.held.get(held.conversation_id) is not held or self.presence.get(held.agent_id) is Presence.OFFLINE:
+            return
+        rng = self.rng("reply", held.conversation_id, str(held.replies))
+        await self._agent_line(held, rng.choice(AGENT_TEXTS))
         held.replies += 1
         held.waiting_on_agent = False
         if rng.random() < AGENT_SECOND_LINE_PROBABILITY and await self.sleep(self.pace * rng.uniform(1, 3)):
             if self.held.get(held.conversation_id) is not held:
                 return
-            await self.publish(
-                AGENT_ACTIONS.name,
-                held.customer_id,
-                ReplyToCustomer(
-                    action_id=f"sim-{uuid.uuid4().hex}",
-                    customer_id=held.customer_id,
-                    conversation_id=held.conversation_id,
-                    agent_id=held.agent_id,
-                    text=rng.choice(AGENT_MORE_TEXTS),
-                    sent_at=datetime.now(UTC),
-                ),
-            )
-            self.stats["agent_replies"] += 1
+            await self._agent_line(held, rng.choice(AGENT_MORE_TEXTS))
         if held.replies == 1 and not held.transfer_tried and rng.random() < TRANSFER_PROBABILITY:
             held.transfer_tried = True
             pool = self.directory.pool_of_agent(held.agent_id) or ""
