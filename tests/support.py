@@ -8,17 +8,21 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from pydantic import BaseModel
 from pymongo import monitoring
 
 from shared.contracts.envelope import new_envelope
 from shared.runtime.service import Service
+from shared.runtime.topics import delete_topics_with_prefix, ensure_topics
 
 T = TypeVar("T")
 S = TypeVar("S")
@@ -203,3 +207,27 @@ class StoreWrites(monitoring.CommandListener):
     def inserted(self, collection: str) -> list[Any]:
         """The _ids inserted into ``collection`` (attempts: a duplicate key counts too)."""
         return [i for cmd, i in self.of(collection) if cmd == "insert"]
+
+
+@dataclass
+class IsolatedRun:
+    """Topics, a database and a team directory of one test run's own."""
+
+    prefix: str
+    db_name: str
+    config: Path
+    probe: KafkaProbe
+
+
+async def isolated_run(stack: AsyncExitStack, infra: Any, tag: str, kind: str, teams: dict[str, Any], config_dir: Path) -> IsolatedRun:
+    """Create a run's topics (``<tag><run>.``; deleted when ``stack`` closes: a run leaves no
+    partitions behind), write its team directory into ``config_dir`` and open a probe on its
+    topics; its database is ``hometeam_<kind>_<run>``."""
+    run = uuid.uuid4().hex[:10]
+    prefix = f"{tag}{run}."
+    await ensure_topics(infra.kafka, prefix=prefix)
+    stack.push_async_callback(delete_topics_with_prefix, infra.kafka, prefix)
+    config = config_dir / "teams.yaml"
+    config.write_text(yaml.safe_dump(teams))
+    probe = await stack.enter_async_context(KafkaProbe(infra.kafka, prefix))
+    return IsolatedRun(prefix, f"hometeam_{kind}_{run}", config, probe)

@@ -14,7 +14,6 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 from pymongo import AsyncMongoClient
 
 from services.conversation_state.app import ConversationStateSettings
@@ -26,8 +25,7 @@ from services.team_routing.app import TeamRoutingSettings
 from services.team_routing.app import create_service as team_routing
 from shared.contracts.agents import AgentPresenceChanged, Presence
 from shared.contracts.channel import ChannelMessagePosted
-from shared.runtime.topics import delete_topics_with_prefix, ensure_topics
-from tests.support import KafkaProbe, eventually, running, service_settings
+from tests.support import KafkaProbe, eventually, isolated_run, running, service_settings
 
 EVERY_DAY = {d: ["08:00-20:00"] for d in ("mon", "tue", "wed", "thu", "fri", "sat", "sun")}
 
@@ -125,15 +123,10 @@ class System:
 
 @pytest.fixture(scope="module")
 async def system(infra, tmp_path_factory) -> AsyncIterator[System]:
-    run = uuid.uuid4().hex[:10]
-    prefix, db_name = f"e{run}.", f"hometeam_e2e_{run}"
-    await ensure_topics(infra.kafka, prefix=prefix)
-    config = Path(tmp_path_factory.mktemp("teams")) / "teams.yaml"
-    config.write_text(yaml.safe_dump(TEAMS))
-    common = {"teams_config": config}
     async with AsyncExitStack() as stack:
-        stack.push_async_callback(delete_topics_with_prefix, infra.kafka, prefix)  # a run leaves no partitions behind
-        probe = await stack.enter_async_context(KafkaProbe(infra.kafka, prefix))
+        r = await isolated_run(stack, infra, "e", "e2e", TEAMS, Path(tmp_path_factory.mktemp("teams")))
+        prefix, db_name, config, probe = r.prefix, r.db_name, r.config, r.probe
+        common = {"teams_config": config}
         ingest_http = await stack.enter_async_context(
             running(
                 ingest(

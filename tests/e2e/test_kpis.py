@@ -27,9 +27,8 @@ from services.team_routing.app import TeamRoutingSettings
 from services.team_routing.app import create_service as team_routing
 from shared.contracts.agents import AgentPresenceChanged, Presence, ReplyToCustomer, ResolveConversation
 from shared.contracts.surveys import SurveyAnswered
-from shared.runtime.topics import delete_topics_with_prefix, ensure_topics
 from tests.e2e.conftest import DAY, System
-from tests.support import KafkaProbe, eventually, running, service_settings
+from tests.support import eventually, isolated_run, running, service_settings
 
 T = DAY  # 18:00 UTC
 TEAMS = {
@@ -148,14 +147,9 @@ async def play_the_day(day: Day) -> dict[str, Any]:
 
 @pytest.fixture
 async def day(infra, tmp_path) -> AsyncIterator[Day]:
-    run = uuid.uuid4().hex[:10]
-    prefix, db_name = f"m{run}.", f"hometeam_kpis_{run}"
-    await ensure_topics(infra.kafka, prefix=prefix)
-    config = tmp_path / "teams.yaml"
-    config.write_text(yaml.safe_dump(TEAMS))
     async with AsyncExitStack() as stack:
-        stack.push_async_callback(delete_topics_with_prefix, infra.kafka, prefix)  # a run leaves no partitions behind
-        probe = await stack.enter_async_context(KafkaProbe(infra.kafka, prefix))
+        r = await isolated_run(stack, infra, "m", "kpis", TEAMS, tmp_path)
+        prefix, db_name, config, probe = r.prefix, r.db_name, r.config, r.probe
         ingest_http = await stack.enter_async_context(running(ingest(service_settings(IngestSettings, infra, prefix, db_name))))
         await stack.enter_async_context(running(team_routing(service_settings(TeamRoutingSettings, infra, prefix, db_name, teams_config=config))))
         state_http = await stack.enter_async_context(running(conversation_state(service_settings(ConversationStateSettings, infra, prefix, db_name, teams_config=config, reopen_window_minutes=30))))

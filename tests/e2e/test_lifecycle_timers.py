@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from pymongo import AsyncMongoClient
 
 from services.conversation_state.app import ConversationStateSettings
@@ -25,9 +24,8 @@ from services.timeout_sweeper.app import TimeoutSweeperSettings
 from services.timeout_sweeper.app import create_service as timeout_sweeper
 from shared.contracts.agents import AgentPresenceChanged, Presence, ReplyToCustomer, ResolveConversation
 from shared.contracts.customers import ScheduleCallback
-from shared.runtime.topics import delete_topics_with_prefix, ensure_topics
 from tests.e2e.conftest import DAY, EVERY_DAY, System
-from tests.support import KafkaProbe, eventually, running, service_settings
+from tests.support import eventually, isolated_run, running, service_settings
 
 TEAMS = {
     "default_team": "east",
@@ -103,14 +101,9 @@ class Timers(System):
 
 @pytest.fixture
 async def timers(infra, tmp_path) -> AsyncIterator[Timers]:
-    run = uuid.uuid4().hex[:10]
-    prefix, db_name = f"s{run}.", f"hometeam_timers_{run}"
-    await ensure_topics(infra.kafka, prefix=prefix)
-    config = tmp_path / "teams.yaml"
-    config.write_text(yaml.safe_dump(TEAMS))
     async with AsyncExitStack() as stack:
-        stack.push_async_callback(delete_topics_with_prefix, infra.kafka, prefix)  # a run leaves no partitions behind
-        probe = await stack.enter_async_context(KafkaProbe(infra.kafka, prefix))
+        r = await isolated_run(stack, infra, "s", "timers", TEAMS, tmp_path)
+        prefix, db_name, config, probe = r.prefix, r.db_name, r.config, r.probe
         ingest_http = await stack.enter_async_context(running(ingest(service_settings(IngestSettings, infra, prefix, db_name))))
         await stack.enter_async_context(running(team_routing(service_settings(TeamRoutingSettings, infra, prefix, db_name, teams_config=config))))
         state_http = await stack.enter_async_context(

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -18,7 +17,6 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 from pymongo import AsyncMongoClient
 
 from services.conversation_state.app import ConversationStateSettings
@@ -29,9 +27,8 @@ from services.metrics.app import MetricsSettings
 from services.metrics.app import create_service as metrics
 from services.team_routing.app import TeamRoutingSettings
 from services.team_routing.app import create_service as team_routing
-from shared.runtime.topics import delete_topics_with_prefix, ensure_topics
 from shared.teams import WEEKDAYS, parse_directory
-from tests.support import KafkaProbe, eventually, running, service_settings
+from tests.support import KafkaProbe, eventually, isolated_run, running, service_settings
 from tools.live import EventFeed, collect, render
 from tools.simulator.channels import Secrets
 from tools.simulator.runner import Simulator
@@ -98,18 +95,13 @@ class Demo:
 
 @pytest.fixture(scope="module")
 async def demo(infra, tmp_path_factory) -> AsyncIterator[Demo]:
-    run = uuid.uuid4().hex[:10]
-    prefix, db_name = f"sim{run}.", f"hometeam_sim_{run}"
-    await ensure_topics(infra.kafka, prefix=prefix)
-    config = Path(tmp_path_factory.mktemp("simteams")) / "teams.yaml"
-    config.write_text(yaml.safe_dump(TEAMS))
-    common = {"teams_config": config}
     async with AsyncExitStack() as stack:
-        stack.push_async_callback(delete_topics_with_prefix, infra.kafka, prefix)  # a run leaves no partitions behind
+        r = await isolated_run(stack, infra, "sim", "sim", TEAMS, Path(tmp_path_factory.mktemp("simteams")))
+        prefix, db_name, config, probe = r.prefix, r.db_name, r.config, r.probe
+        common = {"teams_config": config}
         client: AsyncMongoClient = AsyncMongoClient(infra.mongodb_url)
         stack.push_async_callback(client.close)
         stack.push_async_callback(client.drop_database, db_name)
-        probe = await stack.enter_async_context(KafkaProbe(infra.kafka, prefix))
         ingest_http = await stack.enter_async_context(
             running(
                 ingest(
