@@ -988,3 +988,46 @@ async def test_a_write_that_failed_half_way_is_redone_in_full(store, monkeypatch
     assert customer["held"] == [records.conversations["conv_1"].to_doc()]
     assert expand_document(await stored(store, "conversations", "conv_1")) == records.conversations["conv_1"].to_doc()
     assert await store.journal.count_documents({}) == 0
+
+
+async def test_a_write_in_slices_that_fails_half_way_stores_everything_on_the_retry(store, monkeypatch) -> None:
+    """Seven customers stored three at a time; the second slice fails: the first is in the
+    store, the rest dirty (their journal entry kept), and the retry stores them all, each as
+    its records are, and deletes the entry."""
+    from services.conversation_state import write_behind
+
+    store, _ = store
+    monkeypatch.setattr(write_behind, "WRITE_SLICE", 3)
+    memory = JournaledCustomers(store, interval_s=60)
+    customers = {f"cus_{n}": opened(f"cus_{n}", f"conv_{n}") for n in range(7)}
+    await memory.append(customers, {cid: 0 for cid in customers})
+    await flushed(memory)
+    for n, records in enumerate(customers.values()):
+        routed(records, f"agent_{n}")
+    await memory.append(customers, {cid: 0 for cid in customers})
+    (entry,) = memory.entries
+    write_changes = store.write_changes
+    calls = 0
+
+    async def second_fails(*args: Any, **kwargs: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise ConnectionError("store unreachable")
+        await write_changes(*args, **kwargs)
+
+    monkeypatch.setattr(store, "write_changes", second_fails)
+    await flushed(memory)
+    assert calls == 2 and memory.write_failed
+    assert [(await expanded(store, f"conv_{n}"))["agent_id"] for n in range(3)] == ["agent_0", "agent_1", "agent_2"]
+    assert set(memory.dirty) == {f"cus_{n}" for n in range(3, 7)}
+    assert memory.entries == {entry: set(memory.dirty)}
+    assert await store.journal.find_one({"_id": entry}) is not None
+    await flushed(memory)
+    assert calls == 4 and not memory.write_failed and memory.unstored == 0
+    for n in range(7):
+        doc = await expanded(store, f"conv_{n}")
+        customer = await store.find_customer(f"cus_{n}")
+        assert doc["agent_id"] == f"agent_{n}" and customer is not None
+        assert Customer.from_doc(customer).applied["decisions/0"] == 7  # the offsets written with it
+    assert memory.entries == {} and await store.journal.find_one({"_id": entry}) is None
