@@ -438,9 +438,10 @@ class JournaledCustomers:
 
     async def catch_up(self, retry_after_s: float = 0.5) -> None:
         """Backpressure: while more than ``max_unstored`` customers are not stored as they are
-        (``unstored``: the store is slower than the input), wait for the write in flight,
-        start the next (of the customers whose changes have aged, or else of all), and so on
-        until within the limit, before the consumer takes more input. The backlog then stays
+        (``unstored``: the store is slower than the input), wait while the write in flight
+        lands slice by slice (each slice's customers count as stored as it lands), start the
+        next when it ends (of the customers whose changes have aged, or else of all), and so
+        on until within the limit, before the consumer takes more input. The backlog then stays
         in Kafka (consumer lag), not in this process's memory, which holds at most about
         ``max_unstored`` customers besides its cache. A failed write is retried every
         ``retry_after_s``; a lapsed membership ends the wait (the next batch stops on it). Call
