@@ -67,6 +67,15 @@ class ConversationStateSettings(ServiceSettings):
             "not in memory)"
         ),
     )
+    state_write_slice: int = Field(
+        default=500,
+        ge=1,
+        le=10_000,
+        description=(
+            "Customers a write behind makes documents for and stores at a time; each slice's customers count as stored "
+            "as it lands"
+        ),
+    )
     state_flush_interval_s: float = Field(
         default=1.0,
         gt=0,
@@ -101,6 +110,7 @@ def create_service(
         settings.state_cache_customers,
         CheckpointMetrics(runtime.registry, "conversations", backpressure=True),
         max_unstored=settings.state_max_unstored_customers,
+        write_slice=settings.state_write_slice,
     )
     consumer = ConversationConsumer(
         reader=BatchReader(INPUTS, runtime.dead_letters, settings.kafka_topic_prefix),

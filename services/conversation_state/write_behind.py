@@ -75,8 +75,9 @@ from services.conversation_state.store import (
 
 log = logging.getLogger(__name__)
 
-# Customers a write makes documents for and writes at a time (``_store``): one slice's
-# documents exist at once (~3 KB a customer), and its customers count as stored when it lands.
+# Customers a write makes documents for and writes at a time (``_store``; the service's
+# ``STATE_WRITE_SLICE``): one slice's documents exist at once (~3 KB a customer), and its
+# customers count as stored when it lands.
 WRITE_SLICE = 500
 
 
@@ -89,11 +90,13 @@ class JournaledCustomers:
         metrics: CheckpointMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
         max_unstored: int = 20_000,
+        write_slice: int = WRITE_SLICE,
     ) -> None:
         self.store = store
         self.interval_s = interval_s
         self.max_clean = max_clean  # stored customers kept in memory (least recently used go first)
         self.max_unstored = max_unstored  # customers with unstored changes before batches wait (``catch_up``)
+        self.write_slice = write_slice  # customers a write makes documents for and stores at a time (``_store``)
         self.metrics = metrics
         self.clock = clock
         self.instance = uuid.uuid4().hex[:12]  # names this process's journal entries
@@ -338,7 +341,7 @@ class JournaledCustomers:
 
     async def _store(self, dirty: dict[str, float], done: list[str], before: dict[str, set[str]], stored_until: float, epoch: int) -> None:
         """Write the customers ``flush`` handed over (``dirty``: each with when its oldest change
-        was journaled) under the memory of ``epoch``, ``WRITE_SLICE`` at a time: each slice's
+        was journaled) under the memory of ``epoch``, ``write_slice`` at a time: each slice's
         documents are made when its turn comes (between batches: ``applying``), written, and
         its customers count as stored as soon as it lands, so a write in flight holds one
         slice's documents, not every customer's, and the unstored count falls as it goes.
@@ -346,8 +349,8 @@ class JournaledCustomers:
         and the slices after it are stored next time (``_put_back``); after a ``drop`` the
         write stops (the journal keeps what it did not store)."""
         order = list(dirty)
-        for start in range(0, len(order), WRITE_SLICE):
-            part = order[start : start + WRITE_SLICE]
+        for start in range(0, len(order), self.write_slice):
+            part = order[start : start + self.write_slice]
             async with self.applying:
                 if epoch != self.epoch:
                     return

@@ -994,11 +994,8 @@ async def test_a_write_in_slices_that_fails_half_way_stores_everything_on_the_re
     """Seven customers stored three at a time; the second slice fails: the first is in the
     store, the rest dirty (their journal entry kept), and the retry stores them all, each as
     its records are, and deletes the entry."""
-    from services.conversation_state import write_behind
-
     store, _ = store
-    monkeypatch.setattr(write_behind, "WRITE_SLICE", 3)
-    memory = JournaledCustomers(store, interval_s=60)
+    memory = JournaledCustomers(store, interval_s=60, write_slice=3)
     customers = {f"cus_{n}": opened(f"cus_{n}", f"conv_{n}") for n in range(7)}
     await memory.append(customers, {cid: 0 for cid in customers})
     await flushed(memory)

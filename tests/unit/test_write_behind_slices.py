@@ -1,19 +1,17 @@
-"""conversation-state's write behind stores its customers ``WRITE_SLICE`` at a time: a slice's
-documents are made when its turn comes, and only between batches (never while a batch holds
-``applying``, between taking its customers and journaling them); its customers count as
-stored as soon as it lands, so a batch held back by ``STATE_MAX_UNSTORED_CUSTOMERS`` goes on
-once enough has landed, not when the whole write ends; a slice that fails leaves the slices
-before it stored and puts itself and the rest back."""
+"""conversation-state's write behind stores its customers ``write_slice`` at a time
+(``STATE_WRITE_SLICE``): a slice's documents are made when its turn comes, and only between
+batches (never while a batch holds ``applying``, between taking its customers and journaling
+them); its customers count as stored as soon as it lands, so a batch held back by
+``STATE_MAX_UNSTORED_CUSTOMERS`` goes on once enough has landed, not when the whole write ends;
+a slice that fails leaves the slices before it stored and puts itself and the rest back."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
-import pytest
 from prometheus_client import CollectorRegistry
 
-from services.conversation_state import write_behind
 from services.conversation_state.write_behind import JournaledCustomers
 from shared.runtime.checkpoints import CheckpointMetrics
 from tests.unit.test_write_behind_backpressure import Journal, journaled
@@ -51,16 +49,11 @@ class SteppedStore:
 CUSTOMERS = ("cus_1", "cus_2", "cus_3", "cus_4", "cus_5")
 
 
-@pytest.fixture(autouse=True)
-def slices_of_two(monkeypatch) -> None:
-    monkeypatch.setattr(write_behind, "WRITE_SLICE", 2)
-
-
 async def five_journaled(max_unstored: int = 100) -> tuple[CollectorRegistry, SteppedStore, JournaledCustomers]:
     """A memory on a ``SteppedStore`` with ``CUSTOMERS`` journaled, none stored."""
     registry = CollectorRegistry()
     store = SteppedStore()
-    memory = JournaledCustomers(store, interval_s=60, metrics=CheckpointMetrics(registry, "conversations", backpressure=True), max_unstored=max_unstored)  # type: ignore[arg-type]
+    memory = JournaledCustomers(store, interval_s=60, metrics=CheckpointMetrics(registry, "conversations", backpressure=True), max_unstored=max_unstored, write_slice=2)  # type: ignore[arg-type]
     store.memory = memory
     await journaled(memory, *CUSTOMERS)
     return registry, store, memory
