@@ -36,7 +36,7 @@ from services.conversation_state.inactivity import InactivityPolicy
 from services.conversation_state.lifecycle import Rules
 from services.conversation_state.read_api import command_routes, read_routes
 from services.conversation_state.store import ConversationStore
-from services.conversation_state.write_behind import JournaledCustomers
+from services.conversation_state.write_behind import WRITE_SLICE, JournaledCustomers
 
 INPUTS = (MESSAGES_RECEIVED, AGENT_ACTIONS, ROUTING_DECISIONS, CUSTOMER_COMMANDS, LIFECYCLE_COMMANDS)
 
@@ -68,7 +68,7 @@ class ConversationStateSettings(ServiceSettings):
         ),
     )
     state_write_slice: int = Field(
-        default=500,
+        default=WRITE_SLICE,
         ge=1,
         le=10_000,
         description=(

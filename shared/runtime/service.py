@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 from aiokafka.errors import KafkaConnectionError
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
-from pymongo import AsyncMongoClient, uri_parser
+from pymongo import AsyncMongoClient
 from pymongo.errors import ConnectionFailure
 from pymongo.asynchronous.database import AsyncDatabase
 from starlette.applications import Starlette
@@ -253,11 +253,11 @@ async def until_stop_requested(step: Awaitable[Any], stop_requested: Callable[[]
 
 
 def _servers(url: str) -> str:
-    """The hosts of a MongoDB URL, without its credentials or options."""
-    try:
-        return ", ".join(f"{h}:{p}" for h, p in uri_parser.parse_uri(url, validate=False, warn=True)["nodelist"])
-    except Exception:
-        return "MONGODB_URL (not a valid MongoDB URL)"
+    """The hosts of a MongoDB URL, without its credentials or options (read from the text: a
+    ``mongodb+srv://`` URL is not resolved while a failure is being reported)."""
+    rest = url.split("://", 1)[1] if "://" in url else ""
+    hosts = rest.split("/", 1)[0].split("?", 1)[0].rpartition("@")[2]
+    return hosts.replace(",", ", ") if hosts else "MONGODB_URL (not a valid MongoDB URL)"
 
 
 def startup_failure(exc: BaseException, settings: ServiceSettings) -> str:
@@ -312,7 +312,9 @@ def run_main(factory: Callable[[], Any]) -> None:
         problem = configuration_problem(exc)
         if problem is None:
             raise
-        configure_logging(factory.__module__.split(".")[1] if factory.__module__.startswith("services.") else "hometeam")
+        # (the settings did not load: the service's name as its settings give it, from its package)
+        module = factory.__module__.split(".")
+        configure_logging(module[1].replace("_", "-") if module[0] == "services" and len(module) > 1 else "hometeam")
         log.error("cannot start: %s", problem)
         sys.exit(EXIT_CONFIGURATION)
     serve(service)
