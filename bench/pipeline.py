@@ -36,6 +36,7 @@ import multiprocessing
 import os
 import platform
 import random
+import re
 import shutil
 import signal
 import socket
@@ -88,6 +89,8 @@ BATCH_TIMEOUT_MS = 20
 # Envelope times are written with this placeholder and replaced at the scheduled send time.
 SENTINEL_TIME = "2000-01-01T00:00:00.123456Z"
 SENTINEL = SENTINEL_TIME.encode()
+# A message's id in ingest's output (found without decoding the whole record).
+MESSAGE_ID = re.compile(rb'"message_id":\s*"([^"]+)"')
 
 CHANNEL_MIX = (("sms", 0.5), ("app", 0.3), ("business_chat", 0.2))
 WORDS = (
@@ -777,15 +780,24 @@ async def run_generator(spec: dict[str, Any]) -> tuple[float, dict[str, Any]]:
 class Collector:
     """Reads ``routing.decisions.v1`` and ``conversations.events.v1`` (no consumer group, all
     partitions, from the end when started) and keeps, per conversation, the first decision,
-    and per inbound message, its ``MessageAdded``: (Kafka CreateTime, envelope time)."""
+    and per inbound message, its ``MessageAdded``: (Kafka CreateTime, envelope time).
+
+    For the latency of a decision hop by hop it also keeps the Kafka CreateTime of each
+    message's first ``CustomerMessageReceived`` (ingest's output, ``messages.received.v1``)
+    and of each conversation's first ``RouteConversation`` (conversation-state's command,
+    ``routing.commands.v1``)."""
 
     def __init__(self, bootstrap: str, prefix: str) -> None:
         self.bootstrap = bootstrap
         self.prefix = prefix
         self.decisions_topic = prefix + "routing.decisions.v1"
         self.events_topic = prefix + "conversations.events.v1"
+        self.received_topic = prefix + "messages.received.v1"
+        self.commands_topic = prefix + "routing.commands.v1"
         self.decisions: dict[str, tuple[float, float]] = {}
         self.added: dict[str, tuple[float, float]] = {}
+        self.received: dict[str, float] = {}
+        self.commanded: dict[str, float] = {}
         self.records = 0
         self._task: asyncio.Task[None] | None = None
         self._consumer: Any = None
@@ -796,20 +808,29 @@ class Collector:
         self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False, client_id="bench-collector")
         await self._consumer.start()
         sizes = topic_partitions(self.prefix)
-        tps = [TopicPartition(t, p) for t in (self.decisions_topic, self.events_topic) for p in range(sizes[t])]
+        topics = (self.decisions_topic, self.events_topic, self.received_topic, self.commands_topic)
+        tps = [TopicPartition(t, p) for t in topics for p in range(sizes[t])]
         self._consumer.assign(tps)
         await self._consumer.seek_to_end(*tps)
         self._task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
-        decisions, added = self.decisions, self.added
+        decisions, added, received, commanded = self.decisions, self.added, self.received, self.commanded
         while True:
             batches = await self._consumer.getmany(timeout_ms=200, max_records=10_000)
             for tp, records in batches.items():
-                is_decision = tp.topic == self.decisions_topic
+                topic = tp.topic
                 for r in records:
                     self.records += 1
-                    if is_decision:
+                    if topic == self.received_topic:
+                        found = MESSAGE_ID.search(r.value)
+                        if found is not None:
+                            received.setdefault(found.group(1).decode(), r.timestamp / 1000)
+                    elif topic == self.commands_topic:
+                        if b'"hometeam.RouteConversation"' in r.value:
+                            conv = json.loads(r.value)["data"]["conversation_id"]
+                            commanded.setdefault(conv, r.timestamp / 1000)
+                    elif topic == self.decisions_topic:
                         if b'"hometeam.ConversationRouted"' not in r.value:
                             continue
                         env = json.loads(r.value)
@@ -821,6 +842,26 @@ class Collector:
                         mid = env["data"]["message_id"]
                         if mid not in added:
                             added[mid] = (r.timestamp / 1000, _epoch(env["time"]))
+
+    def decision_hops(self, message_ids: Iterable[str], opened: dict[str, str]) -> dict[str, list[float]]:
+        """For each conversation a message opened that got a decision: seconds from the
+        adapter's scheduled send to ingest's output (``ingest``), from there to
+        conversation-state's ``RouteConversation`` (``conversation_state``) and from there to
+        team-routing's decision (``team_routing``), by Kafka CreateTime (a producer stamps a
+        record as it is handed to it, so a hop holds its consumer's wait, the batch before
+        it and its own work, and the previous producer's linger)."""
+        hops: dict[str, list[float]] = {"ingest": [], "conversation_state": [], "team_routing": []}
+        for m in message_ids:
+            conv = opened[m]
+            decided = self.decisions.get(conv)
+            got, asked = self.received.get(m), self.commanded.get(conv)
+            if decided is None or got is None or asked is None:
+                continue
+            decision_ts, sent = decided
+            hops["ingest"].append(max(0.0, got - sent))
+            hops["conversation_state"].append(max(0.0, asked - got))
+            hops["team_routing"].append(max(0.0, decision_ts - asked))
+        return hops
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -1318,8 +1359,9 @@ async def run_step(ctx: Context, rate: float, step: int, label: str, duration: f
     added = [ctx.collector.added.get(m) for m in ids_]
     completed = [a for a in added if a is not None]
     to_added = [max(0.0, ts - env) for ts, env in completed]
-    convs = {derived_id("conversation", m) for m in ids_}
-    decided = [ctx.collector.decisions[c] for c in convs if c in ctx.collector.decisions]
+    opened = {m: derived_id("conversation", m) for m in ids_}
+    decided = [ctx.collector.decisions[c] for c in set(opened.values()) if c in ctx.collector.decisions]
+    hops = ctx.collector.decision_hops(ids_, opened)
     to_decision = [max(0.0, ts - env) for ts, env in decided]
     last_done = max((ts for ts, _ in completed), default=t0)
     throughput = len(completed) / max(1e-9, last_done - t0) if completed else 0.0
@@ -1381,6 +1423,8 @@ async def run_step(ctx: Context, rate: float, step: int, label: str, duration: f
         "decisions_seen": len(decided),
         "latency_to_decision_s": exact_quantiles(to_decision),
         "latency_to_message_added_s": exact_quantiles(to_added),
+        # The decisions above hop by hop (Collector.decision_hops): where their time goes.
+        "decision_hops_s": {hop: exact_quantiles(values) for hop, values in hops.items()},
         "stored_update_histogram_s": histogram_quantiles(stored0, stored1, QUANTILES),
         "decision_histogram_s": histogram_quantiles(decided0, decided1, QUANTILES),
         "drained": drained,
@@ -1545,6 +1589,23 @@ def cost_table(result: dict[str, Any]) -> str:
             f"{s['label']:<8}{s['throughput']:>8.0f}  {budget:<62}"
             f"{c['records_produced_total']:>5.2f} / {c['records_consumed_total']:<14.2f}{written:<36}{c['store_reads']:>15.2f}"
         )
+    return "\n".join(lines)
+
+
+def hop_table(result: dict[str, Any]) -> str:
+    """The routing decisions of each step hop by hop, p50 / p99 ms: from the adapter's
+    scheduled send to ingest's output, to conversation-state's ``RouteConversation``, to
+    team-routing's decision (runs from before the hops were recorded print nothing)."""
+    steps = [s for s in result["steps"] if s.get("decision_hops_s")]
+    if not steps:
+        return ""
+    names = ("ingest", "conversation_state", "team_routing")
+    hdr = f"{'step':<8}{'rate':>8}{'decisions':>11}  " + "".join(f"{n + ' p50/p99 ms':<34}" for n in names)
+    lines = ["to the decision hop by hop (Kafka CreateTime of each hop's output)", hdr, "-" * len(hdr)]
+    for s in steps:
+        h = s["decision_hops_s"]
+        cells = "".join(f"{ms(h[n].get('p50')) + ' / ' + ms(h[n].get('p99')):<34}" for n in names)
+        lines.append(f"{s['label']:<8}{s['rate']:>8g}{h['ingest'].get('count', 0):>11}  {cells}")
     return "\n".join(lines)
 
 
@@ -1996,6 +2057,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(cost_table(result))
     print()
+    hops = hop_table(result)
+    if hops:
+        print(hops)
+        print()
     for line in summary_lines(result):
         print(line)
     print()

@@ -4,6 +4,7 @@ divided by the messages it completed; and whether its write-behind states keep u
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -148,3 +149,30 @@ def test_a_process_uptime_is_read_from_its_start_time() -> None:
         child.kill()
         child.wait()
     assert process_uptime_s(child.pid) is None
+
+
+def test_a_decision_splits_into_its_hops_by_each_outputs_create_time() -> None:
+    from bench.pipeline import Collector
+
+    c = Collector("127.0.0.1:9", "x.")
+    c.received = {"m1": 10.040, "m2": 20.050, "m3": 30.0}
+    c.commanded = {"c1": 10.100, "c2": 20.300}
+    c.decisions = {"c1": (10.130, 10.000), "c2": (20.310, 20.000)}
+    # m3's conversation got no decision yet; m4 never reached ingest's output.
+    hops = c.decision_hops(["m1", "m2", "m3", "m4"], {"m1": "c1", "m2": "c2", "m3": "c3", "m4": "c1"})
+    assert hops["ingest"] == pytest.approx([0.040, 0.050])
+    assert hops["conversation_state"] == pytest.approx([0.060, 0.250])
+    assert hops["team_routing"] == pytest.approx([0.030, 0.010])
+
+
+def test_the_collector_finds_the_message_id_in_ingests_output() -> None:
+    from bench.pipeline import MESSAGE_ID
+
+    from shared.contracts.envelope import Envelope
+    from shared.contracts.messages import CustomerMessageReceived
+
+    raw = (Path(__file__).resolve().parents[2] / "shared/contracts/examples/v1/CustomerMessageReceived.json").read_bytes()
+    published = Envelope[CustomerMessageReceived].model_validate_json(raw).model_dump_json().encode()  # as the outbox sends it
+    for value in (raw, published):
+        found = MESSAGE_ID.search(value)
+        assert found is not None and found.group(1) == b"0f9e8d7c-6b5a-5c4d-8e3f-2a1b0c9d8e7f"
