@@ -4,13 +4,18 @@ document per (deadline, attempt); a deadline whose sweeper died is claimed again
 later; commands carry ids derived from the deadline, so a repeat is dropped by its receiver.
 
 Finding what is due is a range query on ``due_at`` that a store may answer by scanning every
-deadline (FerretDB does: 40-220 ms per query at benchmark sizes), so the sweep does not ask
-it every tick. It reads ahead: every ``read_ahead`` it loads the deadlines due within the
-next ``read_ahead`` into memory (``ReadAhead``), and every tick it re-reads by ``_id`` only
-the ones now due (a deadline may have been fired or superseded since). Deadlines this
-process arms are added as it stores them, so they fire on time; one armed by another replica
-for less than ``read_ahead`` ahead fires up to ``read_ahead`` late (at the next read), as
-does everything after a failed sweep.
+deadline (FerretDB does: ~33 µs of its CPU per stored deadline, 1.5-2 s per query with the
+~50,000 deadlines of a benchmark run), so the sweep does not ask it every tick. It reads
+ahead: each read loads the deadlines due within the next ``read_ahead`` into memory
+(``ReadAhead``), the next read comes when that window has passed, and every tick re-reads by
+``_id`` only the ones now due (a deadline may have been fired or superseded since). The
+window is at least ``read_ahead`` and grows with what a read takes (``read_ahead_for``: reads
+take at most ``READ_SHARE`` of the time), up to ``read_ahead_max``: on an indexed store it
+stays at ``read_ahead``. Deadlines this process arms are added as it stores them, so they
+fire on time; a read follows every rebalance of the sweeper's consumer (a replica that left
+may have armed deadlines only it had in memory) and every failed sweep. So one armed by
+another replica fires late only while that replica is gone and the group has not rebalanced
+yet, or by up to the window while that replica's sweeps fail.
 """
 
 from __future__ import annotations
@@ -35,18 +40,38 @@ log = get_logger("hometeam.sweeper")
 Clock = Callable[[], datetime]
 
 
+# The share of the time a sweeper may spend reading what falls due (``read_ahead_for``).
+READ_SHARE = 0.02
+
+
+def read_ahead_for(read_s: float, shortest: timedelta, longest: timedelta, share: float = READ_SHARE) -> timedelta:
+    """How far ahead the next read looks, given that the last one took ``read_s`` seconds: far
+    enough that reads take at most ``share`` of the time (a read per window), within
+    [``shortest``, ``longest``]."""
+    return min(longest, max(shortest, timedelta(seconds=read_s / share)))
+
+
 class ReadAhead:
     """The deadlines known to be due before ``covered_until``, earliest first.
 
     ``covered_until`` is None until the first read, and again after ``forget``: then the next
-    sweep must read. Otherwise every stored deadline due before it was either read or
-    noted when this process armed it; one armed elsewhere since the read is the exception the
-    module docstring describes.
+    sweep must read (also after ``request_read``). Otherwise every stored deadline due before
+    it was either read or noted when this process armed it; one armed elsewhere since the read
+    is the exception the module docstring describes.
+
+    ``horizon`` is how far the next read looks ahead: ``shortest`` at first, then set by each
+    read's duration (``read_ahead_for``, up to ``longest``).
     """
 
-    def __init__(self, horizon: timedelta, monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, horizon: timedelta, monotonic: Callable[[], float] = time.monotonic, longest: timedelta | None = None
+    ) -> None:
+        self.shortest = horizon
+        self.longest = max(horizon, longest or horizon)
         self.horizon = horizon
         self.monotonic = monotonic
+        self.requested = False  # read at the next sweep whatever the window (``request_read``)
+        self.covered_s = horizon.total_seconds()  # the window of the last read, in seconds
         self.covered_until: datetime | None = None
         self.next_read_at: datetime | None = None
         self.read_monotonic = 0.0
@@ -58,26 +83,37 @@ class ReadAhead:
         """A read starts: what is noted until ``loaded`` is kept whatever its due time (the
         read may have passed it already, and the window moves when the read lands)."""
         self.reading = []
+        self.requested = False
+
+    def request_read(self) -> None:
+        """The next sweep reads, even inside the window (a request during a read that is under
+        way asks for another: that read may have passed what the request is about)."""
+        self.requested = True
 
     def must_read(self, now: datetime) -> bool:
-        """Read again: never read, the read window has passed (by the service's clock), or a
-        ``horizon`` of real time went by (a test clock may stand still)."""
+        """Read again: never read, asked to, the read window has passed (by the service's
+        clock), or as much real time went by as the last read looked ahead (a test clock may
+        stand still)."""
         return (
-            self.next_read_at is None
+            self.requested
+            or self.next_read_at is None
             or now >= self.next_read_at
-            or self.monotonic() - self.read_monotonic >= self.horizon.total_seconds()
+            or self.monotonic() - self.read_monotonic >= self.covered_s
         )
 
     def window(self, now: datetime) -> datetime:
         return now + self.horizon
 
-    def loaded(self, now: datetime, docs: list[dict[str, Any]], complete: bool) -> None:
+    def loaded(self, now: datetime, docs: list[dict[str, Any]], complete: bool, read_s: float = 0.0) -> None:
         """``docs``: what the store holds due up to ``window(now)``, earliest first; ``complete``
-        is False when the read stopped at its limit (then only up to the last one is known)."""
+        is False when the read stopped at its limit (then only up to the last one is known);
+        ``read_s``: how long the read took (sets how far the next one looks ahead)."""
         until = self.window(now) if complete or not docs else docs[-1]["due_at"]
         self.covered_until = until
         self.next_read_at = until if complete else min(until, now + self.horizon)
         self.read_monotonic = self.monotonic()
+        self.covered_s = self.horizon.total_seconds()
+        self.horizon = read_ahead_for(read_s, self.shortest, self.longest)
         noted_meanwhile, self.reading = self.reading or [], None
         self.note((d["_id"], d["due_at"]) for d in docs)
         self.note(noted_meanwhile)
@@ -133,10 +169,11 @@ class Sweeper:
         batch_size: int = 200,
         lease: timedelta = timedelta(seconds=30),
         read_ahead: timedelta = timedelta(seconds=10),
+        read_ahead_max: timedelta | None = None,
         read_limit: int = 5_000,
     ) -> None:
         self.store = store
-        self.ahead = ReadAhead(read_ahead)
+        self.ahead = ReadAhead(read_ahead, longest=read_ahead_max)
         self.read_limit = read_limit
         store.armed_listeners.append(self.ahead.note)
         self.outbox = outbox
@@ -157,6 +194,12 @@ class Sweeper:
             registry=registry,
         )
         self.overdue = Gauge("hometeam_deadlines_overdue", "Due deadlines seen but not yet fired in the last sweep.", registry=registry)
+        self.read_ahead = Gauge(
+            "hometeam_deadline_read_ahead_seconds",
+            "How far ahead the sweep's next read of due deadlines looks (SWEEP_READ_AHEAD_S up to SWEEP_READ_AHEAD_MAX_S).",
+            registry=registry,
+        )
+        self.read_ahead.set(read_ahead.total_seconds())
 
     async def arm_team_hours(self) -> None:
         """Make sure every team has its next opening/closing deadline."""
@@ -179,8 +222,10 @@ class Sweeper:
         # While a backlog larger than one read drains, what is queued fires first anyway.
         if self.ahead.must_read(now) and not self.ahead.has_due(now, self.batch_size):
             self.ahead.begin_read()
+            started = self.ahead.monotonic()
             docs = await self.store.due(self.ahead.window(now), self.read_limit)
-            self.ahead.loaded(now, docs, complete=len(docs) < self.read_limit)
+            self.ahead.loaded(now, docs, complete=len(docs) < self.read_limit, read_s=self.ahead.monotonic() - started)
+            self.read_ahead.set(self.ahead.horizon.total_seconds())
         ids = self.ahead.take_due(now, self.batch_size)
         current = await self.store.get(ids)
         due = []

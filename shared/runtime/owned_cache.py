@@ -19,7 +19,7 @@ invalidation happened meanwhile (a rebalance can run while a batch is in flight)
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
@@ -64,14 +64,18 @@ class OwnedStateCache(Generic[V]):
         return invalidate_on_rebalance(self)
 
 
-def invalidate_on_rebalance(*caches: OwnedStateCache[Any]) -> ConsumerRebalanceListener:
-    """A listener for the subscriber whose partitions own these caches' keys."""
-    return _InvalidateOnRebalance(caches)
+def invalidate_on_rebalance(
+    *caches: OwnedStateCache[Any], on_assigned: Callable[[], None] | None = None
+) -> ConsumerRebalanceListener:
+    """A listener for the subscriber whose partitions own these caches' keys; ``on_assigned``
+    is also called once partitions are assigned."""
+    return _InvalidateOnRebalance(caches, on_assigned)
 
 
 class _InvalidateOnRebalance(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, caches: tuple[OwnedStateCache[Any], ...]) -> None:
+    def __init__(self, caches: tuple[OwnedStateCache[Any], ...], on_assigned: Callable[[], None] | None = None) -> None:
         self.caches = caches
+        self.on_assigned = on_assigned
 
     def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         for cache in self.caches:
@@ -80,3 +84,5 @@ class _InvalidateOnRebalance(ConsumerRebalanceListener):  # type: ignore[misc]
     def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         for cache in self.caches:
             cache.invalidate()
+        if self.on_assigned is not None:
+            self.on_assigned()

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaConsumer
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from pymongo import AsyncMongoClient
 
 from services.conversation_state.app import ConversationStateSettings
@@ -74,11 +76,11 @@ class Timers(System):
     config: Path | None = None
     db_name: str = ""
 
-    async def start_sweeper(self, name: str) -> Any:
+    async def start_sweeper(self, name: str, **extra: Any) -> Any:
         assert self.stack is not None
         settings = service_settings(
             TimeoutSweeperSettings, self.infra, self.prefix, self.db_name,
-            teams_config=self.config, sweep_interval_s=0.05, claim_lease_s=5, service_instance=name,
+            teams_config=self.config, sweep_interval_s=0.05, claim_lease_s=5, service_instance=name, **extra,
         )
         service = timeout_sweeper(settings, clock=self.clock)
         context = running(service)
@@ -265,6 +267,43 @@ async def test_a_callback_fires_once_with_two_sweepers_and_a_restart(timers: Tim
     await eventually(lambda: _no_callbacks(timers), what="callback deadline removed")
     conversations = [e for e in await timers.probe.envelopes("conversations.events.v1") if e["subject"] == customer and e["type"] == "hometeam.ConversationOpened"]
     assert len({e["data"]["conversation_id"] for e in conversations}) == 2
+
+
+async def test_a_rebalance_makes_a_sweeper_read_what_falls_due_again(timers: Timers):
+    """A deadline armed by a replica that then left, due inside another's read window, was in
+    the leaver's memory only: the group's rebalance makes the others read, so it fires now,
+    not when their window ends (an hour here)."""
+    customer, _ = await first_assignment(timers, "+12125550011", DAY)
+    hour = {"sweep_read_ahead_s": 3600, "sweep_read_ahead_max_s": 3600}
+    service = await timers.start_sweeper("sweeper-a", **hour)
+    sweeper = service.extras["sweeper"]
+
+    async def first_read() -> bool:
+        return sweeper.ahead.covered_until is not None
+
+    await eventually(first_read, what="sweeper-a's first read")
+    callback_id = f"cb-{uuid.uuid4().hex}"
+    due = timers.clock.now + timedelta(minutes=5)
+    await timers.db["deadlines"].insert_one(
+        {"_id": f"callback:{callback_id}@000000000001", "kind": "callback", "entity": callback_id, "due_at": due,
+         "data": {"customer_id": customer}, "armed_at": timers.clock.now}
+    )
+    timers.clock.now = due + timedelta(seconds=1)
+    # Another member joins the sweepers' consumer group: sweeper-a is assigned partitions again.
+    joiner = AIOKafkaConsumer(
+        timers.prefix + "conversations.events.v1", bootstrap_servers=timers.infra.kafka,
+        group_id=service.runtime.settings.group_id, enable_auto_commit=False,
+        partition_assignment_strategy=(RangePartitionAssignor,),  # as the services' consumers
+    )
+    try:
+        await joiner.start()
+        async def fired() -> list[dict]:
+            return [e for e in await timers.probe.envelopes("lifecycle.commands.v1")
+                    if e["type"] == "hometeam.StartCallback" and e["data"]["callback_id"] == callback_id]
+
+        assert len(await eventually(fired, what="the callback fired after the rebalance")) == 1
+    finally:
+        await joiner.stop()
 
 
 async def _no_callbacks(timers: Timers) -> bool:

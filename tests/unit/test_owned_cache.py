@@ -36,6 +36,15 @@ def test_a_rebalance_drops_everything_and_a_batch_in_flight_does_not_put_back(ev
     assert customers.take(["b"]) == {}
 
 
+def test_a_listener_also_tells_who_asked_once_partitions_are_assigned() -> None:
+    calls: list[str] = []
+    listener = invalidate_on_rebalance(OwnedStateCache[dict](10), on_assigned=lambda: calls.append("assigned"))
+    listener.on_partitions_revoked({TopicPartition("t", 0)})
+    assert calls == []
+    listener.on_partitions_assigned({TopicPartition("t", 0)})
+    assert calls == ["assigned"]
+
+
 @pytest.mark.parametrize(("size", "kept"), [(0, []), (2, ["b", "c"]), (5, ["a", "b", "c"])])
 def test_the_least_recently_stored_go_first(size: int, kept: list[str]) -> None:
     cache = OwnedStateCache[int](size)

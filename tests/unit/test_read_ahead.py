@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from services.timeout_sweeper.sweep import ReadAhead
+from services.timeout_sweeper.sweep import ReadAhead, read_ahead_for
 
 T = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
 S = timedelta(seconds=1)
@@ -122,3 +122,59 @@ def test_an_armed_deadline_and_its_stored_copy_queue_once() -> None:
     ahead.note([("x", T + timedelta(seconds=2, microseconds=123_456))])
     ahead.note([("x", T + timedelta(seconds=2, microseconds=123_000))])
     assert len(ahead.heap) == 1 and ahead.take_due(T + 3 * S, 10) == ["x"]
+
+
+@pytest.mark.parametrize(
+    ("read_s", "window_s"),
+    [
+        (0.0, 10),  # an indexed store: the shortest window
+        (0.1, 10),  # 0.1 s is 2% of 5 s: still the shortest
+        (0.5, 25),  # 2% of 25 s
+        (1.5, 75),  # FerretDB scanning ~50,000 deadlines
+        (10.0, 120),  # never beyond the longest
+    ],
+)
+def test_the_window_grows_with_what_a_read_takes(read_s: float, window_s: int) -> None:
+    assert read_ahead_for(read_s, 10 * S, 120 * S) == window_s * S
+
+
+def test_a_slow_read_makes_the_next_one_look_further_ahead_and_come_later() -> None:
+    mono = Monotonic()
+    ahead = ReadAhead(10 * S, mono, longest=120 * S)
+    ahead.loaded(T, [], complete=True, read_s=1.5)  # this read covered 10 s; the next looks 75 s ahead
+    assert ahead.covered_until == T + 10 * S and ahead.window(T + 10 * S) == T + 85 * S
+    mono.t += 9
+    assert not ahead.must_read(T + 9 * S)
+    assert ahead.must_read(T + 10 * S)
+    ahead.loaded(T + 10 * S, [], complete=True, read_s=0.01)  # a quick read: back to the shortest next time
+    assert ahead.covered_until == T + 85 * S and ahead.window(T + 85 * S) == T + 95 * S
+    # A standing clock: the real time of the window actually read (75 s) decides, not the next one's.
+    mono.t += 74
+    assert not ahead.must_read(T + 10 * S)
+    mono.t += 1
+    assert ahead.must_read(T + 10 * S)
+
+
+def test_the_longest_window_is_never_shorter_than_the_shortest() -> None:
+    ahead = ReadAhead(30 * S, Monotonic(), longest=5 * S)
+    ahead.loaded(T, [], complete=True, read_s=100.0)
+    assert ahead.horizon == 30 * S
+
+
+def test_a_requested_read_comes_at_the_next_sweep_and_once() -> None:
+    ahead, _ = make()
+    ahead.loaded(T, [], complete=True)
+    ahead.request_read()  # e.g. the consumer was assigned partitions
+    assert ahead.must_read(T + S)
+    ahead.begin_read()
+    ahead.loaded(T + S, [], complete=True)
+    assert not ahead.must_read(T + 2 * S)
+
+
+def test_a_read_requested_while_one_is_under_way_comes_after_it() -> None:
+    ahead, _ = make()
+    ahead.loaded(T, [], complete=True)
+    ahead.begin_read()
+    ahead.request_read()  # the read in flight may have passed what the request is about
+    ahead.loaded(T + S, [], complete=True)
+    assert ahead.must_read(T + 2 * S)
