@@ -1429,6 +1429,8 @@ async def run_step(ctx: Context, rate: float, step: int, label: str, duration: f
         "decision_histogram_s": histogram_quantiles(decided0, decided1, QUANTILES),
         "drained": drained,
         "drain_s": drain_end - t_end,
+        # The longest the broker left the lag sampler without an answer (STALL_GAP_S).
+        "broker_silence_s": longest_silence([t for t, _, _ in ctx.lag.samples], t0, drain_end),
         "bounded": lags["bounded"] and held["bounded"],
         "lag_bounded": lags["bounded"],
         "write_behind": held,
@@ -1451,6 +1453,19 @@ async def wait_for_no_lag(lag: LagSampler, timeout_s: float) -> bool:
             return True
         await asyncio.sleep(0.5)
     return False
+
+
+# A lag sample takes a few milliseconds and comes every second: a longer silence means the
+# broker did not answer (a stall of the machine or of Kafka), which spoils the step's latencies.
+STALL_GAP_S = 3.0
+
+
+def longest_silence(times: Sequence[float], t0: float, t_end: float) -> float:
+    """The longest time without a sample between ``t0`` and ``t_end`` (the step from its
+    start to the end of its drain), counting from ``t0`` and up to ``t_end``."""
+    inside = sorted(t for t in times if t0 < t < t_end)
+    edges = [t0, *inside, t_end]
+    return max((b - a for a, b in zip(edges, edges[1:])), default=0.0)
 
 
 def lag_verdict(samples: list[tuple[float, dict[str, int], dict[str, int]]], t0: float, t_end: float, rate: float) -> dict[str, Any]:
@@ -1629,6 +1644,13 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         f"(bounded throughput / pass-through); at saturation {s['saturated_ratio'] if s['saturated_ratio'] is None else round(s['saturated_ratio'], 3)} "
         f"(best measured throughput {s['best_throughput']:.0f} msg/s)",
     ]
+    for step in result["steps"]:
+        silence = step.get("broker_silence_s") or 0.0
+        if silence > STALL_GAP_S:
+            out.append(
+                f"{step['label']}: the broker left the lag sampler without an answer for {silence:.1f} s "
+                "(a stall of the machine or of Kafka): this step's latencies are not the pipeline's"
+            )
     h = s.get("half_rate_step")
     if h:
         out.append(

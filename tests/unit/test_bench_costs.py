@@ -176,3 +176,18 @@ def test_the_collector_finds_the_message_id_in_ingests_output() -> None:
     for value in (raw, published):
         found = MESSAGE_ID.search(value)
         assert found is not None and found.group(1) == b"0f9e8d7c-6b5a-5c4d-8e3f-2a1b0c9d8e7f"
+
+
+@pytest.mark.parametrize(
+    ("times", "silence"),
+    [
+        ([float(t) for t in range(101, 120)], 1.0),  # a sample every second
+        ([101.0, 102.0, *(float(t) for t in range(115, 120))], 13.0),  # the broker did not answer for 13 s
+        ([], 20.0),  # nothing at all in the step
+        ([95.0, 100.5, 130.0], 19.5),  # samples outside the step do not count; its edges do
+    ],
+)
+def test_a_step_reports_the_longest_time_the_broker_left_the_lag_sampler_unanswered(times: list[float], silence: float) -> None:
+    from bench.pipeline import longest_silence
+
+    assert longest_silence(times, 100.0, 120.0) == pytest.approx(silence)
