@@ -495,7 +495,7 @@ def service_env(
     ``HTTP_PORT`` and ``MONGODB_DATABASE`` (a database per service: none reads another's
     collections, and on FerretDB/SQLite each database is its own file, writer lock and pool)."""
     keep = ("PATH", "HOME", "LANG", "LC_ALL", "TZ")
-    tuning = ("CONSUMER_", "PRODUCER_", "STATE_", "SWEEP_")  # service settings to try a run with (shared/settings.py)
+    tuning = ("CONSUMER_", "PRODUCER_", "STATE_", "SWEEP_", "GC_")  # service settings to try a run with (shared/settings.py)
     return {
         **{k: v for k, v in os.environ.items() if k in keep or k.startswith(tuning)},
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
