@@ -120,6 +120,7 @@ class JournaledCustomers:
         # customer kept between batches costs in memory), rebuilt when a batch takes them.
         self.settled: set[str] = set()
         self.writing_customers: set[str] = set()  # the customers the write in flight stores
+        self.dirty_and_writing = 0  # customers in both (changed again while their slice is pending)
         self.assigned: set[int] = set()  # partition numbers (the same across the input topics)
         self.recovered: set[int] = set()
         self.epoch = 0  # moves whenever the memory is dropped
@@ -233,6 +234,7 @@ class JournaledCustomers:
                     r.stored[conv_id] = found[conv_id]
             self.records[c.id] = r
             self._remember(r)
+            self._mark_dirty(c.id)
             self.dirty[c.id] = float("-inf")  # stored at the next flush
             self.settled.discard(c.id)
             self.overlaid.add(c.id)
@@ -291,6 +293,7 @@ class JournaledCustomers:
             if cid in changed:
                 summarize_stored(r, changed[cid])  # (what a write needs of them, not a copy)
                 self._remember(r)
+                self._mark_dirty(cid)
                 self.dirty.setdefault(cid, journaled_at)
                 self.settled.discard(cid)  # its stored documents are needed again
             elif cid not in self.dirty and cid not in self.writing_customers:
@@ -337,6 +340,7 @@ class JournaledCustomers:
             customers -= ready
         dirty = {cid: self.dirty.pop(cid) for cid in [c for c in self.dirty if c in ready]}  # (in the order journaled: oldest first)
         self.writing_customers = set(dirty)
+        self.dirty_and_writing = 0  # (the customers left dirty are not in this write)
         self.writing = asyncio.create_task(self._store(dirty, sorted(done), before, stored_until, self.epoch))
 
     async def _store(self, dirty: dict[str, float], done: list[str], before: dict[str, set[str]], stored_until: float, epoch: int) -> None:
@@ -387,7 +391,10 @@ class JournaledCustomers:
         """A slice of the write in flight is stored: its customers are as stored, unless a
         batch changed them since (dirty again, stored by a later write)."""
         for cid in part:
-            self.writing_customers.discard(cid)
+            if cid in self.writing_customers:
+                self.writing_customers.discard(cid)
+                if cid in self.dirty:
+                    self.dirty_and_writing -= 1
             if cid not in self.dirty:
                 if (r := self.records.get(cid)) is not None:
                     self._forget(r)  # stored as they are: the store (and ``stored``) is the reference again
@@ -420,6 +427,7 @@ class JournaledCustomers:
             return
         left = set(unwritten)
         self.writing_customers = set()
+        self.dirty_and_writing = 0
         for cid in unwritten:
             since = dirty[cid]
             self.dirty[cid] = min(since, self.dirty.get(cid, since))
@@ -436,8 +444,14 @@ class JournaledCustomers:
     @property
     def unstored(self) -> int:
         """Customers not stored as they are: changed since their last write, or in the write
-        in flight."""
-        return len(self.dirty) + len(self.writing_customers)
+        in flight (one changed again while its slice is pending counts once)."""
+        return len(self.dirty) + len(self.writing_customers) - self.dirty_and_writing
+
+    def _mark_dirty(self, customer_id: str) -> None:
+        """Count a customer about to be marked dirty once in ``unstored`` if its slice of the
+        write in flight is still pending (it stays dirty after the slice lands)."""
+        if customer_id not in self.dirty and customer_id in self.writing_customers:
+            self.dirty_and_writing += 1
 
     async def catch_up(self, retry_after_s: float = 0.5) -> None:
         """Backpressure: while more than ``max_unstored`` customers are not stored as they are
@@ -494,6 +508,7 @@ class JournaledCustomers:
         self.overlaid.clear()
         self.settled.clear()
         self.writing_customers = set()
+        self.dirty_and_writing = 0
         self.recovered.clear()
         self.epoch += 1
         if self.metrics is not None:

@@ -162,3 +162,19 @@ async def test_stored_customers_beyond_the_cache_leave_as_each_slice_lands() -> 
     assert set(memory.records) == {"cus_3", "cus_4", "cus_5"}  # cus_1, cus_2 stored and let go; the rest in the write
     store.step(2)
     await memory.settle()
+
+
+async def test_a_customer_changed_again_while_its_slice_is_pending_counts_once() -> None:
+    registry, store, memory = await five_journaled()
+    memory.flush()
+    await until(lambda: store.calls == 1)  # the first slice (cus_1, cus_2) is on its way
+    await journaled(memory, "cus_1", "cus_4")  # a batch changes one customer of it and one of a later slice
+    assert memory.unstored == 5  # each customer once, not cus_1 and cus_4 twice
+    store.step()
+    await until(lambda: store.calls == 2)
+    # cus_2 is stored; cus_1 stays dirty (stored by a later write) and cus_3..5 are in flight.
+    assert memory.unstored == 4 and "cus_1" in memory.dirty
+    assert registry.get_sample_value("hometeam_state_unstored_records", {"state": "conversations"}) == 4
+    store.step(2)
+    await until(lambda: memory.writing is not None and memory.writing.done())
+    assert memory.unstored == 2 and set(memory.dirty) == {"cus_1", "cus_4"}
