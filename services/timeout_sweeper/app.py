@@ -41,13 +41,16 @@ class TimeoutSweeperSettings(ServiceSettings):
     sweep_read_ahead_s: float = Field(
         default=10.0,
         gt=0,
-        description="How far ahead, and how often, the sweep reads due deadlines from the store at least (a deadline armed "
-        "by another replica less than this far ahead can fire this late)",
+        description="The shortest window (and time between scheduled reads) of the sweep's reads of due deadlines; "
+        "reads also follow a rebalance of the sweeper's group and a failed sweep",
     )
     # A store that scans for the read (FerretDB: ~33 µs per stored deadline) makes the window
-    # grow so that reads take at most 2% of the time (services/timeout_sweeper/sweep.py).
+    # grow so that reads take about 2% of the time (services/timeout_sweeper/sweep.py).
     sweep_read_ahead_max_s: float = Field(
-        default=120.0, gt=0, description="How far ahead the sweep reads at most when reads are slow (not below SWEEP_READ_AHEAD_S)"
+        default=120.0,
+        gt=0,
+        description="The longest window of the sweep's reads, reached when a read takes 2.4 s (not below SWEEP_READ_AHEAD_S); "
+        "a deadline armed by a replica whose sweeps fail can fire up to the window late",
     )
     state_cache_heads: int = Field(
         default=100_000, ge=0, description="Deadline heads (current arming per kind and entity) kept in memory between batches"

@@ -9,13 +9,16 @@ deadline (FerretDB does: ~33 µs of its CPU per stored deadline, 1.5-2 s per que
 ahead: each read loads the deadlines due within the next ``read_ahead`` into memory
 (``ReadAhead``), the next read comes when that window has passed, and every tick re-reads by
 ``_id`` only the ones now due (a deadline may have been fired or superseded since). The
-window is at least ``read_ahead`` and grows with what a read takes (``read_ahead_for``: reads
-take at most ``READ_SHARE`` of the time), up to ``read_ahead_max``: on an indexed store it
-stays at ``read_ahead``. Deadlines this process arms are added as it stores them, so they
-fire on time; a read follows every rebalance of the sweeper's consumer (a replica that left
-may have armed deadlines only it had in memory) and every failed sweep. So one armed by
-another replica fires late only while that replica is gone and the group has not rebalanced
-yet, or by up to the window while that replica's sweeps fail.
+window is at least ``read_ahead`` and grows with what the last read took (``read_ahead_for``:
+one read per window, each taking about ``READ_SHARE`` of it; the wall time of the read, so a
+busy process reads less often too), up to ``read_ahead_max``; a quick store keeps it at
+``read_ahead``. Reads come more often than that when one stops at ``read_limit``, and after
+every rebalance of the sweeper's consumer (a replica that left may have armed deadlines only
+it had in memory) and every failed sweep. Deadlines this process arms are added as it stores
+them, so they fire on time, and one whose claim another replica took is looked at again when
+its next attempt may be claimed. So one armed by another replica fires late only while that
+replica is gone and the group has not rebalanced yet, or by up to the window while that
+replica's sweeps fail.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ log = get_logger("hometeam.sweeper")
 Clock = Callable[[], datetime]
 
 
-# The share of the time a sweeper may spend reading what falls due (``read_ahead_for``).
+# The share of the time a sweeper aims to spend reading what falls due (``read_ahead_for``).
 READ_SHARE = 0.02
 
 
@@ -122,15 +125,16 @@ class ReadAhead:
         """At least ``count`` queued deadlines are due (cheap upper bound: heap entries)."""
         return len(self.heap) >= count and sum(1 for due_at, _ in self.heap if due_at <= now) >= count
 
-    def note(self, deadlines: Iterable[tuple[str, datetime]]) -> None:
-        """Deadlines stored or seen: those inside the covered window join the queue."""
+    def note(self, deadlines: Iterable[tuple[str, datetime]], keep: bool = False) -> None:
+        """Deadlines stored or seen: those inside the covered window join the queue (all of
+        them with ``keep``: stored ones to look at again then, whatever the window)."""
         deadlines = [(i, _millis(due_at)) for i, due_at in deadlines]
         if self.reading is not None:
             self.reading.extend(deadlines)
         if self.covered_until is None:
             return
         for deadline_id, due_at in deadlines:
-            if due_at <= self.covered_until and self.queued.get(deadline_id) != due_at:
+            if (keep or due_at <= self.covered_until) and self.queued.get(deadline_id) != due_at:
                 self.queued[deadline_id] = due_at
                 heapq.heappush(self.heap, (due_at, deadline_id))
 
@@ -264,6 +268,10 @@ class Sweeper:
         for doc in free:
             if doc["_id"] not in claimed:
                 self.lost_claims.inc()
+                # Looked at again when its next attempt may be claimed (if the replica that
+                # claimed this one dies before firing it), not only at the next read.
+                next_attempt_at = doc["due_at"] + (attempts[doc["_id"]] + 1) * self.lease
+                self.ahead.note([(doc["_id"], next_attempt_at)], keep=True)
                 continue
             firing = firing_for(doc, directory)
             if firing is not None:

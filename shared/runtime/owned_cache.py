@@ -73,15 +73,18 @@ def invalidate_on_rebalance(
 
 
 class _InvalidateOnRebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    # Coroutines, so they run on the event loop between batches: FastStream calls a listener's
+    # plain methods in a worker thread, where an invalidation could land between a batch's
+    # epoch check and its ``put_back``, and the batch would put back stale values.
     def __init__(self, caches: tuple[OwnedStateCache[Any], ...], on_assigned: Callable[[], None] | None = None) -> None:
         self.caches = caches
         self.on_assigned = on_assigned
 
-    def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         for cache in self.caches:
             cache.invalidate()
 
-    def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         for cache in self.caches:
             cache.invalidate()
         if self.on_assigned is not None:

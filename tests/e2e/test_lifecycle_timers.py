@@ -3,6 +3,7 @@ clock: inactivity closes, response targets, team hours, callbacks across replica
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
@@ -278,10 +279,13 @@ async def test_a_rebalance_makes_a_sweeper_read_what_falls_due_again(timers: Tim
     service = await timers.start_sweeper("sweeper-a", **hour)
     sweeper = service.extras["sweeper"]
 
-    async def first_read() -> bool:
-        return sweeper.ahead.covered_until is not None
+    async def settled() -> bool:
+        # Read, assigned its partitions, and the read that assignment asked for done.
+        assigned = any(sub.consumer is not None and sub.consumer.assignment() for sub in service.broker.subscribers)
+        return sweeper.ahead.covered_until is not None and assigned and not sweeper.ahead.requested
 
-    await eventually(first_read, what="sweeper-a's first read")
+    await eventually(settled, what="sweeper-a assigned and read")
+    await asyncio.sleep(0.2)  # (a few sweeps: one reading when the request came is done too)
     callback_id = f"cb-{uuid.uuid4().hex}"
     due = timers.clock.now + timedelta(minutes=5)
     await timers.db["deadlines"].insert_one(
@@ -289,6 +293,13 @@ async def test_a_rebalance_makes_a_sweeper_read_what_falls_due_again(timers: Tim
          "data": {"customer_id": customer}, "armed_at": timers.clock.now}
     )
     timers.clock.now = due + timedelta(seconds=1)
+
+    async def fired() -> list[dict]:
+        return [e for e in await timers.probe.envelopes("lifecycle.commands.v1")
+                if e["type"] == "hometeam.StartCallback" and e["data"]["callback_id"] == callback_id]
+
+    await asyncio.sleep(0.5)  # ten sweeps: inside its hour's window sweeper-a does not read it
+    assert await fired() == []
     # Another member joins the sweepers' consumer group: sweeper-a is assigned partitions again.
     joiner = AIOKafkaConsumer(
         timers.prefix + "conversations.events.v1", bootstrap_servers=timers.infra.kafka,
@@ -297,10 +308,6 @@ async def test_a_rebalance_makes_a_sweeper_read_what_falls_due_again(timers: Tim
     )
     try:
         await joiner.start()
-        async def fired() -> list[dict]:
-            return [e for e in await timers.probe.envelopes("lifecycle.commands.v1")
-                    if e["type"] == "hometeam.StartCallback" and e["data"]["callback_id"] == callback_id]
-
         assert len(await eventually(fired, what="the callback fired after the rebalance")) == 1
     finally:
         await joiner.stop()

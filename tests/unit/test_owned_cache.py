@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+
 import pytest
 from aiokafka import TopicPartition
 
@@ -30,7 +33,7 @@ def test_a_rebalance_drops_everything_and_a_batch_in_flight_does_not_put_back(ev
     buckets.put_back({"h": {}}, buckets.epoch)
     in_flight = customers.epoch
     listener = invalidate_on_rebalance(customers, buckets)
-    getattr(listener, f"on_partitions_{event}")({TopicPartition("t", 0)})
+    asyncio.run(getattr(listener, f"on_partitions_{event}")({TopicPartition("t", 0)}))
     assert len(customers) == len(buckets) == 0
     customers.put_back({"b": {}}, in_flight)  # the batch that started before the rebalance
     assert customers.take(["b"]) == {}
@@ -39,10 +42,17 @@ def test_a_rebalance_drops_everything_and_a_batch_in_flight_does_not_put_back(ev
 def test_a_listener_also_tells_who_asked_once_partitions_are_assigned() -> None:
     calls: list[str] = []
     listener = invalidate_on_rebalance(OwnedStateCache[dict](10), on_assigned=lambda: calls.append("assigned"))
-    listener.on_partitions_revoked({TopicPartition("t", 0)})
+    asyncio.run(listener.on_partitions_revoked({TopicPartition("t", 0)}))
     assert calls == []
-    listener.on_partitions_assigned({TopicPartition("t", 0)})
+    asyncio.run(listener.on_partitions_assigned({TopicPartition("t", 0)}))
     assert calls == ["assigned"]
+
+
+def test_the_listener_runs_on_the_event_loop_not_in_a_worker_thread() -> None:
+    """FastStream runs a listener's plain methods in a thread pool; coroutines on the loop."""
+    listener = invalidate_on_rebalance(OwnedStateCache[dict](10))
+    assert inspect.iscoroutinefunction(listener.on_partitions_revoked)
+    assert inspect.iscoroutinefunction(listener.on_partitions_assigned)
 
 
 @pytest.mark.parametrize(("size", "kept"), [(0, []), (2, ["b", "c"]), (5, ["a", "b", "c"])])

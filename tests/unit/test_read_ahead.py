@@ -138,7 +138,7 @@ def test_the_window_grows_with_what_a_read_takes(read_s: float, window_s: int) -
     assert read_ahead_for(read_s, 10 * S, 120 * S) == window_s * S
 
 
-def test_a_slow_read_makes_the_next_one_look_further_ahead_and_come_later() -> None:
+def test_after_a_slow_read_the_next_one_looks_further_ahead_and_the_one_after_comes_later() -> None:
     mono = Monotonic()
     ahead = ReadAhead(10 * S, mono, longest=120 * S)
     ahead.loaded(T, [], complete=True, read_s=1.5)  # this read covered 10 s; the next looks 75 s ahead

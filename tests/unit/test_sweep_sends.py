@@ -73,3 +73,21 @@ async def test_a_sweep_claims_its_due_deadlines_at_once_then_queues_their_comman
     assert sorted(calls.calls[1:3]) == ["send c0", "send c2"]  # not the lost claim's
     assert calls.calls[3:] == ["flush", "done"]
     assert registry.get_sample_value("hometeam_deadline_claims_lost_total") == 1
+
+
+async def test_a_lost_claim_is_looked_at_again_when_its_next_attempt_may_be_claimed() -> None:
+    """If the replica that claimed it dies before firing it, it fires one lease later, not at
+    this sweeper's next read of the store (up to SWEEP_READ_AHEAD_MAX_S away)."""
+    calls = _Calls([_inactivity(0)], lost={"d0"})
+    clock = SimpleNamespace(now=NOW)
+    sweeper = Sweeper(calls, calls, SimpleNamespace(current=None), lambda: clock.now, "me", CollectorRegistry(), lease=timedelta(seconds=30))  # type: ignore[arg-type]
+    assert await sweeper.sweep_once() == 0
+    assert sweeper.ahead.covered_until is not None and sweeper.ahead.covered_until < NOW + timedelta(seconds=29)  # past the window
+    due = calls.docs["d0"]["due_at"]  # 1 s ago: attempt 0 was lost, attempt 1 opens 30 s after it fell due
+    assert sweeper.ahead.take_due(due + timedelta(seconds=29), 10) == []
+    assert sweeper.ahead.take_due(due + timedelta(seconds=30), 10) == ["d0"]
+    calls.lost = set()  # the other replica died holding attempt 0
+    sweeper.ahead.note([("d0", due + timedelta(seconds=30))], keep=True)  # (taken above)
+    clock.now = due + timedelta(seconds=30)
+    assert await sweeper.sweep_once() == 1
+    assert calls.calls[-4:] == ["claim d0", "send c0", "flush", "done"]
