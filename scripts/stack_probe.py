@@ -103,6 +103,10 @@ async def _wait_kafka(bootstrap: str, timeout: float, pid: int | None) -> str:
             if not cluster.get("brokers"):
                 raise RuntimeError("metadata lists no live broker yet")
             await admin.list_topics()
+            # A fresh broker creates its offsets topic on the first group request: until its
+            # partitions are loaded every consumer's join fails ("GroupCoordinatorNotAvailable",
+            # logged as an error by aiokafka in each service), so ready means groups work.
+            await admin.find_coordinator("hometeam-stack-probe")
             return f"cluster {cluster.get('cluster_id')}, brokers {len(cluster['brokers'])}"
         finally:
             await admin.close()
@@ -188,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
 
-    p = sub.add_parser("kafka-ready", help="wait until the broker answers describe_cluster")
+    p = sub.add_parser("kafka-ready", help="wait until the broker answers describe_cluster and finds a group coordinator")
     p.add_argument("--bootstrap", required=True)
     p.add_argument("--timeout", type=float, default=60.0)
     p.add_argument("--pid", type=int, help="give up as soon as this process exits")
