@@ -14,7 +14,9 @@ What one run does (docs/benchmarks.md explains every number):
 4. warms the path up, then for each arrival rate sends messages on a schedule for a set
    duration (a generator process that never waits for the system), while this process reads
    the decisions and conversation events, samples consumer lag and each process's CPU and
-   RSS every second, and scrapes the services' latency histograms;
+   RSS every second, and scrapes the services' latency histograms; each step checks that its
+   messages were added once each, in their customers' order, none lost, and that the
+   conversation events kept each customer's sequence (``message_path_audit``);
 5. stops at the first rate where lag is not bounded (the backlog would spoil higher rates),
    tries rates halfway between that one and the highest bounded one (``--refine N``, 2 steps),
    measures half the highest bounded rate in a longer step of its own (``--half-duration``,
@@ -91,6 +93,10 @@ SENTINEL_TIME = "2000-01-01T00:00:00.123456Z"
 SENTINEL = SENTINEL_TIME.encode()
 # A message's id in ingest's output (found without decoding the whole record).
 MESSAGE_ID = re.compile(rb'"message_id":\s*"([^"]+)"')
+# A conversation event's envelope id and per-customer sequence, read from the envelope's
+# attributes (before ``"data":``; the payload is not decoded).
+EVENT_ID = re.compile(rb'"id":\s*"([^"]+)"')
+EVENT_SEQUENCE = re.compile(rb'"sequence":\s*(\d+)')
 
 CHANNEL_MIX = (("sms", 0.5), ("app", 0.3), ("business_chat", 0.2))
 WORDS = (
@@ -733,6 +739,7 @@ async def _generate(spec: dict[str, Any], conn: Any) -> None:
                 "distinct_customers": len(set(plan.customers)),
                 "new_customers": plan.new_customers,
                 "message_ids": plan.message_ids,
+                "customers": plan.customers,
                 "offsets": offsets,
                 "lags": lags,
                 "last_send_s": sent_at,
@@ -785,7 +792,15 @@ class Collector:
     For the latency of a decision hop by hop it also keeps the Kafka CreateTime of each
     message's first ``CustomerMessageReceived`` (ingest's output, ``messages.received.v1``)
     and of each conversation's first ``RouteConversation`` (conversation-state's command,
-    ``routing.commands.v1``)."""
+    ``routing.commands.v1``).
+
+    For the message path's correctness at every rate (``message_path_audit``) it keeps where
+    each message's first ``MessageAdded`` landed (partition, offset) and counts the messages
+    added again under another event id (a double effect; the same id again is a republished
+    record, which every consumer drops), and it follows each customer's conversation events
+    (keyed by customer): every event carries the next number of its customer's ``sequence``,
+    so a number used twice by different events is a double effect or a reordering, and a
+    number skipped is an event lost."""
 
     def __init__(self, bootstrap: str, prefix: str) -> None:
         self.bootstrap = bootstrap
@@ -798,6 +813,15 @@ class Collector:
         self.added: dict[str, tuple[float, float]] = {}
         self.received: dict[str, float] = {}
         self.commanded: dict[str, float] = {}
+        self.added_at: dict[str, tuple[int, int]] = {}
+        self.added_id: dict[str, str] = {}
+        self.added_again: dict[str, int] = {}
+        self.last_sequence: dict[bytes | None, int] = {}
+        self.event_ids: set[int] = set()  # hashes of the sequenced events' ids seen
+        self.sequenced = 0  # events checked against their customer's sequence
+        self.republished = 0  # the same event (id) again: dropped by consumers, not a fault
+        self.sequence_reused = 0
+        self.sequence_skipped = 0
         self.records = 0
         self._task: asyncio.Task[None] | None = None
         self._consumer: Any = None
@@ -815,33 +839,74 @@ class Collector:
         self._task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
-        decisions, added, received, commanded = self.decisions, self.added, self.received, self.commanded
         while True:
             batches = await self._consumer.getmany(timeout_ms=200, max_records=10_000)
             for tp, records in batches.items():
-                topic = tp.topic
                 for r in records:
-                    self.records += 1
-                    if topic == self.received_topic:
-                        found = MESSAGE_ID.search(r.value)
-                        if found is not None:
-                            received.setdefault(found.group(1).decode(), r.timestamp / 1000)
-                    elif topic == self.commands_topic:
-                        if b'"hometeam.RouteConversation"' in r.value:
-                            conv = json.loads(r.value)["data"]["conversation_id"]
-                            commanded.setdefault(conv, r.timestamp / 1000)
-                    elif topic == self.decisions_topic:
-                        if b'"hometeam.ConversationRouted"' not in r.value:
-                            continue
-                        env = json.loads(r.value)
-                        conv = env["data"]["conversation_id"]
-                        if conv not in decisions:
-                            decisions[conv] = (r.timestamp / 1000, _epoch(env["time"]))
-                    elif b'"hometeam.MessageAdded"' in r.value and b'"inbound"' in r.value:
-                        env = json.loads(r.value)
-                        mid = env["data"]["message_id"]
-                        if mid not in added:
-                            added[mid] = (r.timestamp / 1000, _epoch(env["time"]))
+                    self.take(tp.topic, r)
+
+    def take(self, topic: str, r: Any) -> None:
+        """One record of the topics read (in each partition's order)."""
+        self.records += 1
+        if topic == self.received_topic:
+            found = MESSAGE_ID.search(r.value)
+            if found is not None:
+                self.received.setdefault(found.group(1).decode(), r.timestamp / 1000)
+        elif topic == self.commands_topic:
+            if b'"hometeam.RouteConversation"' in r.value:
+                conv = json.loads(r.value)["data"]["conversation_id"]
+                self.commanded.setdefault(conv, r.timestamp / 1000)
+        elif topic == self.decisions_topic:
+            if b'"hometeam.ConversationRouted"' not in r.value:
+                return
+            env = json.loads(r.value)
+            conv = env["data"]["conversation_id"]
+            if conv not in self.decisions:
+                self.decisions[conv] = (r.timestamp / 1000, _epoch(env["time"]))
+        else:
+            self._sequence(r)
+            if b'"hometeam.MessageAdded"' in r.value and b'"inbound"' in r.value:
+                env = json.loads(r.value)
+                mid = env["data"]["message_id"]
+                first = self.added_id.get(mid)
+                if first is None:
+                    self.added[mid] = (r.timestamp / 1000, _epoch(env["time"]))
+                    self.added_at[mid] = (r.partition, r.offset)
+                    self.added_id[mid] = env["id"]
+                elif first != env["id"]:
+                    self.added_again[mid] = self.added_again.get(mid, 0) + 1
+
+    def _sequence(self, r: Any) -> None:
+        """Check a conversation event against its customer's (the record key's) sequence."""
+        end = r.value.find(b'"data":')
+        head = r.value if end < 0 else r.value[:end]
+        number, event = EVENT_SEQUENCE.search(head), EVENT_ID.search(head)
+        if number is None or event is None:
+            return
+        digest = hash(event.group(1))
+        if digest in self.event_ids:
+            self.republished += 1
+            return
+        self.event_ids.add(digest)
+        self.sequenced += 1
+        sequence = int(number.group(1))
+        last = self.last_sequence.get(r.key)
+        if last is not None:
+            if sequence <= last:
+                self.sequence_reused += 1
+            elif sequence > last + 1:
+                self.sequence_skipped += 1
+        if last is None or sequence > last:
+            self.last_sequence[r.key] = sequence
+
+    def sequence_counts(self) -> dict[str, int]:
+        """The sequence counters so far (a step reports their change)."""
+        return {
+            "events": self.sequenced,
+            "republished": self.republished,
+            "sequence_reused": self.sequence_reused,
+            "sequence_skipped": self.sequence_skipped,
+        }
 
     def decision_hops(self, message_ids: Iterable[str], opened: dict[str, str]) -> dict[str, list[float]]:
         """For each conversation a message opened that got a decision: seconds from the
@@ -1308,6 +1373,55 @@ class Context:
     unstored: UnstoredSampler | None = None
 
 
+def message_path_audit(
+    message_ids: Sequence[str],
+    customers: Sequence[int],
+    added_at: dict[str, tuple[int, int]],
+    added_again: dict[str, int],
+    caught_up: bool,
+) -> dict[str, Any]:
+    """Whether a step's messages went through as the message path promises: each added to
+    its transcript once (``MessageAdded``), in the order its customer sent them. ``message_ids``
+    and ``customers`` in send order (a customer's messages reach the system in that order:
+    one key, one partition); ``added_at``: where each message's first ``MessageAdded``
+    landed (partition, offset; a customer's events share a partition); ``added_again``:
+    messages added again under another event id. A message not added counts as ``lost`` if
+    every consumer group had caught up (``caught_up``), else as ``unfinished`` (a step past
+    what the machine sustains may not drain in time). A message is ``out_of_order`` when its
+    ``MessageAdded`` comes before that of a message its customer sent earlier."""
+    missing = sum(1 for m in message_ids if m not in added_at)
+    out_of_order = 0
+    latest: dict[int, tuple[int, int]] = {}
+    for m, customer in zip(message_ids, customers, strict=True):
+        at = added_at.get(m)
+        if at is None:
+            continue
+        before = latest.get(customer)
+        if before is not None and (at[0] != before[0] or at[1] < before[1]):
+            out_of_order += 1
+        if before is None or at > before:
+            latest[customer] = at
+    return {
+        "messages": len(message_ids),
+        "lost": missing if caught_up else 0,
+        "unfinished": 0 if caught_up else missing,
+        "added_twice": sum(1 for m in message_ids if added_again.get(m)),
+        "out_of_order": out_of_order,
+    }
+
+
+def audit_faults(audit: dict[str, Any]) -> list[str]:
+    """What a step's ``message_path`` found wrong, in words (empty: nothing)."""
+    words = {
+        "lost": "lost (never added, every group caught up)",
+        "added_twice": "added twice",
+        "out_of_order": "added out of their customer's order",
+        "sequence_reused": "conversation events reused a sequence number",
+        "sequence_skipped": "conversation events skipped a sequence number",
+    }
+    return [f"{audit[k]} {text}" for k, text in words.items() if audit.get(k)]
+
+
 async def run_step(ctx: Context, rate: float, step: int, label: str, duration: float) -> dict[str, Any]:
     from shared.contracts.envelope import derived_id
 
@@ -1334,6 +1448,7 @@ async def run_step(ctx: Context, rate: float, step: int, label: str, duration: f
         "first_new": fresh_base(args.customers, step),
     }
     print(f"bench: {label}: {rate:g} msg/s for {duration:g} s ...", file=sys.stderr, flush=True)
+    sequence0 = ctx.collector.sequence_counts()
     t0, gen = await run_generator(spec)
     t_end = t0 + duration
     ids_ = gen["message_ids"]
@@ -1350,6 +1465,16 @@ async def run_step(ctx: Context, rate: float, step: int, label: str, duration: f
             break
         await asyncio.sleep(0.5)
     drain_end = time.time()
+    sequence1 = ctx.collector.sequence_counts()
+    last = ctx.lag.samples[-1] if ctx.lag.samples else None
+    audit = message_path_audit(
+        ids_,
+        gen["customers"],
+        ctx.collector.added_at,
+        ctx.collector.added_again,
+        caught_up=last is not None and all(v == 0 for v in last[1].values()),
+    )
+    audit.update({k: sequence1[k] - sequence0[k] for k in sequence1})
     stored1 = await scrape_histogram(cs_port, "hometeam_message_stored_latency_seconds")
     decided1 = await scrape_histogram(tr_port, "hometeam_routing_decision_latency_seconds")
     store1 = {m: await scrape_store_counters(p.port) for m, p in ctx.processes.items()}
@@ -1429,6 +1554,9 @@ async def run_step(ctx: Context, rate: float, step: int, label: str, duration: f
         "decision_histogram_s": histogram_quantiles(decided0, decided1, QUANTILES),
         "drained": drained,
         "drain_s": drain_end - t_end,
+        # No loss, no double effects, each customer's order (message_path_audit), and the
+        # conversation events of the step against their customers' sequences.
+        "message_path": audit,
         # The longest the broker left the lag sampler without an answer (STALL_GAP_S).
         "broker_silence_s": longest_silence([t for t, _, _ in ctx.lag.samples], t0, drain_end),
         "bounded": lags["bounded"] and held["bounded"],
@@ -1644,6 +1772,17 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         f"(bounded throughput / pass-through); at saturation {s['saturated_ratio'] if s['saturated_ratio'] is None else round(s['saturated_ratio'], 3)} "
         f"(best measured throughput {s['best_throughput']:.0f} msg/s)",
     ]
+    audited = [step for step in result["steps"] if step.get("message_path")]
+    faults = [(step["label"], audit_faults(step["message_path"])) for step in audited]
+    if audited and not any(f for _, f in faults):
+        out.append(
+            f"message path in all {len(audited)} steps: {sum(x['message_path']['messages'] for x in audited):,} messages, none lost, "
+            f"added twice or out of their customer's order; {sum(x['message_path']['events'] for x in audited):,} conversation "
+            "events in their customers' sequence"
+        )
+    for label, found in faults:
+        if found:
+            out.append(f"{label}: MESSAGE PATH FAULT: " + "; ".join(found))
     for step in result["steps"]:
         silence = step.get("broker_silence_s") or 0.0
         if silence > STALL_GAP_S:
@@ -2088,7 +2227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(f"results: {result['paths']['json']}")
     print(f"plot:    {result['paths']['png']}")
-    return 0
+    # A benchmark that saw the message path break its promises fails, whatever its figures.
+    return 3 if any(audit_faults(s.get("message_path") or {}) for s in result["steps"]) else 0
 
 
 if __name__ == "__main__":

@@ -29,7 +29,11 @@ echo "== 1/4 routing decision micro-benchmark (python -m bench.routing_decision)
 .venv/bin/python -m bench.routing_decision
 echo
 echo "== 2/4 pipeline: open-loop sweep and raw Kafka pass-through baseline (python -m bench.pipeline)"
-.venv/bin/python -m bench.pipeline --out bench-results "$@"
+# (exit status 3: the message path lost, doubled or reordered a message; the other benchmarks
+# still run, and this script exits with the pipeline's status at the end)
+pipeline_status=0
+.venv/bin/python -m bench.pipeline --out bench-results "$@" || pipeline_status=$?
+[ "$pipeline_status" -eq 130 ] && exit 130  # interrupted
 echo
 echo "== 3/4 timeout-sweeper: due deadlines per minute (python -m bench.sweeper)"
 .venv/bin/python -m bench.sweeper
@@ -39,3 +43,7 @@ echo "== 4/4 store: cost per operation (python -m bench.store_ops)"
 echo
 echo "bench: done in $(($(date +%s) - started)) s; load average now $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "bench: results and plot in $REPO_ROOT/bench-results/ (newest: $(ls -t bench-results/*.json 2>/dev/null | head -1))"
+if [ "$pipeline_status" -ne 0 ]; then
+  echo "bench: the pipeline benchmark failed (exit status $pipeline_status; 3: a MESSAGE PATH FAULT line above)" >&2
+  exit "$pipeline_status"
+fi

@@ -1,0 +1,95 @@
+"""The pipeline benchmark checks the message path's promises at every rate: each message added
+to its transcript once, in its customer's order, and each customer's conversation events in
+sequence (``message_path_audit``, ``Collector.take``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from bench.pipeline import Collector, audit_faults, message_path_audit, summary_lines
+from shared.contracts.conversations import ConversationOpened, MessageAdded
+from shared.contracts.envelope import Envelope
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "shared/contracts/examples/v1"
+EVENTS = "x.conversations.events.v1"
+
+
+@pytest.mark.parametrize(
+    ("added_at", "added_again", "caught_up", "expected"),
+    [
+        # a: m1, m3 in partition 0; b: m2, m4 in partition 1; each customer's in send order
+        ({"m1": (0, 10), "m2": (1, 5), "m3": (0, 11), "m4": (1, 9)}, {}, True, {}),
+        # the other customer's messages in between do not matter, only each one's own order
+        ({"m1": (0, 12), "m2": (0, 10), "m3": (0, 13), "m4": (0, 11)}, {}, True, {}),
+        # a's second message added before its first
+        ({"m1": (0, 11), "m2": (1, 5), "m3": (0, 10), "m4": (1, 9)}, {}, True, {"out_of_order": 1}),
+        # a's messages in two partitions: no order between them
+        ({"m1": (0, 10), "m2": (1, 5), "m3": (2, 11), "m4": (1, 9)}, {}, True, {"out_of_order": 1}),
+        # m4 never added: lost once every group caught up, else the step did not finish
+        ({"m1": (0, 10), "m2": (1, 5), "m3": (0, 11)}, {}, True, {"lost": 1}),
+        ({"m1": (0, 10), "m2": (1, 5), "m3": (0, 11)}, {}, False, {"unfinished": 1}),
+        # m2 added again under another event id
+        ({"m1": (0, 10), "m2": (1, 5), "m3": (0, 11), "m4": (1, 9)}, {"m2": 1, "other": 2}, True, {"added_twice": 1}),
+    ],
+)
+def test_a_steps_messages_are_audited_for_loss_doubles_and_order(
+    added_at: dict[str, tuple[int, int]], added_again: dict[str, int], caught_up: bool, expected: dict[str, int]
+) -> None:
+    audit = message_path_audit(["m1", "m2", "m3", "m4"], ["a", "b", "a", "b"], added_at, added_again, caught_up)  # type: ignore[list-item]
+    zero = {"lost": 0, "unfinished": 0, "added_twice": 0, "out_of_order": 0}
+    assert audit == {"messages": 4, **zero, **expected}
+
+
+def _event(payload: type[Any], event_id: str, sequence: int, **data: Any) -> bytes:
+    example = Envelope[payload].model_validate_json((EXAMPLES / f"{payload.__name__}.json").read_bytes())  # type: ignore[valid-type]
+    envelope = example.model_copy(update={"id": event_id, "sequence": sequence, "data": example.data.model_copy(update=data)})
+    return envelope.model_dump_json().encode()  # as the outbox sends it
+
+
+def _take(c: Collector, value: bytes, offset: int, key: bytes = b"cus_1", partition: int = 0) -> None:
+    c.take(EVENTS, SimpleNamespace(key=key, value=value, timestamp=1_000_000 + offset, partition=partition, offset=offset))
+
+
+def test_the_collector_follows_each_customers_event_sequence() -> None:
+    c = Collector("127.0.0.1:9", "x.")
+    _take(c, _event(ConversationOpened, "e1", 7), 0)  # the first seen: any number
+    _take(c, _event(MessageAdded, "e2", 8, message_id="m1"), 1)
+    _take(c, _event(MessageAdded, "e2", 8, message_id="m1"), 2)  # the same event again: a republished record
+    _take(c, _event(MessageAdded, "f1", 3, message_id="m9"), 3, key=b"cus_2", partition=1)  # another customer
+    assert c.sequence_counts() == {"events": 3, "republished": 1, "sequence_reused": 0, "sequence_skipped": 0}
+    assert c.added_at == {"m1": (0, 1), "m9": (1, 3)}
+    assert c.added_again == {}
+
+    _take(c, _event(MessageAdded, "e3", 8, message_id="m1"), 4)  # another event at 8, the same message again
+    _take(c, _event(MessageAdded, "e4", 10, message_id="m2"), 5)  # 9 skipped
+    assert c.sequence_counts() == {"events": 5, "republished": 1, "sequence_reused": 1, "sequence_skipped": 1}
+    assert c.added_again == {"m1": 1}
+    assert c.added_at["m1"] == (0, 1)  # where it was first added
+
+
+def test_a_fault_is_named_in_the_summary_and_a_clean_run_says_what_it_checked() -> None:
+    clean = {"messages": 10, "lost": 0, "unfinished": 0, "added_twice": 0, "out_of_order": 0, "events": 25, "republished": 0, "sequence_reused": 0, "sequence_skipped": 0}
+    assert audit_faults(clean) == []
+    assert audit_faults({**clean, "unfinished": 3, "republished": 2}) == []  # neither is a fault
+    faulty = {**clean, "lost": 1, "sequence_skipped": 2}
+    assert audit_faults(faulty) == ["1 lost (never added, every group caught up)", "2 conversation events skipped a sequence number"]
+
+    def result(*audits: dict[str, Any]) -> dict[str, Any]:
+        steps = [{"label": f"r{n}", "rate": float(n), "message_path": a} for n, a in enumerate(audits)]
+        return {
+            "baseline": {"passthrough_rate": 1.0, "moved": 1, "preload_rate": 1.0},
+            "summary": {"highest_bounded_rate": None, "highest_bounded_throughput": 0, "ratio": None, "saturated_ratio": None, "best_throughput": 0.0},
+            "steps": steps,
+            "machine": {},
+            "peak_rss_kb": {},
+        }
+
+    lines = summary_lines(result(clean, clean))
+    assert any(line.startswith("message path in all 2 steps: 20 messages, none lost") and "50 conversation events" in line for line in lines)
+    lines = summary_lines(result(clean, faulty))
+    assert "r1: MESSAGE PATH FAULT: 1 lost (never added, every group caught up); 2 conversation events skipped a sequence number" in lines
+    assert not any(line.startswith("message path in all") for line in lines)
