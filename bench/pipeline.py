@@ -706,8 +706,9 @@ async def _generate(spec: dict[str, Any], conn: Any) -> None:
     offsets, bodies, keys, topic = plan.offsets, plan.bodies, plan.keys, spec["topic"]
     n = len(offsets)
     lags = [0.0] * n
-    errors = 0
+    failed: list[int] = []  # messages whose send failed (never in the system)
     pending: list[asyncio.Future[Any]] = []
+    first_pending = 0
     i = 0
     send = producer.send
     while i < n:
@@ -722,11 +723,11 @@ async def _generate(spec: dict[str, Any], conn: Any) -> None:
             i += 1
         if len(pending) > 20_000:
             done = await asyncio.gather(*pending, return_exceptions=True)
-            errors += sum(1 for d in done if isinstance(d, BaseException))
-            pending = []
+            failed += [first_pending + k for k, d in enumerate(done) if isinstance(d, BaseException)]
+            pending, first_pending = [], i
     sent_at = time.monotonic() - mono0
     done = await asyncio.gather(*pending, return_exceptions=True)
-    errors += sum(1 for d in done if isinstance(d, BaseException))
+    failed += [first_pending + k for k, d in enumerate(done) if isinstance(d, BaseException)]
     acked_at = time.monotonic() - mono0
     await producer.stop()
     cpu = (proc_cpu_seconds(os.getpid()) or 0.0) - cpu_start
@@ -744,7 +745,8 @@ async def _generate(spec: dict[str, Any], conn: Any) -> None:
                 "lags": lags,
                 "last_send_s": sent_at,
                 "all_acked_s": acked_at,
-                "errors": errors,
+                "errors": len(failed),
+                "failed_sends": failed,
                 "bytes": sum(len(b) for b in bodies),
                 "cpu_seconds": cpu,
             },
@@ -1410,6 +1412,14 @@ def message_path_audit(
     }
 
 
+def stored_lines_fault(lines: dict[str, Any] | None) -> str | None:
+    """What the count of stored transcript lines at the end of a run says is wrong (None:
+    nothing, or the run ended with consumers behind, when lines may still be on their way)."""
+    if not lines or not lines["caught_up"] or lines["stored"] == lines["messages"]:
+        return None
+    return f"{lines['stored']:,} transcript lines stored for {lines['messages']:,} messages sent"
+
+
 def audit_faults(audit: dict[str, Any]) -> list[str]:
     """What a step's ``message_path`` found wrong, in words (empty: nothing)."""
     words = {
@@ -1460,16 +1470,17 @@ async def run_step(ctx: Context, rate: float, step: int, label: str, duration: f
         last = ctx.lag.samples[-1] if ctx.lag.samples else None
         held = ctx.unstored.samples[-1] if ctx.unstored is not None and ctx.unstored.samples else None
         caught_up = held is None or (held[0] > time.time() - 1.5 and sum(held[1].values()) <= max(2.0 * rate, 200.0))
-        if done >= len(ids_) and last is not None and last[0] > time.time() - 1.5 and all(v == 0 for v in last[1].values()) and caught_up:
+        if done >= len(ids_) - gen["errors"] and last is not None and last[0] > time.time() - 1.5 and all(v == 0 for v in last[1].values()) and caught_up:
             drained = True
             break
         await asyncio.sleep(0.5)
     drain_end = time.time()
     sequence1 = ctx.collector.sequence_counts()
     last = ctx.lag.samples[-1] if ctx.lag.samples else None
+    failed = set(gen["failed_sends"])
     audit = message_path_audit(
-        ids_,
-        gen["customers"],
+        [m for n, m in enumerate(ids_) if n not in failed],
+        [c for n, c in enumerate(gen["customers"]) if n not in failed],
         ctx.collector.added_at,
         ctx.collector.added_again,
         caught_up=last is not None and all(v == 0 for v in last[1].values()),
@@ -1783,6 +1794,16 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     for label, found in faults:
         if found:
             out.append(f"{label}: MESSAGE PATH FAULT: " + "; ".join(found))
+    lines = result.get("stored_lines")
+    if lines:
+        fault = stored_lines_fault(lines)
+        if fault:
+            out.append(f"MESSAGE PATH FAULT: {fault}")
+        else:
+            out.append(
+                f"transcript lines stored at the end: {lines['stored']:,} for {lines['messages']:,} messages sent"
+                + ("" if lines["caught_up"] else " (the consumers had not caught up: not a verdict)")
+            )
     for step in result["steps"]:
         silence = step.get("broker_silence_s") or 0.0
         if silence > STALL_GAP_S:
@@ -2095,6 +2116,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 print(table({"steps": [half_step]}).splitlines()[-1], file=sys.stderr, flush=True)
             else:
                 half_step = swept
+        # Every message of the run (warm-up and steps) stored as one transcript line: the
+        # store's side of "none lost, none doubled" (a line's _id is its position in its
+        # conversation, so a message applied twice would be a second line).
+        last_lag = ctx.lag.samples[-1] if ctx.lag.samples else None
+        result["stored_lines"] = {
+            "messages": sum(s["messages"] - s["send_errors"] for s in (warm, *result["steps"])),
+            "stored": await mongo[ids.database_of("conversation_state")]["messages"].count_documents({}),
+            "caught_up": last_lag is not None and all(v == 0 for v in last_lag[1].values()),
+        }
         pools = []
         async for doc in db["pools"].find({}):
             pools.append({"pool": doc["_id"], "placements": doc.get("assigned", 0) + doc.get("waiting", 0), "waiting": doc.get("waiting", 0)})
@@ -2228,7 +2258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"results: {result['paths']['json']}")
     print(f"plot:    {result['paths']['png']}")
     # A benchmark that saw the message path break its promises fails, whatever its figures.
-    return 3 if any(audit_faults(s.get("message_path") or {}) for s in result["steps"]) else 0
+    faults = any(audit_faults(s.get("message_path") or {}) for s in result["steps"]) or stored_lines_fault(result.get("stored_lines"))
+    return 3 if faults else 0
 
 
 if __name__ == "__main__":

@@ -93,3 +93,19 @@ def test_a_fault_is_named_in_the_summary_and_a_clean_run_says_what_it_checked() 
     lines = summary_lines(result(clean, faulty))
     assert "r1: MESSAGE PATH FAULT: 1 lost (never added, every group caught up); 2 conversation events skipped a sequence number" in lines
     assert not any(line.startswith("message path in all") for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("lines", "fault"),
+    [
+        ({"messages": 1000, "stored": 1000, "caught_up": True}, None),
+        ({"messages": 1000, "stored": 998, "caught_up": True}, "998 transcript lines stored for 1,000 messages sent"),
+        ({"messages": 1000, "stored": 1001, "caught_up": True}, "1,001 transcript lines stored for 1,000 messages sent"),
+        ({"messages": 1000, "stored": 998, "caught_up": False}, None),  # lines may still be on their way
+        (None, None),  # a run from before the check
+    ],
+)
+def test_the_lines_stored_at_the_end_match_the_messages_sent(lines: dict[str, Any] | None, fault: str | None) -> None:
+    from bench.pipeline import stored_lines_fault
+
+    assert stored_lines_fault(lines) == fault
