@@ -29,8 +29,8 @@ echo "== 1/4 routing decision micro-benchmark (python -m bench.routing_decision)
 .venv/bin/python -m bench.routing_decision
 echo
 echo "== 2/4 pipeline: open-loop sweep and raw Kafka pass-through baseline (python -m bench.pipeline)"
-# (exit status 3: the message path lost, doubled or reordered a message; the other benchmarks
-# still run, and this script exits with the pipeline's status at the end)
+# (a failure, e.g. exit status 3: the message path lost, doubled or reordered a message, does
+# not stop the other benchmarks; this script exits with the pipeline's status at the end)
 pipeline_status=0
 .venv/bin/python -m bench.pipeline --out bench-results "$@" || pipeline_status=$?
 [ "$pipeline_status" -eq 130 ] && exit 130  # interrupted

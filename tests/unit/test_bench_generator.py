@@ -25,7 +25,8 @@ def test_a_generator_that_dies_ends_the_wait() -> None:
     assert "EOFError" in done.stderr
 
 
-def test_the_generator_names_the_messages_whose_send_failed(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("acks_every", [20_000, 10])  # at the end only; every 10 records too
+def test_the_generator_names_the_messages_whose_send_failed(monkeypatch: pytest.MonkeyPatch, acks_every: int) -> None:
     # A producer that refuses every seventh record: the step's audit leaves exactly those out
     # (they never entered the system), so the report must name them, not only count them.
     import aiokafka
@@ -64,6 +65,7 @@ def test_the_generator_names_the_messages_whose_send_failed(monkeypatch: pytest.
 
     monkeypatch.setattr(aiokafka, "AIOKafkaProducer", Producer)
     monkeypatch.setattr(pipeline, "check_plan", lambda plan: None)
+    monkeypatch.setattr(pipeline, "GENERATOR_ACKS_EVERY", acks_every)
     spec = {"bootstrap": "-", "topic": "t", "customers": 50, "teams": 4, "seed": 1, "step_seed": 2, "tag": "t", "rate": 200.0, "duration": 0.3, "skew": 1.5}
     pipe = Pipe()
     asyncio.run(pipeline._generate(spec, pipe))

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from bench.pipeline import Collector, audit_faults, message_path_audit, summary_lines
+from bench.pipeline import Collector, audit_faults, lag_caught_up, message_path_audit, message_path_faults, stored_lines_fault, summary_lines
 from shared.contracts.conversations import ConversationOpened, MessageAdded
 from shared.contracts.envelope import Envelope
 
@@ -60,39 +60,90 @@ def test_the_collector_follows_each_customers_event_sequence() -> None:
     _take(c, _event(MessageAdded, "e2", 8, message_id="m1"), 1)
     _take(c, _event(MessageAdded, "e2", 8, message_id="m1"), 2)  # the same event again: a republished record
     _take(c, _event(MessageAdded, "f1", 3, message_id="m9"), 3, key=b"cus_2", partition=1)  # another customer
-    assert c.sequence_counts() == {"events": 3, "republished": 1, "sequence_reused": 0, "sequence_skipped": 0}
+    assert c.sequence_counts() == {"events": 3, "republished": 1, "renumbered": 0, "reapplied": 0, "sequence_reused": 0, "sequence_skipped": 0}
     assert c.added_at == {"m1": (0, 1), "m9": (1, 3)}
     assert c.added_again == {}
 
     _take(c, _event(MessageAdded, "e3", 8, message_id="m1"), 4)  # another event at 8, the same message again
     _take(c, _event(MessageAdded, "e4", 10, message_id="m2"), 5)  # 9 skipped
-    assert c.sequence_counts() == {"events": 5, "republished": 1, "sequence_reused": 1, "sequence_skipped": 1}
+    assert c.sequence_counts() == {"events": 5, "republished": 1, "renumbered": 0, "reapplied": 0, "sequence_reused": 1, "sequence_skipped": 1}
     assert c.added_again == {"m1": 1}
     assert c.added_at["m1"] == (0, 1)  # where it was first added
 
+    # The same input applied twice: its event has the same (derived) id, under the next number.
+    _take(c, _event(MessageAdded, "e4", 11, message_id="m2"), 6)
+    _take(c, _event(MessageAdded, "e5", 12, message_id="m3"), 7)  # and the sequence goes on from there
+    assert c.sequence_counts() == {"events": 6, "republished": 1, "renumbered": 0, "reapplied": 1, "sequence_reused": 1, "sequence_skipped": 1}
+    assert audit_faults({"reapplied": 1}) == ["1 conversation events published again under a later sequence number (their input applied twice)"]
+
+    # A batch that failed after publishing comes again with its records in another order: its
+    # events again, under numbers the sequence already passed (dropped by id, not a fault).
+    _take(c, _event(MessageAdded, "e5", 11, message_id="m3"), 8)
+    _take(c, _event(MessageAdded, "e4", 12, message_id="m2"), 9)
+    assert c.sequence_counts() == {"events": 6, "republished": 1, "renumbered": 2, "reapplied": 1, "sequence_reused": 1, "sequence_skipped": 1}
+    assert audit_faults({"renumbered": 2, "republished": 1}) == []
+
+
+@pytest.mark.parametrize(
+    ("samples", "caught_up"),
+    [
+        ([(99.0, {"a": 0, "b": 0}, {})], True),
+        ([(99.0, {"a": 0, "b": 3}, {})], False),
+        ([(90.0, {"a": 0, "b": 0}, {})], False),  # no answer from the broker since: not known
+        ([(99.0, {"a": 4}, {}), (99.5, {"a": 0}, {})], True),  # the newest counts
+        ([], False),
+    ],
+)
+def test_every_group_caught_up_only_by_a_fresh_sample(samples: list[tuple[float, dict[str, int], Any]], caught_up: bool) -> None:
+    assert lag_caught_up(samples, now=100.0) is caught_up
+
 
 def test_a_fault_is_named_in_the_summary_and_a_clean_run_says_what_it_checked() -> None:
-    clean = {"messages": 10, "lost": 0, "unfinished": 0, "added_twice": 0, "out_of_order": 0, "events": 25, "republished": 0, "sequence_reused": 0, "sequence_skipped": 0}
+    clean = {
+        "messages": 10, "lost": 0, "unfinished": 0, "added_twice": 0, "out_of_order": 0,
+        "events": 25, "republished": 0, "renumbered": 0, "reapplied": 0, "sequence_reused": 0, "sequence_skipped": 0,
+    }
     assert audit_faults(clean) == []
     assert audit_faults({**clean, "unfinished": 3, "republished": 2}) == []  # neither is a fault
     faulty = {**clean, "lost": 1, "sequence_skipped": 2}
     assert audit_faults(faulty) == ["1 lost (never added, every group caught up)", "2 conversation events skipped a sequence number"]
 
-    def result(*audits: dict[str, Any]) -> dict[str, Any]:
+    def result(*audits: dict[str, Any], warmup: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
         steps = [{"label": f"r{n}", "rate": float(n), "message_path": a} for n, a in enumerate(audits)]
         return {
             "baseline": {"passthrough_rate": 1.0, "moved": 1, "preload_rate": 1.0},
             "summary": {"highest_bounded_rate": None, "highest_bounded_throughput": 0, "ratio": None, "saturated_ratio": None, "best_throughput": 0.0},
+            "warmup": {"label": "warmup", "message_path": warmup} if warmup else {"label": "warmup"},
             "steps": steps,
             "machine": {},
             "peak_rss_kb": {},
+            **extra,
         }
 
     lines = summary_lines(result(clean, clean))
     assert any(line.startswith("message path in all 2 steps: 20 messages, none lost") and "50 conversation events" in line for line in lines)
+    between = {**clean, "messages": 0, "events": 7}
+    lines = summary_lines(result(clean, clean, warmup=clean, events_between_steps=between))
+    assert any(line.startswith("message path in the warm-up and 2 steps: 30 messages") and "82 conversation events" in line for line in lines)
+    assert message_path_faults(result(clean, clean, warmup=clean, events_between_steps=between)) == []
+
     lines = summary_lines(result(clean, faulty))
     assert "r1: MESSAGE PATH FAULT: 1 lost (never added, every group caught up); 2 conversation events skipped a sequence number" in lines
-    assert not any(line.startswith("message path in all") for line in lines)
+    assert not any(line.startswith("message path in") for line in lines)
+    # the warm-up's faults, the events between steps and the stored lines count as well
+    faults = message_path_faults(
+        result(
+            clean,
+            warmup={**clean, "out_of_order": 1},
+            events_between_steps={**between, "sequence_reused": 1},
+            stored_lines={"messages": 30, "failed_sends": 0, "stored": 31, "caught_up": True},
+        )
+    )
+    assert faults == [
+        "warmup: MESSAGE PATH FAULT: 1 added out of their customer's order",
+        "between steps: MESSAGE PATH FAULT: 1 conversation events reused a sequence number",
+        "MESSAGE PATH FAULT: 31 transcript lines stored for 30 messages sent",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -102,10 +153,11 @@ def test_a_fault_is_named_in_the_summary_and_a_clean_run_says_what_it_checked() 
         ({"messages": 1000, "stored": 998, "caught_up": True}, "998 transcript lines stored for 1,000 messages sent"),
         ({"messages": 1000, "stored": 1001, "caught_up": True}, "1,001 transcript lines stored for 1,000 messages sent"),
         ({"messages": 1000, "stored": 998, "caught_up": False}, None),  # lines may still be on their way
+        # two sends reported failed: either may have landed all the same (a timeout)
+        ({"messages": 1000, "failed_sends": 2, "stored": 1002, "caught_up": True}, None),
+        ({"messages": 1000, "failed_sends": 2, "stored": 1003, "caught_up": True}, "1,003 transcript lines stored for 1,000 messages sent"),
         (None, None),  # a run from before the check
     ],
 )
 def test_the_lines_stored_at_the_end_match_the_messages_sent(lines: dict[str, Any] | None, fault: str | None) -> None:
-    from bench.pipeline import stored_lines_fault
-
     assert stored_lines_fault(lines) == fault
