@@ -71,15 +71,21 @@ SERVICE_NAMES = {
 MAIN_GROUPS = tuple(SERVICE_NAMES.values())
 
 # The producer and consumer settings every service uses (shared/runtime/kafka.py, settings.py),
-# repeated by the pass-through baseline; the generator ("a channel adapter", sending one
-# message at a time on its schedule) lingers 5 ms so that its sends share requests.
+# repeated by the pass-through baseline.
 PRODUCER_SETTINGS: dict[str, Any] = {
     "acks": "all",
     "enable_idempotence": True,
     "linger_ms": ServiceSettings.model_fields["producer_linger_ms"].default,
     "max_batch_size": 256 * 1024,
 }
-ADAPTER_PRODUCER_SETTINGS: dict[str, Any] = {**PRODUCER_SETTINGS, "linger_ms": 5}
+# The generator stands in for the channel adapters, which run on other machines: what it costs
+# here is taken from the system it measures. It wakes at most every GENERATOR_TICK_S and hands
+# every message due by then to its producer at once, so they leave together without a linger
+# (until session 24 it woke for each message and lingered 5 ms: the same ≤ 5 ms on the way to
+# the broker, for 0.28 cores at 1,750 msg/s on an idle machine against 0.13 now). A message is
+# never sent before its time, and latencies count from its scheduled time.
+GENERATOR_TICK_S = 0.005
+ADAPTER_PRODUCER_SETTINGS: dict[str, Any] = {**PRODUCER_SETTINGS, "linger_ms": 0}
 BATCH_TIMEOUT_MS = 20
 # The generator waits for its sends' acknowledgements every this many records (and at the end).
 GENERATOR_ACKS_EVERY = 20_000
@@ -716,7 +722,7 @@ async def _generate(spec: dict[str, Any], conn: Any) -> None:
     while i < n:
         now = time.monotonic() - mono0
         if offsets[i] > now:
-            await asyncio.sleep(offsets[i] - now)
+            await asyncio.sleep(max(offsets[i] - now, GENERATOR_TICK_S))
             continue
         while i < n and offsets[i] <= now:
             body = bodies[i].replace(SENTINEL, stamp(t0 + offsets[i]))

@@ -45,6 +45,7 @@ def test_the_generator_names_the_messages_whose_send_failed(monkeypatch: pytest.
             return {0}
 
         async def send(self, topic: str, value: bytes, key: bytes) -> asyncio.Future[Any]:
+            sent_at.append(time.monotonic())
             future = asyncio.get_running_loop().create_future()
             if self.sent % 7 == 3:
                 future.set_exception(RuntimeError("refused"))
@@ -63,6 +64,16 @@ def test_the_generator_names_the_messages_whose_send_failed(monkeypatch: pytest.
         def recv(self) -> float:
             return time.time()
 
+    sent_at: list[float] = []
+    naps: list[float] = []  # the generator's sleeps once it has sent
+    sleep = asyncio.sleep
+
+    async def recorded_sleep(delay: float, *args: Any) -> Any:
+        if sent_at:
+            naps.append(delay)
+        return await sleep(delay, *args)
+
+    monkeypatch.setattr(asyncio, "sleep", recorded_sleep)
     monkeypatch.setattr(aiokafka, "AIOKafkaProducer", Producer)
     monkeypatch.setattr(pipeline, "check_plan", lambda plan: None)
     monkeypatch.setattr(pipeline, "GENERATOR_ACKS_EVERY", acks_every)
@@ -74,3 +85,9 @@ def test_the_generator_names_the_messages_whose_send_failed(monkeypatch: pytest.
     assert report["failed_sends"] == [n for n in range(report["messages"]) if n % 7 == 3]
     assert report["errors"] == len(report["failed_sends"])
     assert len(report["customers"]) == len(report["message_ids"]) == report["messages"]
+    # Never before its time; and the generator sleeps at least a tick between wakes (a wake
+    # sends every message due by then at once), so that what it costs stays off the system
+    # it measures.
+    assert all(lag >= 0 for lag in report["lags"])
+    assert naps and min(naps) >= pipeline.GENERATOR_TICK_S
+    assert len(naps) < report["messages"]
