@@ -1647,8 +1647,7 @@ async def wait_for_no_lag(lag: LagSampler, timeout_s: float) -> bool:
     """Wait until a fresh lag sample shows every group of the run caught up."""
     deadline = time.monotonic() + max(0.0, timeout_s)
     while time.monotonic() < deadline:
-        last = lag.samples[-1] if lag.samples else None
-        if last is not None and last[0] > time.time() - 1.5 and all(v == 0 for v in last[1].values()):
+        if lag_caught_up(lag.samples, time.time()):
             return True
         await asyncio.sleep(0.5)
     return False
