@@ -2116,7 +2116,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         warm = await run_step(ctx, args.warmup_rate, 0, "warmup", args.warmup)
         result["warmup"] = {
-            k: warm[k] for k in ("label", "rate", "messages", "completed_share", "drained", "drain_s", "latency_to_message_added_s", "message_path")
+            k: warm[k]
+            for k in ("label", "rate", "messages", "send_errors", "completed_share", "drained", "drain_s", "latency_to_message_added_s", "message_path")
         }
         if not warm["drained"]:
             print("bench: the warm-up did not drain; the first step starts with a backlog", file=sys.stderr, flush=True)
@@ -2180,7 +2181,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         # Every message of the run (warm-up and steps) stored as one transcript line: the
         # store's side of "none lost, none doubled" (a line's _id is its position in its
         # conversation, so a message applied twice would be a second line).
-        audited = (warm, *result["steps"])
+        audited = _audited(result)
         result["stored_lines"] = {
             "messages": sum(s["messages"] - s["send_errors"] for s in audited),
             "failed_sends": sum(s["send_errors"] for s in audited),
