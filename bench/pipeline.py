@@ -901,10 +901,11 @@ class Collector:
         if seen is not None:
             # An event's id derives from its input. The same id again under the same number is
             # the record published again, which every consumer drops; under a number the
-            # customer's sequence already passed, a batch that failed and came again (its
-            # outputs are published before it is journaled, and its records may come back in
-            # another order across topics: renumbered, also dropped by id); under a later
-            # number, its input applied twice: the customer's sequence moved on for it.
+            # customer's sequence already passed, an event numbered again by a batch that
+            # came again in another order across topics (conversation-state journals its
+            # outputs before publishing them and publishes the journaled ones again, so it
+            # should not happen now; every consumer drops it by id); under a later number, its
+            # input applied twice: the customer's sequence moved on for it.
             if seen == sequence:
                 self.republished += 1
                 return

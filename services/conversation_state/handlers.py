@@ -2,9 +2,17 @@
 owns, so each customer's records have a single writer.
 
 decode → load the batch's customers → apply each record (skipping any already applied) →
-publish the effects → persist (with the applied offsets) → return, and the batch is committed.
-Publishing before persisting means a crash can only repeat outputs (with the same ids and
-sequence numbers), never lose them.
+journal the changed customers with the batch's outputs (their records as they go to Kafka) →
+publish the outputs → return, and the batch is committed.
+
+Journaling first (a transactional outbox) means what was published is always what the journal
+holds: if publishing fails, or the process dies before the outputs are acknowledged, whoever
+recovers the partition publishes the journaled records again (same ids, same sequence
+numbers) before applying anything, and the batch that comes again finds its records applied.
+Had the outputs gone out first and the journal failed, the batch would be applied again from
+the state before it, and a fetch that mixes the five topics differently (or is cut short by
+``max_records``) would number the customer's events differently from what consumers already
+have: a new event could take a number an earlier one was published under.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from shared.contracts.registry import CONVERSATION_EVENTS, MESSAGES_OUTBOUND, RO
 from shared.contracts.routing import ConversationRouted, TransferRefused
 from shared.runtime.checkpoints import MembershipLost, group_generation, membership_confirmed, membership_lost
 from shared.runtime.decoding import BatchReader, Incoming
-from shared.runtime.outbox import Outbox
+from shared.runtime.outbox import Outbox, OutputRecord
 from shared.runtime.tracing import RecordTracer
 from shared.teams import DirectoryWatcher
 
@@ -136,6 +144,7 @@ class ConversationConsumer:
         partition_ends: PartitionEnds | None = None,
     ) -> None:
         self.memory = memory if memory is not None else JournaledCustomers(store, interval_s=1.0)
+        self.memory.republish = self.republish
         self.fresh = FreshRecords(partition_ends)
         self.reader = reader
         self.store = store
@@ -187,8 +196,8 @@ class ConversationConsumer:
     async def _apply_and_journal(
         self, incoming: list[Incoming[Any]], partition_of: dict[str, int], member: asyncio.Future[bool]
     ) -> list[Line]:
-        """Apply a batch's records to its customers, publish the effects, store the transcript
-        lines, journal the customers; returns the lines."""
+        """Apply a batch's records to its customers, journal the customers with the outputs
+        while the transcript lines are stored, publish the outputs; returns the lines."""
         customer_ids = [i.payload.customer_id for i in incoming]
         conversation_ids = [i.payload.conversation_id for i in incoming if hasattr(i.payload, "conversation_id")]
         cached = self.memory.take(customer_ids)
@@ -207,18 +216,27 @@ class ConversationConsumer:
 
         if not await member:
             raise MembershipLost("the group coordinator does not confirm this member; the batch is left to the partitions' owner")
-        for records, fx, item in effects:
-            with self.tracing.span(item.record, item.envelope.id):
-                await self._publish(records, fx, item)
-        # The transcript lines are stored while the outputs are acknowledged (a line stored
-        # twice after a replay is the same line); the journal must come after the outputs:
-        # what it records as done was published.
+        outputs = [(item, self._outputs(records, fx, item)) for records, fx, item in effects]
+        by_partition: dict[int, list[OutputRecord]] = {}
+        for item, made in outputs:
+            by_partition.setdefault(partition_of[item.payload.customer_id], []).extend(made)
+        # Durable once journaled, outputs included (the customers and conversations are
+        # written behind). The transcript lines are stored meanwhile (a line stored twice
+        # after a replay is the same line).
+        journaled = self.memory.append(loaded, partition_of, by_partition)
         saved = self.store.save_lines(lines, group_generation(self.memory.consumer()))
-        for outcome in await asyncio.gather(self._outputs_out(), saved, return_exceptions=True):
+        entries: dict[str, int] = {}
+        for outcome in await asyncio.gather(journaled, saved, return_exceptions=True):
             if isinstance(outcome, BaseException):
                 raise outcome
-        # Durable once journaled; the customers and conversations are written behind.
-        await self.memory.append(loaded, partition_of)
+            if isinstance(outcome, dict):
+                entries = outcome
+        for item, made in outputs:
+            with self.tracing.span(item.record, item.envelope.id):
+                for record in made:
+                    await self.outbox.send_record(record)
+        await self._outputs_out()
+        self.memory.published(entries)
         return lines
 
     def _apply_record(
@@ -275,23 +293,27 @@ class ConversationConsumer:
         await self.outbox.flush()
         await self.reader.flush()
 
-    async def _publish(self, records: CustomerRecords, fx: Effects, item: Incoming[Any]) -> None:
+    def _outputs(self, records: CustomerRecords, fx: Effects, item: Incoming[Any]) -> list[OutputRecord]:
+        """The records a record's effects publish, numbered in the customer's sequence."""
         time = item.envelope.time
         customer_id = item.payload.customer_id
+        made = []
         for n, event in enumerate(fx.events):
             sequence = None
             if records.customer is not None:
                 records.customer.seq += 1
                 sequence = records.customer.seq
-            await self.outbox.send(
-                CONVERSATION_EVENTS.name,
-                customer_id,
-                event,
-                id=fx.next_id(f"event{n}"),
-                time=time,
-                sequence=sequence,
+            made.append(
+                self.outbox.record(CONVERSATION_EVENTS.name, customer_id, event, id=fx.next_id(f"event{n}"), time=time, sequence=sequence)
             )
         for pool_id, command in fx.routing:
-            await self.outbox.send(ROUTING_COMMANDS.name, pool_id, command, id=command.request_id, time=time)  # type: ignore[attr-defined]
+            made.append(self.outbox.record(ROUTING_COMMANDS.name, pool_id, command, id=command.request_id, time=time))  # type: ignore[attr-defined]
         for delivery in fx.deliveries:
-            await self.outbox.send(MESSAGES_OUTBOUND.name, customer_id, delivery, id=delivery.delivery_id, time=time)
+            made.append(self.outbox.record(MESSAGES_OUTBOUND.name, customer_id, delivery, id=delivery.delivery_id, time=time))
+        return made
+
+    async def republish(self, records: Sequence[OutputRecord]) -> None:
+        """Publish journaled outputs again (``JournaledCustomers.recover``) and wait for Kafka."""
+        for record in records:
+            await self.outbox.send_record(record)
+        await self.outbox.flush()

@@ -5,8 +5,9 @@ On FerretDB a replace costs a transaction per document (~0.7 ms of CPU) and an i
 small share of one insert command, and most customers change in two batches a second apart
 (their message, then the routing decision). So a batch does not rewrite its customers:
 it appends one ``conversation_journal`` entry per partition it touched, holding the changed
-customer and conversation documents and each changed customer's current conversations even
-when unchanged (one insert command), and the input offsets are committed after it. A
+customer and conversation documents, each changed customer's current conversations even
+when unchanged, and the batch's outputs as they go to Kafka (one insert command). The outputs
+are published once the entry is in, and the input offsets committed after that. A
 customer is written to its collections (inserted if new, replaced otherwise) once its oldest
 unstored change is ``interval_s`` old (checked every half interval), so the message and the
 routing decision that follows it are usually one write; a journal entry is deleted once
@@ -32,10 +33,12 @@ write in flight) and ``STATE_CACHE_CUSTOMERS`` the rest.
 
 Recovery: after an assignment, a rebalance or a failed batch the memory is dropped, and
 before a partition's next record is applied (or by the background loop, whatever comes
-first) its journal entries are read and overlaid on the stored documents: per customer, the
-entry with the highest ``rev`` (a counter the customer document carries) wins unless the
-stored document is as new. On revocation the owner stores everything first, so the next
-owner normally finds no entries.
+first) its journal entries are read, the outputs of those not known to be acknowledged are
+published again (a transactional outbox: what the journal holds as applied is what
+consumers get, under the same ids and sequence numbers), and the entries are overlaid on the
+stored documents: per customer, the entry with the highest ``rev`` (a counter the customer
+document carries) wins unless the stored document is as new. On revocation the owner stores
+everything first, so the next owner normally finds no entries.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -53,6 +56,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from pymongo import DeleteOne
 
 from shared.runtime.checkpoints import CheckpointMetrics, StoreBeforeRevocation, membership_confirmed, membership_lost
+from shared.runtime.outbox import OutputRecord
 from shared.runtime.store import bulk_write_chunked
 
 from services.conversation_state.lifecycle import CustomerRecords
@@ -79,6 +83,10 @@ log = logging.getLogger(__name__)
 # ``STATE_WRITE_SLICE``): one slice's documents exist at once (~3 KB a customer), and its
 # customers count as stored when it lands.
 WRITE_SLICE = 500
+
+
+async def _cannot_publish(records: list[OutputRecord]) -> None:
+    raise RuntimeError(f"{len(records)} journaled outputs to publish again, and nothing to publish them with")
 
 
 class JournaledCustomers:
@@ -131,6 +139,10 @@ class JournaledCustomers:
         # The consumer whose partitions these are (set by the service once it exists): a flush
         # while its group membership has lapsed would write over the next owner's documents.
         self.consumer: Callable[[], AIOKafkaConsumer | None] = lambda: None
+        # Publishes journaled outputs again and waits for Kafka (set by the consumer, which owns
+        # the outbox): what a recovery finds in entries not known to be out.
+        self.republish: Callable[[list[OutputRecord]], Awaitable[None]] = _cannot_publish
+        self.out: dict[str, int] = {}  # journal entry → partition, for the entries whose outputs Kafka acknowledged
 
     def _unstored(self, customer_id: str) -> CustomerRecords | None:
         """The records of a customer not stored as they are yet (changed since, or in the write
@@ -182,13 +194,17 @@ class JournaledCustomers:
 
     async def recover(self, partitions: Iterable[int]) -> None:
         """Overlay the journal entries of these partitions (left by a process that stopped
-        before storing them) on the stored documents. Call under ``lock``."""
+        before storing them, or by a batch that failed) on the stored documents, after
+        publishing again the outputs they hold that may not be out (``_republish``). Call
+        under ``lock``."""
         wanted = [p for p in set(partitions) if p not in self.recovered]
         if not wanted:
             return
         await self.settle()
         entries = await self.store.journal_for(wanted)
-        decoded = [(raw["_id"], entry_contents(raw)) for raw in entries]
+        contents = [(raw, entry_contents(raw)) for raw in entries]
+        await self._republish(contents, wanted)  # (before anything changes here: a failure leaves nothing half done)
+        decoded = [(raw["_id"], entry) for raw, entry in contents]
         stored = await self.store.find_customers({c["_id"] for _, e in decoded for c in e["customers"]})
         stored_rev = {cid: doc.get("rev", -1) for cid, doc in stored.items()}
         newest: dict[str, tuple[int, dict[str, Any]]] = {}  # customer → (rev, doc)
@@ -245,10 +261,20 @@ class JournaledCustomers:
         if entries:
             log.info("recovered %s journal entries (%s customers) of partitions %s", len(entries), len(overlaid), sorted(wanted))
 
-    async def append(self, loaded: dict[str, CustomerRecords], partition_of: dict[str, int]) -> None:
-        """Journal what this batch changed (one insert command), then keep it in memory as
-        dirty. Call under ``lock``, after the batch's outputs are out."""
-        by_partition: dict[int, dict[str, list[dict[str, Any]]]] = {}
+    async def append(
+        self,
+        loaded: dict[str, CustomerRecords],
+        partition_of: dict[str, int],
+        outputs: Mapping[int, list[OutputRecord]] | None = None,
+    ) -> dict[str, int]:
+        """Journal what this batch changed with its ``outputs`` (by partition, in the order
+        they are to be published) in one insert command, then keep it in memory as dirty.
+        Returns the entries with outputs (id → partition): once the outputs are acknowledged,
+        tell ``published``. Call under ``lock``, before the batch's outputs go out."""
+        by_partition: dict[int, dict[str, list[Any]]] = {}
+        for partition, made in (outputs or {}).items():
+            if made:
+                by_partition[partition] = {"customers": [], "conversations": [], "outputs": [r.to_list() for r in made]}
         changed: dict[str, list[str]] = {}  # customer → the documents of theirs changed since stored
         for cid, r in loaded.items():
             if r.customer is None:
@@ -274,11 +300,12 @@ class JournaledCustomers:
                 convs += [d for d in docs if d["_id"] in current and before.get(d["_id"]) == d]
             r.customer.rev += 1
             doc["rev"] = r.customer.rev  # (the document is the batch's own: no second to_doc)
-            entry = by_partition.setdefault(partition_of[cid], {"customers": [], "conversations": []})
+            entry = by_partition.setdefault(partition_of[cid], {"customers": [], "conversations": [], "outputs": []})
             entry["customers"].append(doc)
             entry["conversations"].extend(convs)
             changed[cid] = [cid, *changed_ids]
             self.overlaid.discard(cid)
+        with_outputs: dict[str, int] = {}
         if by_partition:
             now = datetime.now(UTC)
             docs = []
@@ -288,6 +315,8 @@ class JournaledCustomers:
             await self.store.journal.insert_many(docs)
             for doc, entry in zip(docs, by_partition.values(), strict=True):
                 self.entries[doc["_id"]] = {c["_id"] for c in entry["customers"]}
+                if entry["outputs"]:
+                    with_outputs[doc["_id"]] = doc["p"]
         journaled_at = self.clock()
         for cid, r in loaded.items():
             if cid in changed:
@@ -301,6 +330,32 @@ class JournaledCustomers:
             self.records[cid] = r
             self.records.move_to_end(cid)
         self._report()
+        return with_outputs
+
+    def published(self, entries: Mapping[str, int]) -> None:
+        """The outputs of these journal entries (id → partition, as ``append`` returned them)
+        are acknowledged by Kafka: a recovery by this process does not publish them again."""
+        self.out.update(entries)
+
+    async def _republish(self, entries: list[tuple[dict[str, Any], dict[str, Any]]], partitions: Collection[int]) -> None:
+        """Publish again the outputs of these journal entries (of ``partitions``) not known to
+        be out: their batch failed after journaling, or another process wrote them and stopped.
+        Oldest entry first, and Kafka's acknowledgement awaited, before anything else is
+        applied: each customer's outputs keep their order. Consumers drop what they already
+        have by id (the records are the same bytes, sequence numbers included)."""
+        present = {raw["_id"] for raw, _ in entries}
+        self.out = {e: p for e, p in self.out.items() if p not in partitions or e in present}
+        pending = sorted(
+            (raw["at"], raw["_id"], raw["p"], contents["outputs"])
+            for raw, contents in entries
+            if contents.get("outputs") and raw["_id"] not in self.out
+        )
+        if not pending:
+            return
+        made = [OutputRecord.from_list(fields) for *_, outputs in pending for fields in outputs]
+        await self.republish(made)
+        self.out.update({entry_id: partition for _, entry_id, partition, _ in pending})
+        log.info("published the outputs of %s journal entries again (%s records)", len(pending), len(made))
 
     # storing -------------------------------------------------------------------------------
     @property
@@ -379,6 +434,8 @@ class JournaledCustomers:
         try:
             if done:
                 await bulk_write_chunked(self.store.journal, [DeleteOne({"_id": e}) for e in done])
+                for e in done:
+                    self.out.pop(e, None)
         except Exception:
             self._put_back([], dirty, before, epoch, [])
             return
@@ -564,3 +621,4 @@ class JournaledCustomers:
     def take_assigned(self, assigned: set[TopicPartition]) -> None:
         self.drop()
         self.assigned = {tp.partition for tp in assigned}
+        self.out = {e: p for e, p in self.out.items() if p in self.assigned}

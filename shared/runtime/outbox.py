@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiokafka import AIOKafkaProducer
 from opentelemetry import trace
@@ -88,8 +88,27 @@ def _with_trace(headers: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
     return kept + [(k, v.encode()) for k, v in carrier.items()]
 
 
+class OutputRecord(NamedTuple):
+    """An output as it goes to Kafka (the topic with its prefix), made before it is sent: what
+    a journal keeps so that it can be published again, byte for byte (``Outbox.record``)."""
+
+    topic: str
+    key: bytes
+    value: bytes
+    type: str  # the envelope's ``type`` (the ``ce-type`` header)
+
+    def to_list(self) -> list[Any]:
+        return [self.topic, self.key, self.value, self.type]
+
+    @classmethod
+    def from_list(cls, fields: list[Any]) -> OutputRecord:
+        topic, key, value, type_ = fields
+        return cls(topic, bytes(key), bytes(value), type_)
+
+
 class Outbox:
-    """One batch's outputs (or one webhook's): ``send`` queues, ``flush`` waits for Kafka."""
+    """One batch's outputs (or one webhook's): ``send`` queues, ``flush`` waits for Kafka.
+    ``record`` makes an output without sending it, ``send_record`` sends one so made."""
 
     def __init__(self, publisher: Publisher, source: str, topic_prefix: str = "") -> None:
         self._publisher = publisher
@@ -107,12 +126,25 @@ class Outbox:
         time: datetime,
         sequence: int | None = None,
     ) -> None:
+        await self.send_record(self.record(topic, key, payload, id=id, time=time, sequence=sequence))
+
+    def record(
+        self,
+        topic: str,
+        key: str,
+        payload: BaseModel,
+        *,
+        id: str,
+        time: datetime,
+        sequence: int | None = None,
+    ) -> OutputRecord:
+        """The record ``send`` would queue, not sent."""
         envelope = new_envelope(payload, subject=key, source=self._source, time=time, id=id, sequence=sequence)
+        return OutputRecord(self._prefix + topic, key.encode(), envelope.model_dump_json().encode(), envelope.type)
+
+    async def send_record(self, record: OutputRecord) -> None:
         future = await self._publisher.send(
-            self._prefix + topic,
-            envelope.model_dump_json().encode(),
-            key.encode(),
-            [("content-type", _CLOUDEVENTS), ("ce-type", envelope.type.encode())],
+            record.topic, record.value, record.key, [("content-type", _CLOUDEVENTS), ("ce-type", record.type.encode())]
         )
         self._pending.append(future)
 

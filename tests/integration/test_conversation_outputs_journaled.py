@@ -1,0 +1,226 @@
+"""conversation-state journals a batch's outputs before it publishes them (a transactional
+outbox), against the real broker and the real store: whichever step of a batch fails, the
+customer's conversation events on Kafka carry each event under one sequence number, number
+no two events alike and skip none, even when the batch comes again mixed differently or cut
+short (a fetch after a rewind is not the same fetch), and the journaled state agrees with them.
+
+Before the change the outputs went out first and the journal after them: a journal that
+failed left published events the state did not know of, and the retried batch numbered a new
+event with a number an earlier one was published under, or applied a record again under a new
+number (three of the four failing steps below failed the test)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiokafka import ConsumerRecord
+from aiokafka.errors import KafkaTimeoutError
+from opentelemetry.trace import NoOpTracer
+from prometheus_client import CollectorRegistry
+from pymongo import AsyncMongoClient
+
+from services.conversation_state.app import INPUTS
+from services.conversation_state.handlers import ConversationConsumer
+from services.conversation_state.lifecycle import Rules
+from services.conversation_state.store import ConversationStore, entry_contents
+from services.conversation_state.write_behind import JournaledCustomers
+from shared.contracts.common import Channel
+from shared.contracts.customers import OptOutOfHomeTeam
+from shared.contracts.envelope import new_envelope
+from shared.contracts.messages import CustomerMessageReceived
+from shared.contracts.registry import CONVERSATION_EVENTS, CUSTOMER_COMMANDS, MESSAGES_RECEIVED
+from shared.runtime.dead_letter import DeadLetters
+from shared.runtime.decoding import BatchReader
+from shared.runtime.kafka import build_producer
+from shared.runtime.outbox import Outbox, Publisher
+from shared.runtime.tracing import RecordTracer
+from shared.settings import ServiceSettings
+from shared.teams import parse_directory
+from tests.support import KafkaProbe
+
+pytestmark = pytest.mark.integration
+
+T0 = datetime(2026, 3, 2, 17, 0, tzinfo=UTC)  # a Monday, within the team's hours
+CUSTOMER = "cus_outbox"
+DIRECTORY = parse_directory(
+    {
+        "default_team": "pnw",
+        "standard_pool": {"agents": [{"id": "std-avery", "max_concurrency": 8}]},
+        "teams": [
+            {
+                "id": "pnw",
+                "name": "Pacific Northwest",
+                "timezone": "America/Los_Angeles",
+                "regions": {"zip_prefixes": ["980"], "area_codes": ["206"], "markets": ["seattle"]},
+                "hours": {"mon": ["08:00-20:00"]},
+                "agents": [{"id": "sea-ana", "max_concurrency": 6}],
+            }
+        ],
+    }
+)
+
+
+class FailsOnce:
+    """``target`` with its method ``name`` failing once, at its ``at``-th call (from 1)."""
+
+    def __init__(self, target: Any, name: str, at: int = 1, acknowledgement: bool = False) -> None:
+        self._target, self._name, self.at, self._acknowledgement = target, name, at, acknowledgement
+        self.calls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._target, name)
+        if name != self._name:
+            return attr
+
+        async def maybe_failing(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            if self.calls != self.at:
+                return await attr(*args, **kwargs)
+            if not self._acknowledgement:
+                raise ConnectionError(f"{name} failed (injected)")
+            # Sent, but Kafka's acknowledgement reports a failure (the record may be out).
+            await attr(*args, **kwargs)
+            failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            failed.set_exception(KafkaTimeoutError("acknowledgement failed (injected)"))
+            return failed
+
+        return maybe_failing
+
+
+async def inputs(probe: KafkaProbe) -> dict[str, ConsumerRecord]:
+    """The customer's first two messages and an opt-out, produced and fetched back as records."""
+    for n in (1, 2):
+        at = T0 + timedelta(seconds=n)
+        message = CustomerMessageReceived(
+            message_id=f"msg-{n}", customer_id=CUSTOMER, channel=Channel.SMS, address="+12065550100",
+            provider_message_id=f"p-{n}", text=f"hello {n}", sent_at=at, received_at=at, new_customer=n == 1,
+        )  # fmt: skip
+        await probe.send(MESSAGES_RECEIVED.name, CUSTOMER, message, time=at, id=f"msg-{n}")
+    opt_out = OptOutOfHomeTeam(command_id="cmd-1", customer_id=CUSTOMER, requested_at=T0 + timedelta(seconds=1.5))
+    await probe.send(CUSTOMER_COMMANDS.name, CUSTOMER, opt_out, time=opt_out.requested_at, id="cmd-1")
+    records = [*await probe.records(MESSAGES_RECEIVED.name), *await probe.records(CUSTOMER_COMMANDS.name)]
+    by_id = {json.loads(r.value)["id"]: r for r in records}
+    return {"m1": by_id["msg-1"], "m2": by_id["msg-2"], "opt_out": by_id["cmd-1"]}
+
+
+class Harness:
+    """conversation-state's consumer parts against the test's topics and database: ``process``
+    makes a consumer as a process of the service would (a new one: a new process), publishing
+    through ``sender`` (the real publisher, or one failing once)."""
+
+    def __init__(self, kafka: str, topic_prefix: str, publisher: Publisher, registry: CollectorRegistry, store: ConversationStore) -> None:
+        self.kafka, self.topic_prefix, self.publisher, self.store = kafka, topic_prefix, publisher, store
+        self.dead_letters = DeadLetters(publisher, "conversation-state", registry)
+
+    def process(self, sender: Any = None) -> ConversationConsumer:
+        return ConversationConsumer(
+            reader=BatchReader(INPUTS, self.dead_letters, self.topic_prefix),
+            store=self.store,
+            outbox=Outbox(sender or self.publisher, "/hometeam/conversation-state", self.topic_prefix),
+            rules=Rules(DIRECTORY),
+            tracing=RecordTracer(NoOpTracer(), "conversation-state"),
+            memory=JournaledCustomers(self.store, interval_s=60.0),
+        )
+
+    async def events(self) -> list[dict[str, Any]]:
+        """The envelopes on the conversation events topic, all of them so far."""
+        async with KafkaProbe(self.kafka, self.topic_prefix) as probe:
+            return [json.loads(r.value) for r in await probe.records(CONVERSATION_EVENTS.name)]
+
+
+@pytest.fixture
+async def harness(infra, topic_prefix, mongo_db_name) -> AsyncIterator[tuple[Harness, dict[str, ConsumerRecord]]]:
+    """The harness, and the inputs on the topics as records."""
+    settings = ServiceSettings(service_name="conversation-state", kafka_bootstrap_servers=infra.kafka, kafka_topic_prefix=topic_prefix)
+    async with KafkaProbe(infra.kafka, topic_prefix) as probe:
+        records = await inputs(probe)
+    registry = CollectorRegistry()
+    publisher = Publisher(lambda: build_producer(settings), NoOpTracer(), registry)
+    await publisher.start()
+    client: AsyncMongoClient = AsyncMongoClient(infra.mongodb_url, tz_aware=True)
+    try:
+        yield Harness(infra.kafka, topic_prefix, publisher, registry, ConversationStore(client[mongo_db_name])), records
+    finally:
+        await publisher.stop()
+        await client.close()
+
+
+@pytest.mark.parametrize("restarted", [False, True], ids=["retried", "restarted"])
+@pytest.mark.parametrize("failing", ["journal", "send", "acknowledgement", "lines"])
+async def test_a_batch_that_fails_at_any_step_leaves_the_customers_events_numbered_once_each(harness, failing, restarted) -> None:
+    """``restarted``: the batch comes again to another process (the first one died after the
+    failure), which knows nothing of what the first one published."""
+    harness, records = harness
+    store = harness.store
+    # The first batch's step that fails: the journal insert, the send of its second output
+    # (the first is out), Kafka's acknowledgement of its second output, the transcript lines.
+    sender: Any = None
+    if failing == "journal":
+        store.journal = FailsOnce(store.journal, "insert_many")
+    elif failing == "lines":
+        store.messages = FailsOnce(store.messages, "insert_many")
+    else:
+        sender = FailsOnce(harness.publisher, "send", at=2, acknowledgement=failing == "acknowledgement")
+
+    consumer = harness.process(sender)
+    with pytest.raises(Exception, match="injected"):
+        await consumer.handle([records["m1"], records["opt_out"]])
+    if restarted:
+        consumer = harness.process()
+    # After the rewind the fetch differs: the second message with the first, the opt-out in a
+    # batch of its own after them.
+    await consumer.handle([records["m1"], records["m2"]])
+    await consumer.handle([records["opt_out"]])
+
+    numbers: dict[str, set[int]] = defaultdict(set)
+    types: dict[str, str] = {}
+    for envelope in await harness.events():
+        if envelope["subject"] == CUSTOMER:
+            numbers[envelope["id"]].add(envelope["sequence"])
+            types[envelope["id"]] = envelope["type"]
+    assert {i: n for i, n in numbers.items() if len(n) > 1} == {}, "an event published under two numbers"
+    used = sorted(n for ns in numbers.values() for n in ns)
+    assert used == list(range(1, len(numbers) + 1)), "sequence numbers reused or skipped"
+    added = [i for i, t in types.items() if t.endswith("MessageAdded")]
+    assert len(added) == 2 and any(t.endswith("CustomerPreferencesChanged") for t in types.values())
+
+    # What the journal holds as applied is what was published: the customer's last number, the
+    # opt-out; and once stored, the journal is empty.
+    customer = consumer.memory.records[CUSTOMER].customer
+    assert customer is not None and customer.seq == len(numbers) and customer.opted_out
+    consumer.memory.flush()
+    await consumer.memory.settle()
+    stored = await store.find_customer(CUSTOMER)
+    assert stored is not None and stored["seq"] == len(numbers)
+    assert [entry_contents(e) async for e in store.journal.find({})] == []
+
+
+async def test_outputs_kafka_acknowledged_are_not_published_again_by_the_process_that_sent_them(harness) -> None:
+    """A recovery publishes again only the entries whose outputs are not known to be out: after
+    a failed batch, the process's earlier batches (journaled, not stored yet) are not sent twice."""
+    harness, records = harness
+    sender = FailsOnce(harness.publisher, "send", at=0, acknowledgement=True)  # armed below
+    consumer = harness.process(sender)
+    await consumer.handle([records["m1"]])
+    sender.at = sender.calls + 1  # the opt-out's event: sent, its acknowledgement fails
+    with pytest.raises(Exception, match="injected"):
+        await consumer.handle([records["opt_out"]])
+    await consumer.handle([records["opt_out"], records["m2"]])
+
+    copies: dict[str, int] = defaultdict(int)
+    for envelope in await harness.events():
+        copies[envelope["type"].rsplit(".", 1)[-1] + ":" + envelope["id"]] += 1
+    by_type: dict[str, list[int]] = defaultdict(list)
+    for name, n in copies.items():
+        by_type[name.split(":")[0]].append(n)
+    # The opt-out's event twice (sent, then again by the recovery, as its acknowledgement
+    # failed); every event of the two messages once.
+    assert by_type.pop("CustomerPreferencesChanged") == [2]
+    assert len(by_type["MessageAdded"]) == 2
+    assert {n for ns in by_type.values() for n in ns} == {1}, by_type
