@@ -161,8 +161,10 @@ class ConversationConsumer:
                 await self._handle(records)
             except BaseException:
                 # The memory may hold changes no journal entry has: recover from the store
-                # and the journal before the batch comes again.
+                # and the journal before the batch comes again (which publishes again what
+                # the journal holds and Kafka did not acknowledge).
                 self.memory.drop()
+                self.outbox.abandon()
                 raise
 
     async def _handle(self, records: Sequence[ConsumerRecord]) -> None:
@@ -177,12 +179,22 @@ class ConversationConsumer:
         member = asyncio.ensure_future(membership_confirmed(self.memory.consumer()))
         incoming = await self.reader.read(records)
         partition_of = {i.payload.customer_id: i.record.partition for i in incoming}
-        await self.memory.recover(set(partition_of.values()))
+        partitions = set(partition_of.values())
+        if partitions - self.memory.recovered and not await member:  # (a recovery publishes)
+            raise MembershipLost("the group coordinator does not confirm this member; the batch is left to the partitions' owner")
+        await self.memory.recover(partitions)
         # From taking the customers until they are journaled, the write in flight makes no
-        # documents (``JournaledCustomers.applying``): it must not store a change whose
-        # outputs may not be out yet.
+        # documents (``JournaledCustomers.applying``): a change stored before its entry is in
+        # would be lost with its outputs if the batch failed (the retry finds its records
+        # applied). Once the entry is in, the write may store it while the outputs go out.
         async with self.memory.applying:
-            lines = await self._apply_and_journal(incoming, partition_of, member)
+            lines, outputs, entries = await self._apply_and_journal(incoming, partition_of, member)
+        for item, made in outputs:
+            with self.tracing.span(item.record, item.envelope.id):
+                for record in made:
+                    await self.outbox.send_record(record)
+        await self._outputs_out()
+        self.memory.published(entries)
         if self.memory.due:  # (confirmed above, moments ago)
             self.memory.store_aged()
         await self.memory.catch_up()  # backpressure, if the store falls behind
@@ -195,9 +207,10 @@ class ConversationConsumer:
 
     async def _apply_and_journal(
         self, incoming: list[Incoming[Any]], partition_of: dict[str, int], member: asyncio.Future[bool]
-    ) -> list[Line]:
-        """Apply a batch's records to its customers, journal the customers with the outputs
-        while the transcript lines are stored, publish the outputs; returns the lines."""
+    ) -> tuple[list[Line], list[tuple[Incoming[Any], list[OutputRecord]]], dict[str, int]]:
+        """Apply a batch's records to its customers, and journal the customers with the outputs
+        while the transcript lines are stored; returns the lines, the outputs to publish (by
+        input) and the journal entries holding them."""
         customer_ids = [i.payload.customer_id for i in incoming]
         conversation_ids = [i.payload.conversation_id for i in incoming if hasattr(i.payload, "conversation_id")]
         cached = self.memory.take(customer_ids)
@@ -231,13 +244,7 @@ class ConversationConsumer:
                 raise outcome
             if isinstance(outcome, dict):
                 entries = outcome
-        for item, made in outputs:
-            with self.tracing.span(item.record, item.envelope.id):
-                for record in made:
-                    await self.outbox.send_record(record)
-        await self._outputs_out()
-        self.memory.published(entries)
-        return lines
+        return lines, outputs, entries
 
     def _apply_record(
         self,

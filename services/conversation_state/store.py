@@ -77,8 +77,13 @@ def customer_document(records: CustomerRecords, docs: Mapping[str, dict[str, Any
 
 
 # The journal (``write_behind``): one entry per batch and partition, the changed customers with
-# their current conversations, until every customer in it is stored.
-JOURNAL_FORMAT = COMPACT_FORMAT
+# their current conversations and the batch's outputs (``OutputRecord.to_list``), until every
+# customer in it is stored. Its own format name since entries hold outputs: a process of an
+# earlier version stops on such an entry (unknown format) instead of recovering the customers
+# without publishing the outputs (the batch that comes again would find its records applied).
+# Entries of that earlier format (no outputs: published before they were journaled) are read.
+JOURNAL_FORMAT = "journal-bson-zlib/2"
+JOURNAL_FORMATS = (COMPACT_FORMAT, JOURNAL_FORMAT)
 
 
 def journal_entry(entry_id: str, partition: int, at: datetime, contents: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
@@ -95,7 +100,7 @@ def journal_entry(entry_id: str, partition: int, at: datetime, contents: dict[st
 
 
 def entry_contents(entry: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    if entry.get("format") != JOURNAL_FORMAT:
+    if entry.get("format") not in JOURNAL_FORMATS:
         raise ValueError(f"journal entry {entry['_id']}: unknown format {entry.get('format')!r}")
     return unpack(entry["blob"])  # type: ignore[return-value]
 

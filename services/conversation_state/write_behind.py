@@ -111,7 +111,7 @@ class JournaledCustomers:
         self.lock = asyncio.Lock()  # batches, captures and recoveries run one at a time
         # Held by a batch from taking its customers until they are journaled (``applying``):
         # the write in flight makes each slice's documents between batches' applications, so
-        # it never writes a change whose outputs may not be out yet.
+        # it never stores a change before its journal entry (with its outputs) is in.
         self.applying = asyncio.Lock()
         self._landed = asyncio.Event()  # set whenever a slice of the write in flight lands
         self.records: OrderedDict[str, CustomerRecords] = OrderedDict()
@@ -573,18 +573,30 @@ class JournaledCustomers:
             self._report()
 
     async def flush_when_due(self) -> None:
-        """For a background task: recover assigned partitions nothing has arrived for, and
-        store what is due."""
+        """For a background task: recover assigned partitions nothing has arrived for (which
+        publishes what their journal entries hold and Kafka did not acknowledge), and store
+        what is due; both only while the group coordinator confirms this member."""
         while True:
             await asyncio.sleep(min(self.interval_s / 2, 1.0))
+            recovering = bool(self.assigned - self.recovered)
             try:
-                member = self.due and await membership_confirmed(self.consumer())  # (asked before waiting for the lock)
-                async with self.lock:
-                    await self.recover(self.assigned)
-                    if member and self.due:
-                        self.store_aged()
+                # (asked before waiting for the lock)
+                member = (recovering or self.due) and await membership_confirmed(self.consumer())
             except Exception:  # this loop must outlive any one failure
-                log.exception("recovering or storing conversation state failed; retrying")
+                log.exception("asking the group coordinator failed; retrying")
+                continue
+            if not member:
+                continue
+            async with self.lock:
+                try:
+                    await self.recover(self.assigned)
+                except Exception:  # (a recovery that cannot publish must not stop the stores)
+                    log.exception("recovering conversation state failed; retrying")
+                try:
+                    if self.due:
+                        self.store_aged()
+                except Exception:
+                    log.exception("storing conversation state failed; retrying")
 
     def _shed_settled(self) -> None:
         """Shed the stored documents of the customers the last writes stored, unless a batch

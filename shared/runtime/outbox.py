@@ -152,3 +152,15 @@ class Outbox:
         pending, self._pending = self._pending, []
         if pending:
             await asyncio.gather(*pending)
+
+    def abandon(self) -> None:
+        """Forget the records queued since the last ``flush`` (their batch failed and comes
+        again): the next ``flush`` waits only for what is queued after this."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.add_done_callback(_retrieved)
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # (retrieved: no "never retrieved" warning for an abandoned record)

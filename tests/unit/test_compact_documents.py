@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 import pytest
 
 from services.conversation_state.model import Customer
+from services.conversation_state.store import JOURNAL_FORMAT, entry_contents, journal_entry
 from shared.runtime.compact import COMPACT_FORMAT, compact_document, expand_document
 
 AT = datetime(2026, 11, 23, 17, 4, 5, 123000, tzinfo=UTC)
@@ -87,3 +88,24 @@ def test_a_conversation_keeps_the_fields_it_is_queried_by() -> None:
     # The read API's queries (a customer's conversations, a team's queue) and sorts see these.
     assert {k: stored[k] for k in CONVERSATION_QUERY_FIELDS} == {k: doc[k] for k in CONVERSATION_QUERY_FIELDS}
     assert "inbound_count" not in stored and expand_document(stored) == doc
+
+
+@pytest.mark.parametrize(
+    ("fmt", "readable"),
+    [
+        (JOURNAL_FORMAT, True),  # entries holding the batch's outputs
+        (COMPACT_FORMAT, True),  # entries of the version that published before journaling
+        ("bson-zlib/3", False),
+        (None, False),
+    ],
+)
+def test_a_journal_entry_is_read_only_in_a_format_this_version_knows(fmt, readable) -> None:
+    """A later version's entry is refused (the partition stops) rather than recovered without
+    what it does not know: an earlier version reading an entry with outputs would have lost them."""
+    entry = journal_entry("i:1", 0, datetime(2026, 3, 2, tzinfo=UTC), {"customers": [], "conversations": [], "outputs": []})
+    entry["format"] = fmt
+    if readable:
+        assert entry_contents(entry) == {"customers": [], "conversations": [], "outputs": []}
+    else:
+        with pytest.raises(ValueError, match="unknown format"):
+            entry_contents(entry)

@@ -123,11 +123,52 @@ async def test_conversation_state_handles_no_batch_while_membership_is_lost() ->
 
     memory = JournaledCustomers(store=None, interval_s=1.0)  # type: ignore[arg-type]
     memory.consumer = lambda: member(-1)
+    outbox = SimpleNamespace(abandon=lambda: None)  # (a failed batch forgets what it queued: nothing)
     consumer = ConversationConsumer(
-        reader=None, store=None, outbox=None, rules=None, tracing=None, memory=memory  # type: ignore[arg-type]
+        reader=None, store=None, outbox=outbox, rules=None, tracing=None, memory=memory  # type: ignore[arg-type]
     )  # (any of them touched would raise AttributeError, not MembershipLost)
     with pytest.raises(MembershipLost):
         await consumer.handle([SimpleNamespace(topic="t", partition=0, offset=3)])  # type: ignore[list-item]
+
+
+class _OneRecord:
+    """A reader whose batch is one record of customer ``cus_1`` on partition 0."""
+
+    async def read(self, records: Any) -> list[Any]:
+        return [SimpleNamespace(payload=SimpleNamespace(customer_id="cus_1"), record=SimpleNamespace(topic="t", partition=0))]
+
+
+@pytest.mark.parametrize(("answer", "recovered"), [("ok", True), ("unreachable", False), ("unknown", False)])
+async def test_conversation_state_recovers_a_partition_only_once_the_coordinator_confirms_the_member(answer, recovered) -> None:
+    """A recovery publishes what the journal holds and Kafka did not acknowledge: a member
+    whose session lapsed would publish the next owner's outputs, out of their order. Neither
+    a batch nor the background loop recovers unless the coordinator confirms the member."""
+    from services.conversation_state.handlers import ConversationConsumer
+
+    memory = JournaledCustomers(store=None, interval_s=0.02)  # type: ignore[arg-type]
+    memory.consumer = lambda consumer=asking(7, answer): consumer
+    recoveries: list[set[int]] = []
+
+    async def recover(partitions: Any) -> None:
+        recoveries.append(set(partitions))
+        raise RuntimeError("stop here")  # (what a batch does after recovering is not the point)
+
+    memory.recover = recover  # type: ignore[method-assign]
+    consumer = ConversationConsumer(
+        reader=_OneRecord(), store=None, outbox=SimpleNamespace(abandon=lambda: None), rules=None, tracing=None, memory=memory  # type: ignore[arg-type]
+    )
+    with pytest.raises(RuntimeError if recovered else MembershipLost):
+        await consumer.handle([SimpleNamespace(topic="t", partition=0, offset=3)])  # type: ignore[list-item]
+    assert recoveries == ([{0}] if recovered else [])
+
+    recoveries.clear()
+    memory.assigned = {0}
+    loop = asyncio.create_task(memory.flush_when_due())
+    await asyncio.sleep(0.1)  # several turns of the loop (each half an interval)
+    loop.cancel()
+    assert bool(recoveries) is recovered  # (the loop goes on after a failed recovery)
+    if recovered:
+        assert len(recoveries) > 1 and all(p == {0} for p in recoveries)
 
 
 @pytest.mark.parametrize(("answer", "stored"), [("ok", True), ("rebalancing", True), ("unreachable", False), ("unknown", False)])
@@ -173,6 +214,9 @@ class _Done:
 
     async def flush(self) -> None:
         self.calls.append("flush")
+
+    def abandon(self) -> None:
+        pass  # (a failed batch's queued outputs: none here)
 
 
 @pytest.mark.parametrize(("answer", "handled"), [("ok", True), ("rebalancing", True), ("unreachable", False), ("unknown", False)])
