@@ -830,7 +830,7 @@ class Collector:
         self.event_sequence: dict[int, int] = {}  # hash of each sequenced event's id → its number
         self.sequenced = 0  # events checked against their customer's sequence
         self.republished = 0  # the same event (id, number) again: dropped by consumers, not a fault
-        self.renumbered = 0  # the same event id under an earlier number: a retried batch's outputs again
+        self.renumbered = 0  # the same event id under an earlier number: a retried batch applied in another order
         self.reapplied = 0  # the same event id under a later number: its input applied again
         self.sequence_reused = 0
         self.sequence_skipped = 0
@@ -902,10 +902,11 @@ class Collector:
             # An event's id derives from its input. The same id again under the same number is
             # the record published again, which every consumer drops; under a number the
             # customer's sequence already passed, an event numbered again by a batch that
-            # came again in another order across topics (conversation-state journals its
-            # outputs before publishing them and publishes the journaled ones again, so it
-            # should not happen now; every consumer drops it by id); under a later number, its
-            # input applied twice: the customer's sequence moved on for it.
+            # came again in another order across topics (consumers drop it by id, but what
+            # they hold then differs from what the state applied: a fault since
+            # conversation-state journals its outputs before publishing them and publishes
+            # the journaled ones again); under a later number, its input applied twice: the
+            # customer's sequence moved on for it.
             if seen == sequence:
                 self.republished += 1
                 return
@@ -1485,6 +1486,7 @@ def audit_faults(audit: dict[str, Any]) -> list[str]:
         "lost": "lost (never added, every group caught up)",
         "added_twice": "added twice",
         "reapplied": "conversation events published again under a later sequence number (their input applied twice)",
+        "renumbered": "conversation events published again under an earlier sequence number (a failed batch applied again in another order)",
         "out_of_order": "added out of their customer's order",
         "sequence_reused": "conversation events reused a sequence number",
         "sequence_skipped": "conversation events skipped a sequence number",
