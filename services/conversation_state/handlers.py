@@ -2,13 +2,15 @@
 owns, so each customer's records have a single writer.
 
 decode → load the batch's customers → apply each record (skipping any already applied) →
-journal the changed customers with the batch's outputs (their records as they go to Kafka) →
-publish the outputs → return, and the batch is committed.
+journal the changed customers with the batch's outputs (their records as they go to Kafka) and
+transcript lines, while the lines are stored → publish the outputs → return, and the batch is
+committed.
 
 Journaling first (a transactional outbox) means what was published is always what the journal
-holds: if publishing fails, or the process dies before the outputs are acknowledged, whoever
-recovers the partition publishes the journaled records again (same ids, same sequence
-numbers) before applying anything, and the batch that comes again finds its records applied.
+holds: if publishing or storing the lines fails, or the process dies before the outputs are
+acknowledged, whoever recovers the partition publishes the journaled records again (same ids,
+same sequence numbers) and stores the lines before applying anything, and the batch that
+comes again finds its records applied.
 Had the outputs gone out first and the journal failed, the batch would be applied again from
 the state before it, and a fetch that mixes the five topics differently (or is cut short by
 ``max_records``) would number the customer's events differently from what consumers already
@@ -194,7 +196,7 @@ class ConversationConsumer:
                 for record in made:
                     await self.outbox.send_record(record)
         await self._outputs_out()
-        self.memory.published(entries)
+        self.memory.finish(entries)
         if self.memory.due:  # (confirmed above, moments ago)
             self.memory.store_aged()
         await self.memory.catch_up()  # backpressure, if the store falls behind
@@ -233,11 +235,15 @@ class ConversationConsumer:
         by_partition: dict[int, list[OutputRecord]] = {}
         for item, made in outputs:
             by_partition.setdefault(partition_of[item.payload.customer_id], []).extend(made)
-        # Durable once journaled, outputs included (the customers and conversations are
-        # written behind). The transcript lines are stored meanwhile (a line stored twice
-        # after a replay is the same line).
-        journaled = self.memory.append(loaded, partition_of, by_partition)
-        saved = self.store.save_lines(lines, group_generation(self.memory.consumer()))
+        line_docs: dict[int, list[dict[str, Any]]] = {}
+        for line in lines:
+            line_docs.setdefault(partition_of[line.customer_id], []).append(line.to_doc())
+        # Durable once journaled, outputs and lines included (the customers and conversations
+        # are written behind). The transcript lines are stored meanwhile: if that fails after
+        # the entry is in, the recovery stores them from it (the batch that comes again finds
+        # its records applied); a line stored twice at its position is the same line.
+        journaled = self.memory.append(loaded, partition_of, by_partition, line_docs)
+        saved = self.store.save_line_docs([d for docs in line_docs.values() for d in docs], group_generation(self.memory.consumer()))
         entries: dict[str, int] = {}
         for outcome in await asyncio.gather(journaled, saved, return_exceptions=True):
             if isinstance(outcome, BaseException):

@@ -77,7 +77,8 @@ def customer_document(records: CustomerRecords, docs: Mapping[str, dict[str, Any
 
 
 # The journal (``write_behind``): one entry per batch and partition, the changed customers with
-# their current conversations and the batch's outputs (``OutputRecord.to_list``), until every
+# their current conversations, the batch's outputs (``OutputRecord.to_list``) and its
+# transcript lines (``Line.to_doc``), until every
 # customer in it is stored. Its own format name since entries hold outputs: a process of an
 # earlier version stops on such an entry (unknown format) instead of recovering the customers
 # without publishing the outputs (the batch that comes again would find its records applied).
@@ -265,9 +266,13 @@ class ConversationStore:
         conversation's ``line_count`` as the replay journals it, unless a later generation
         stored it (a consumer that stalled past its session writing after the partition's new
         owner: the owner's line stays)."""
+        await self.save_line_docs([line.to_doc() for line in lines], generation)
+
+    async def save_line_docs(self, lines: list[dict[str, Any]], generation: int = 0) -> None:
+        """``save_lines`` of the lines' documents (``Line.to_doc``: as a journal entry holds them)."""
         if not lines:
             return
-        docs = [{**line.to_doc(), "gen": generation} for line in lines]
+        docs = [{**doc, "gen": generation} for doc in lines]
         existed = await insert_absent(self.messages, docs)
         at_positions = [d for d in docs if d["_id"] in existed and d["seq"] is not None]
         if at_positions:

@@ -6,8 +6,9 @@ small share of one insert command, and most customers change in two batches a se
 (their message, then the routing decision). So a batch does not rewrite its customers:
 it appends one ``conversation_journal`` entry per partition it touched, holding the changed
 customer and conversation documents, each changed customer's current conversations even
-when unchanged, and the batch's outputs as they go to Kafka (one insert command). The outputs
-are published once the entry is in, and the input offsets committed after that. A
+when unchanged, the batch's outputs as they go to Kafka and its transcript lines (one insert
+command). The outputs are published once the entry is in, and the input offsets committed
+after that. A
 customer is written to its collections (inserted if new, replaced otherwise) once its oldest
 unstored change is ``interval_s`` old (checked every half interval), so the message and the
 routing decision that follows it are usually one write; a journal entry is deleted once
@@ -33,9 +34,10 @@ write in flight) and ``STATE_CACHE_CUSTOMERS`` the rest.
 
 Recovery: after an assignment, a rebalance or a failed batch the memory is dropped, and
 before a partition's next record is applied (or by the background loop, whatever comes
-first) its journal entries are read, the outputs of those not known to be acknowledged are
-published again (a transactional outbox: what the journal holds as applied is what
-consumers get, under the same ids and sequence numbers), and the entries are overlaid on the
+first) its journal entries are read, the outputs of those not known to be finished are
+published again and their lines stored (a transactional outbox: what the journal holds as
+applied is what consumers get, under the same ids and sequence numbers, and what the
+transcripts hold), and the entries are overlaid on the
 stored documents: per customer, the entry with the highest ``rev`` (a counter the customer
 document carries) wins unless the stored document is as new. On revocation the owner stores
 everything first, so the next owner normally finds no entries.
@@ -55,7 +57,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from pymongo import DeleteOne
 
-from shared.runtime.checkpoints import CheckpointMetrics, StoreBeforeRevocation, membership_confirmed, membership_lost
+from shared.runtime.checkpoints import CheckpointMetrics, StoreBeforeRevocation, group_generation, membership_confirmed, membership_lost
 from shared.runtime.outbox import OutputRecord
 from shared.runtime.store import bulk_write_chunked
 
@@ -142,7 +144,9 @@ class JournaledCustomers:
         # Publishes journaled outputs again and waits for Kafka (set by the consumer, which owns
         # the outbox): what a recovery finds in entries not known to be out.
         self.republish: Callable[[list[OutputRecord]], Awaitable[None]] = _cannot_publish
-        self.out: dict[str, int] = {}  # journal entry → partition, for the entries whose outputs Kafka acknowledged
+        # Journal entry → partition, for this process's entries whose outputs Kafka acknowledged
+        # and whose transcript lines are stored (``finish``): a recovery redoes neither.
+        self.finished: dict[str, int] = {}
 
     def _unstored(self, customer_id: str) -> CustomerRecords | None:
         """The records of a customer not stored as they are yet (changed since, or in the write
@@ -195,7 +199,8 @@ class JournaledCustomers:
     async def recover(self, partitions: Iterable[int]) -> None:
         """Overlay the journal entries of these partitions (left by a process that stopped
         before storing them, or by a batch that failed) on the stored documents, after
-        publishing again the outputs they hold that may not be out (``_republish``). Call
+        publishing again the outputs they hold that may not be out and storing their lines
+        (``_redo``). Call
         under ``lock``."""
         wanted = [p for p in set(partitions) if p not in self.recovered]
         if not wanted:
@@ -203,7 +208,7 @@ class JournaledCustomers:
         await self.settle()
         entries = await self.store.journal_for(wanted)
         contents = [(raw, entry_contents(raw)) for raw in entries]
-        await self._republish(contents, wanted)  # (before anything changes here: a failure leaves nothing half done)
+        await self._redo(contents, wanted)  # (before anything changes here: a failure leaves nothing half done)
         decoded = [(raw["_id"], entry) for raw, entry in contents]
         stored = await self.store.find_customers({c["_id"] for _, e in decoded for c in e["customers"]})
         stored_rev = {cid: doc.get("rev", -1) for cid, doc in stored.items()}
@@ -266,15 +271,18 @@ class JournaledCustomers:
         loaded: dict[str, CustomerRecords],
         partition_of: dict[str, int],
         outputs: Mapping[int, list[OutputRecord]] | None = None,
+        lines: Mapping[int, list[dict[str, Any]]] | None = None,
     ) -> dict[str, int]:
         """Journal what this batch changed with its ``outputs`` (by partition, in the order
-        they are to be published) in one insert command, then keep it in memory as dirty.
-        Returns the entries with outputs (id → partition): once the outputs are acknowledged,
-        tell ``published``. Call under ``lock``, before the batch's outputs go out."""
+        they are to be published) and its transcript ``lines`` (documents, by partition) in
+        one insert command, then keep it in memory as dirty. Returns the entries with outputs
+        or lines (id → partition): once the outputs are acknowledged and the lines stored,
+        tell ``finish``. Call under ``lock``, before the batch's outputs go out."""
         by_partition: dict[int, dict[str, list[Any]]] = {}
-        for partition, made in (outputs or {}).items():
-            if made:
-                by_partition[partition] = {"customers": [], "conversations": [], "outputs": [r.to_list() for r in made]}
+        for partition in {*(outputs or {}), *(lines or {})}:
+            made, docs = (outputs or {}).get(partition, []), (lines or {}).get(partition, [])
+            if made or docs:
+                by_partition[partition] = {"customers": [], "conversations": [], "outputs": [r.to_list() for r in made], "lines": docs}
         changed: dict[str, list[str]] = {}  # customer → the documents of theirs changed since stored
         for cid, r in loaded.items():
             if r.customer is None:
@@ -300,7 +308,7 @@ class JournaledCustomers:
                 convs += [d for d in docs if d["_id"] in current and before.get(d["_id"]) == d]
             r.customer.rev += 1
             doc["rev"] = r.customer.rev  # (the document is the batch's own: no second to_doc)
-            entry = by_partition.setdefault(partition_of[cid], {"customers": [], "conversations": [], "outputs": []})
+            entry = by_partition.setdefault(partition_of[cid], {"customers": [], "conversations": [], "outputs": [], "lines": []})
             entry["customers"].append(doc)
             entry["conversations"].extend(convs)
             changed[cid] = [cid, *changed_ids]
@@ -315,7 +323,7 @@ class JournaledCustomers:
             await self.store.journal.insert_many(docs)
             for doc, entry in zip(docs, by_partition.values(), strict=True):
                 self.entries[doc["_id"]] = {c["_id"] for c in entry["customers"]}
-                if entry["outputs"]:
+                if entry["outputs"] or entry["lines"]:
                     with_outputs[doc["_id"]] = doc["p"]
         journaled_at = self.clock()
         for cid, r in loaded.items():
@@ -332,30 +340,38 @@ class JournaledCustomers:
         self._report()
         return with_outputs
 
-    def published(self, entries: Mapping[str, int]) -> None:
+    def finish(self, entries: Mapping[str, int]) -> None:
         """The outputs of these journal entries (id → partition, as ``append`` returned them)
-        are acknowledged by Kafka: a recovery by this process does not publish them again."""
-        self.out.update(entries)
+        are acknowledged by Kafka and their lines stored: a recovery by this process does not
+        redo them."""
+        self.finished.update(entries)
 
-    async def _republish(self, entries: list[tuple[dict[str, Any], dict[str, Any]]], partitions: Collection[int]) -> None:
+    async def _redo(self, entries: list[tuple[dict[str, Any], dict[str, Any]]], partitions: Collection[int]) -> None:
         """Publish again the outputs of these journal entries (of ``partitions``) not known to
-        be out: their batch failed after journaling, or another process wrote them and stopped.
-        Oldest entry first, and Kafka's acknowledgement awaited, before anything else is
-        applied: each customer's outputs keep their order. Consumers drop what they already
-        have by id (the records are the same bytes, sequence numbers included)."""
+        be finished, and store their transcript lines: their batch failed after journaling, or
+        another process wrote them and stopped. Outputs oldest entry first, and Kafka's
+        acknowledgement awaited, before anything else is applied: each customer's outputs keep
+        their order. Consumers drop what they already have by id (the records are the same
+        bytes, sequence numbers included); a line stored again at its position is the same."""
         present = {raw["_id"] for raw, _ in entries}
-        self.out = {e: p for e, p in self.out.items() if p not in partitions or e in present}
+        self.finished = {e: p for e, p in self.finished.items() if p not in partitions or e in present}
         pending = sorted(
-            (raw["at"], raw["_id"], raw["p"], contents["outputs"])
+            (raw["at"], raw["_id"], raw["p"], contents)
             for raw, contents in entries
-            if contents.get("outputs") and raw["_id"] not in self.out
+            if (contents.get("outputs") or contents.get("lines")) and raw["_id"] not in self.finished
         )
         if not pending:
             return
-        made = [OutputRecord.from_list(fields) for *_, outputs in pending for fields in outputs]
-        await self.republish(made)
-        self.out.update({entry_id: partition for _, entry_id, partition, _ in pending})
-        log.info("published the outputs of %s journal entries again (%s records)", len(pending), len(made))
+        made = [OutputRecord.from_list(fields) for *_, contents in pending for fields in contents.get("outputs", ())]
+        lines = [doc for *_, contents in pending for doc in contents.get("lines", ())]
+        outcomes = await asyncio.gather(
+            self.republish(made), self.store.save_line_docs(lines, group_generation(self.consumer())), return_exceptions=True
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        self.finished.update({entry_id: partition for _, entry_id, partition, _ in pending})
+        log.info("redid %s journal entries: %s records published again, %s lines stored", len(pending), len(made), len(lines))
 
     # storing -------------------------------------------------------------------------------
     @property
@@ -435,7 +451,7 @@ class JournaledCustomers:
             if done:
                 await bulk_write_chunked(self.store.journal, [DeleteOne({"_id": e}) for e in done])
                 for e in done:
-                    self.out.pop(e, None)
+                    self.finished.pop(e, None)
         except Exception:
             self._put_back([], dirty, before, epoch, [])
             return
@@ -633,4 +649,4 @@ class JournaledCustomers:
     def take_assigned(self, assigned: set[TopicPartition]) -> None:
         self.drop()
         self.assigned = {tp.partition for tp in assigned}
-        self.out = {e: p for e, p in self.out.items() if p in self.assigned}
+        self.finished = {e: p for e, p in self.finished.items() if p in self.assigned}

@@ -2,7 +2,9 @@
 outbox), against the real broker and the real store: whichever step of a batch fails, the
 customer's conversation events on Kafka carry each event under one sequence number, number
 no two events alike and skip none, even when the batch comes again mixed differently or cut
-short (a fetch after a rewind is not the same fetch), and the journaled state agrees with them.
+short (a fetch after a rewind is not the same fetch), the journaled state agrees with them, and
+the transcript holds every message (lines that failed to store after the entry was in are
+stored from it: an earlier take of this change lost them, the ``lines`` cases).
 
 Before the change the outputs went out first and the journal after them: a journal that
 failed left published events the state did not know of, and the retried batch numbered a new
@@ -190,10 +192,11 @@ async def test_a_batch_that_fails_at_any_step_leaves_the_customers_events_number
     added = [i for i, t in types.items() if t.endswith("MessageAdded")]
     assert len(added) == 2 and any(t.endswith("CustomerPreferencesChanged") for t in types.values())
 
-    # What the journal holds as applied is what was published: the customer's last number, the
-    # opt-out; and once stored, the journal is empty.
+    # What the journal holds as applied is what was published and stored: the customer's last
+    # number, the opt-out, both messages' transcript lines; and once stored, the journal is empty.
     customer = consumer.memory.records[CUSTOMER].customer
     assert customer is not None and customer.seq == len(numbers) and customer.opted_out
+    assert sorted([d["message_id"] async for d in store.messages.find({"customer_id": CUSTOMER})]) == ["msg-1", "msg-2"]
     consumer.memory.flush()
     await consumer.memory.settle()
     stored = await store.find_customer(CUSTOMER)

@@ -209,7 +209,7 @@ class _Done:
     async def load(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         return {}
 
-    async def save_lines(self, lines: list[Any], generation: int = 0) -> None:
+    async def save_line_docs(self, lines: list[Any], generation: int = 0) -> None:
         self.calls.append("lines")
 
     async def flush(self) -> None:
