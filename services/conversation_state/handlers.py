@@ -3,7 +3,7 @@ owns, so each customer's records have a single writer.
 
 decode → load the batch's customers → apply each record (skipping any already applied) →
 journal the changed customers with the batch's outputs (their records as they go to Kafka) and
-transcript lines, while the lines are stored → publish the outputs → return, and the batch is
+transcript lines → publish the outputs while the lines are stored → return, and the batch is
 committed.
 
 Journaling first (a transactional outbox) means what was published is always what the journal
@@ -195,7 +195,14 @@ class ConversationConsumer:
             with self.tracing.span(item.record, item.envelope.id):
                 for record in made:
                     await self.outbox.send_record(record)
-        await self._outputs_out()
+        # The transcript lines are stored while the outputs are acknowledged, once the entry
+        # is in: if either fails, the recovery redoes both from it (the batch that comes again
+        # finds its records applied). Stored before the entry, a line of an attempt that
+        # failed to journal could stay at a position the retry, applying another order, fills
+        # with nothing.
+        for outcome in await asyncio.gather(self._outputs_out(), self.store.save_line_docs(lines), return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                raise outcome
         self.memory.finish(entries)
         if self.memory.due:  # (confirmed above, moments ago)
             self.memory.store_aged()
@@ -204,15 +211,15 @@ class ConversationConsumer:
             # From the channel's publish (the inbound envelope's time) to the stored update.
             now = self.clock()
             for line in lines:
-                if line.direction is Direction.INBOUND:
-                    self.latency.observe(max(0.0, (now - line.at).total_seconds()))
+                if line["direction"] == Direction.INBOUND.value:
+                    self.latency.observe(max(0.0, (now - line["at"]).total_seconds()))
 
     async def _apply_and_journal(
         self, incoming: list[Incoming[Any]], partition_of: dict[str, int], member: asyncio.Future[bool]
-    ) -> tuple[list[Line], list[tuple[Incoming[Any], list[OutputRecord]]], dict[str, int]]:
+    ) -> tuple[list[dict[str, Any]], list[tuple[Incoming[Any], list[OutputRecord]]], dict[str, int]]:
         """Apply a batch's records to its customers, and journal the customers with the outputs
-        while the transcript lines are stored; returns the lines, the outputs to publish (by
-        input) and the journal entries holding them."""
+        and the transcript lines; returns the lines' documents (with the group generation that
+        applied them), the outputs to publish (by input) and the journal entries holding them."""
         customer_ids = [i.payload.customer_id for i in incoming]
         conversation_ids = [i.payload.conversation_id for i in incoming if hasattr(i.payload, "conversation_id")]
         cached = self.memory.take(customer_ids)
@@ -235,22 +242,14 @@ class ConversationConsumer:
         by_partition: dict[int, list[OutputRecord]] = {}
         for item, made in outputs:
             by_partition.setdefault(partition_of[item.payload.customer_id], []).extend(made)
+        generation = group_generation(self.memory.consumer())
         line_docs: dict[int, list[dict[str, Any]]] = {}
         for line in lines:
-            line_docs.setdefault(partition_of[line.customer_id], []).append(line.to_doc())
+            line_docs.setdefault(partition_of[line.customer_id], []).append({**line.to_doc(), "gen": generation})
         # Durable once journaled, outputs and lines included (the customers and conversations
-        # are written behind). The transcript lines are stored meanwhile: if that fails after
-        # the entry is in, the recovery stores them from it (the batch that comes again finds
-        # its records applied); a line stored twice at its position is the same line.
-        journaled = self.memory.append(loaded, partition_of, by_partition, line_docs)
-        saved = self.store.save_line_docs([d for docs in line_docs.values() for d in docs], group_generation(self.memory.consumer()))
-        entries: dict[str, int] = {}
-        for outcome in await asyncio.gather(journaled, saved, return_exceptions=True):
-            if isinstance(outcome, BaseException):
-                raise outcome
-            if isinstance(outcome, dict):
-                entries = outcome
-        return lines, outputs, entries
+        # are written behind).
+        entries = await self.memory.append(loaded, partition_of, by_partition, line_docs)
+        return [d for docs in line_docs.values() for d in docs], outputs, entries
 
     def _apply_record(
         self,
@@ -327,6 +326,10 @@ class ConversationConsumer:
 
     async def republish(self, records: Sequence[OutputRecord]) -> None:
         """Publish journaled outputs again (``JournaledCustomers.recover``) and wait for Kafka."""
-        for record in records:
-            await self.outbox.send_record(record)
-        await self.outbox.flush()
+        try:
+            for record in records:
+                await self.outbox.send_record(record)
+            await self.outbox.flush()
+        except BaseException:
+            self.outbox.abandon()  # (the next batch's flush waits only for its own records)
+            raise

@@ -106,6 +106,11 @@ def entry_contents(entry: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     return unpack(entry["blob"])  # type: ignore[return-value]
 
 
+def _but_gen(line: Mapping[str, Any]) -> dict[str, Any]:
+    """A line's document without its ``gen``, its times as the store keeps them (milliseconds)."""
+    return {k: v.replace(microsecond=v.microsecond // 1000 * 1000) if isinstance(v, datetime) else v for k, v in line.items() if k != "gen"}
+
+
 def held_conversations(customer_doc: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """The conversation documents a stored customer document holds, by id (none if it was
     stored before customers held them)."""
@@ -266,13 +271,14 @@ class ConversationStore:
         conversation's ``line_count`` as the replay journals it, unless a later generation
         stored it (a consumer that stalled past its session writing after the partition's new
         owner: the owner's line stays)."""
-        await self.save_line_docs([line.to_doc() for line in lines], generation)
+        await self.save_line_docs([{**line.to_doc(), "gen": generation} for line in lines])
 
-    async def save_line_docs(self, lines: list[dict[str, Any]], generation: int = 0) -> None:
-        """``save_lines`` of the lines' documents (``Line.to_doc``: as a journal entry holds them)."""
-        if not lines:
+    async def save_line_docs(self, docs: list[dict[str, Any]]) -> None:
+        """``save_lines`` of the lines' documents (``Line.to_doc`` with the ``gen`` that applied
+        each: as a journal entry holds them). A line already stored as it is (a recovery
+        storing an entry's lines again) is not rewritten."""
+        if not docs:
             return
-        docs = [{**doc, "gen": generation} for doc in lines]
         existed = await insert_absent(self.messages, docs)
         at_positions = [d for d in docs if d["_id"] in existed and d["seq"] is not None]
         if at_positions:
@@ -280,7 +286,11 @@ class ConversationStore:
             # (``gen``) scans the collection (measured: 120 ms per replace at 20,000 documents
             # against 0.15 by ``_id``). Not atomic; FerretDB's updates are not isolated anyway.
             stored = await find_by_ids(self.messages, [d["_id"] for d in at_positions])
-            again = [ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in at_positions if stored.get(d["_id"], {}).get("gen", 0) <= generation]
+            again = [
+                ReplaceOne({"_id": d["_id"]}, d, upsert=True)
+                for d in at_positions
+                if (found := stored.get(d["_id"], {})).get("gen", 0) <= d["gen"] and _but_gen(found) != _but_gen(d)
+            ]
             if again:
                 await bulk_write_chunked(self.messages, again)
 

@@ -57,7 +57,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from pymongo import DeleteOne
 
-from shared.runtime.checkpoints import CheckpointMetrics, StoreBeforeRevocation, group_generation, membership_confirmed, membership_lost
+from shared.runtime.checkpoints import CheckpointMetrics, StoreBeforeRevocation, membership_confirmed, membership_lost
 from shared.runtime.outbox import OutputRecord
 from shared.runtime.store import bulk_write_chunked
 
@@ -142,7 +142,7 @@ class JournaledCustomers:
         # while its group membership has lapsed would write over the next owner's documents.
         self.consumer: Callable[[], AIOKafkaConsumer | None] = lambda: None
         # Publishes journaled outputs again and waits for Kafka (set by the consumer, which owns
-        # the outbox): what a recovery finds in entries not known to be out.
+        # the outbox): what a recovery finds in entries not known to be finished.
         self.republish: Callable[[list[OutputRecord]], Awaitable[None]] = _cannot_publish
         # Journal entry → partition, for this process's entries whose outputs Kafka acknowledged
         # and whose transcript lines are stored (``finish``): a recovery redoes neither.
@@ -313,7 +313,7 @@ class JournaledCustomers:
             entry["conversations"].extend(convs)
             changed[cid] = [cid, *changed_ids]
             self.overlaid.discard(cid)
-        with_outputs: dict[str, int] = {}
+        to_finish: dict[str, int] = {}
         if by_partition:
             now = datetime.now(UTC)
             docs = []
@@ -324,7 +324,7 @@ class JournaledCustomers:
             for doc, entry in zip(docs, by_partition.values(), strict=True):
                 self.entries[doc["_id"]] = {c["_id"] for c in entry["customers"]}
                 if entry["outputs"] or entry["lines"]:
-                    with_outputs[doc["_id"]] = doc["p"]
+                    to_finish[doc["_id"]] = doc["p"]
         journaled_at = self.clock()
         for cid, r in loaded.items():
             if cid in changed:
@@ -338,7 +338,7 @@ class JournaledCustomers:
             self.records[cid] = r
             self.records.move_to_end(cid)
         self._report()
-        return with_outputs
+        return to_finish
 
     def finish(self, entries: Mapping[str, int]) -> None:
         """The outputs of these journal entries (id → partition, as ``append`` returned them)
@@ -364,8 +364,10 @@ class JournaledCustomers:
             return
         made = [OutputRecord.from_list(fields) for *_, contents in pending for fields in contents.get("outputs", ())]
         lines = [doc for *_, contents in pending for doc in contents.get("lines", ())]
+        # (each line with the generation that applied it: an entry a stalled member journaled
+        # late does not replace the line a later owner stored at the same position)
         outcomes = await asyncio.gather(
-            self.republish(made), self.store.save_line_docs(lines, group_generation(self.consumer())), return_exceptions=True
+            self.republish(made) if made else asyncio.sleep(0), self.store.save_line_docs(lines), return_exceptions=True
         )
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
@@ -604,10 +606,13 @@ class JournaledCustomers:
             if not member:
                 continue
             async with self.lock:
-                try:
-                    await self.recover(self.assigned)
-                except Exception:  # (a recovery that cannot publish must not stop the stores)
-                    log.exception("recovering conversation state failed; retrying")
+                if membership_lost(self.consumer()):
+                    continue  # (lapsed while the lock was held: a batch, a store before revocation)
+                for partition in sorted(self.assigned - self.recovered):  # (one bad entry blocks only its partition)
+                    try:
+                        await self.recover([partition])
+                    except Exception:  # (a recovery that cannot publish must not stop the stores)
+                        log.exception("recovering conversation state of partition %s failed; retrying", partition)
                 try:
                     if self.due:
                         self.store_aged()

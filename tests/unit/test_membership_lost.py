@@ -230,7 +230,7 @@ async def test_conversation_state_publishes_and_journals_only_once_the_coordinat
     memory = JournaledCustomers(store=None, interval_s=60.0)  # type: ignore[arg-type]
     memory.consumer = lambda consumer=asking(7, answer): consumer
     journaled: list[Any] = []
-    memory.append = lambda *args: journaled.append(args) or asyncio.sleep(0)  # type: ignore[method-assign]
+    memory.append = lambda *args: journaled.append(args) or asyncio.sleep(0, result={})  # type: ignore[method-assign]
     consumer = ConversationConsumer(
         reader=done, store=done, outbox=done, rules=None, tracing=None, memory=memory  # type: ignore[arg-type]
     )
