@@ -7,9 +7,8 @@ small share of one insert command, and most customers change in two batches a se
 it appends one ``conversation_journal`` entry per partition it touched, holding the changed
 customer and conversation documents, each changed customer's current conversations even
 when unchanged, the batch's outputs as they go to Kafka and its transcript lines (one insert
-command). The outputs are published once the entry is in, and the input offsets committed
-after that. A
-customer is written to its collections (inserted if new, replaced otherwise) once its oldest
+command). The outputs are published (and the lines stored) once the entry is in, and the
+input offsets committed after that. A customer is written to its collections (inserted if new, replaced otherwise) once its oldest
 unstored change is ``interval_s`` old (checked every half interval), so the message and the
 routing decision that follows it are usually one write; a journal entry is deleted once
 every customer it holds is stored. As a customer's newest entry holds all that its document
@@ -37,10 +36,10 @@ before a partition's next record is applied (or by the background loop, whatever
 first) its journal entries are read, the outputs of those not known to be finished are
 published again and their lines stored (a transactional outbox: what the journal holds as
 applied is what consumers get, under the same ids and sequence numbers, and what the
-transcripts hold), and the entries are overlaid on the
-stored documents: per customer, the entry with the highest ``rev`` (a counter the customer
-document carries) wins unless the stored document is as new. On revocation the owner stores
-everything first, so the next owner normally finds no entries.
+transcripts hold), and the entries are overlaid on the stored documents: per customer, the
+entry with the highest ``rev`` (a counter the customer document carries) wins unless the
+stored document is as new. On revocation the owner stores everything first, so the next owner
+normally finds no entries.
 """
 
 from __future__ import annotations
@@ -200,8 +199,7 @@ class JournaledCustomers:
         """Overlay the journal entries of these partitions (left by a process that stopped
         before storing them, or by a batch that failed) on the stored documents, after
         publishing again the outputs they hold that may not be out and storing their lines
-        (``_redo``). Call
-        under ``lock``."""
+        (``_redo``). Call under ``lock``."""
         wanted = [p for p in set(partitions) if p not in self.recovered]
         if not wanted:
             return
