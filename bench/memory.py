@@ -6,7 +6,10 @@
    (``{_id: "<channel>:<address>", customer_id}``) and a customer document in
    conversation-state's ``customers`` collection (``Customer.to_doc()`` of
    services/conversation_state/model.py, stored compact as the service stores it: home team from the address, a known agent for a
-   third of them), with insert_many in batches of 10,000. The seeding rate is measured on the
+   third of them, and since 2026-12-05 what a customer who wrote before carries whatever its
+   age: 64 recent inputs, up to 50 reply gaps, applied offsets; ``--no-history`` seeds them as
+   new, as before, which understated conversation-state's memory by more than half), with
+   insert_many in batches of 10,000. The seeding rate is measured on the
    first ``--probe`` customers; if seeding them all would take longer than
    ``--max-seed-seconds``, the count is lowered to what fits and the report says so;
 2. starts the five services (databases of their own, as in bench.pipeline), brings the agents
@@ -33,6 +36,7 @@ import shutil
 import sys
 import tempfile
 import time
+from array import array
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -63,8 +67,70 @@ from bench.pipeline import (
 SEED_BATCH = 10_000
 
 
-def customer_docs(population: Sequence[Any], start: int, stop: int, directory: Any, rng: random.Random) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Identity and customer documents for customers ``start``..``stop`` of the population."""
+# Input kinds a customer's recent inputs come from (``lifecycle.input_id``), about as often as
+# a conversation brings them: messages, their routing decisions, agents' replies and closes.
+HISTORY_KINDS = ("message_id", "decision_id", "action_id", "message_id", "action_id", "command_id")
+
+
+# Distinct histories made (``customer_history``); customers share them, which changes nothing
+# the bench measures (a service decodes each customer's document into objects of its own) and
+# keeps a million customers within the seeding budget.
+HISTORIES = 256
+_histories: list[Any] = []
+
+
+def customer_history(customer: Any, now: datetime, rng: random.Random) -> None:
+    """Give the customer what a customer who has written before carries (conversation-state
+    keeps it whatever its age): the latest ``RECENT_INPUTS_ALWAYS`` input ids with their
+    times, reply gaps up to ``MAX_REPLY_GAPS`` and the applied offsets of the five input
+    topics; one of ``HISTORIES`` made once."""
+    from dataclasses import replace
+
+    if not _histories:
+        for _ in range(HISTORIES):
+            made = replace(customer)  # (a new customer: no history yet)
+            _make_history(made, now, rng)
+            _histories.append(made)
+    source = rng.choice(_histories)
+    for name in ("recent_inputs", "recent_input_at", "reply_gaps_s", "applied", "seq"):
+        setattr(customer, name, getattr(source, name))
+
+
+def _make_history(customer: Any, now: datetime, rng: random.Random) -> None:
+    from services.conversation_state.app import INPUTS
+    from services.conversation_state.handlers import applied_key_of
+    from services.conversation_state.lifecycle import MAX_REPLY_GAPS, RECENT_INPUTS_ALWAYS, remember_applied
+
+    last = now - timedelta(days=1 + rng.random() * 24)
+    records = _Records(customer)
+    for i in range(RECENT_INPUTS_ALWAYS):
+        h = f"{rng.getrandbits(128):032x}"  # an id shaped like the uuids the services make
+        payload = _Input(HISTORY_KINDS[i % len(HISTORY_KINDS)], f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}")
+        remember_applied(records, payload, last - timedelta(minutes=(RECENT_INPUTS_ALWAYS - i) * 3))
+    customer.reply_gaps_s = array("d", (round(rng.expovariate(1 / 120.0), 3) for _ in range(rng.randrange(MAX_REPLY_GAPS // 2, MAX_REPLY_GAPS + 1))))
+    customer.applied = {applied_key_of(t.name, rng.randrange(12)): rng.randrange(10**7) for t in INPUTS}
+    customer.seq = rng.randrange(50, 500)
+
+
+class _Input:
+    """An input with one id field (``message_id``, ``decision_id``, ...), as ``input_id`` reads it."""
+
+    def __init__(self, kind: str, value: str) -> None:
+        setattr(self, kind, value)
+
+
+class _Records:
+    """The one field of ``CustomerRecords`` that ``remember_applied`` reads."""
+
+    def __init__(self, customer: Any) -> None:
+        self.customer = customer
+
+
+def customer_docs(
+    population: Sequence[Any], start: int, stop: int, directory: Any, rng: random.Random, history: bool = True
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Identity and customer documents for customers ``start``..``stop`` of the population
+    (``history``: each with what a customer who wrote before carries, ``customer_history``)."""
     from services.conversation_state.model import Customer
     from services.ingest.identity import identity_key
     from shared.runtime.compact import compact_document
@@ -93,17 +159,21 @@ def customer_docs(population: Sequence[Any], start: int, stop: int, directory: A
             known_agent_id=rng.choice(teams[team]) if known else None,
             known_agent_served_at=now - timedelta(days=rng.randrange(25)) if known else None,
         )
+        if history:
+            customer_history(customer, now, rng)
         identities.append({"_id": identity_key(channel, c.address), "customer_id": customer_id, "created_at": created})
         customers.append(compact_document(customer.to_doc()))
     return identities, customers
 
 
-async def seed(db_ingest: Any, db_state: Any, population: Sequence[Any], start: int, stop: int, directory: Any, seed_value: int) -> float:
+async def seed(
+    db_ingest: Any, db_state: Any, population: Sequence[Any], start: int, stop: int, directory: Any, seed_value: int, history: bool = True
+) -> float:
     """Insert identities and customers [start, stop); returns the seconds it took."""
     rng = random.Random(seed_value + start)
     started = time.monotonic()
     for lo in range(start, stop, SEED_BATCH):
-        identities, customers = customer_docs(population, lo, min(stop, lo + SEED_BATCH), directory, rng)
+        identities, customers = customer_docs(population, lo, min(stop, lo + SEED_BATCH), directory, rng, history)
         await asyncio.gather(
             db_ingest["identities"].insert_many(identities, ordered=False),
             db_state["customers"].insert_many(customers, ordered=False),
@@ -140,7 +210,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     raw_directory = bench_directory(args.teams, 35, 100)
     teams_config = write_directory(raw_directory, work)
     directory = parse_directory(raw_directory)
-    result: dict[str, Any] = {"requested_customers": args.customers, "run": ids.run, "started_at": datetime.now(UTC).isoformat()}
+    result: dict[str, Any] = {
+        "requested_customers": args.customers,
+        "history": args.history,
+        "run": ids.run,
+        "started_at": datetime.now(UTC).isoformat(),
+    }
     mongo: AsyncMongoClient = AsyncMongoClient(mongodb_url, tz_aware=True)
     processes: dict[str, Any] = {}
     collector: Collector | None = None
@@ -151,7 +226,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         population = make_population(args.customers, args.teams, args.seed)
 
         probe = min(args.probe, args.customers)
-        probe_s = await seed(db_ingest, db_state, population, 0, probe, directory, args.seed)
+        probe_s = await seed(db_ingest, db_state, population, 0, probe, directory, args.seed, args.history)
         rate = probe / probe_s  # customers (two documents each) per second
         estimate = args.customers / rate
         result["seed_probe"] = {"customers": probe, "seconds": probe_s, "customers_per_s": rate, "estimated_seconds_for_all": estimate}
@@ -165,7 +240,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if estimate > args.max_seed_seconds:
             count = max(probe, int(rate * args.max_seed_seconds) // 50_000 * 50_000)
             print(f"bench.memory: over the {args.max_seed_seconds:.0f} s budget: seeding {count:,} customers instead", file=sys.stderr, flush=True)
-        rest_s = await seed(db_ingest, db_state, population, probe, count, directory, args.seed) if count > probe else 0.0
+        rest_s = await seed(db_ingest, db_state, population, probe, count, directory, args.seed, args.history) if count > probe else 0.0
         result["customers"] = count
         result["seed_seconds"] = probe_s + rest_s
         print(f"bench.memory: {count:,} known customers seeded in {probe_s + rest_s:.0f} s", file=sys.stderr, flush=True)
@@ -230,6 +305,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__.split("\n\n")[0])
     p.add_argument("--customers", type=int, default=1_000_000, help="known customers to seed")
+    p.add_argument(
+        "--no-history",
+        dest="history",
+        action="store_false",
+        help="seed customers as if new (no recent inputs, reply gaps or applied offsets; the default before 2026-12-05 13:00)",
+    )
     p.add_argument("--probe", type=int, default=50_000, help="customers seeded first to measure the seeding rate")
     p.add_argument("--max-seed-seconds", type=float, default=300.0, help="seed fewer customers if all would take longer")
     p.add_argument("--rate", type=float, default=700.0, help="messages/s of the load")

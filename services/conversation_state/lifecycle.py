@@ -9,6 +9,7 @@ Each transition takes ``now`` from its input, so a replay after a crash does the
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -32,7 +33,16 @@ from shared.contracts.routing import (
 from shared.teams import TeamDirectory, home_team_for
 
 from services.conversation_state.inactivity import InactivityPolicy, inactivity_timeout
-from services.conversation_state.model import Conversation, Customer, Line
+from services.conversation_state.model import (
+    INPUT_DIGEST_BYTES,
+    Conversation,
+    Customer,
+    Line,
+    holds_digest,
+    input_digest,
+    pack_times,
+    time_at,
+)
 
 MAX_REPLY_GAPS = 50
 # A new conversation within this time of the customer's last resolution is a repeat contact
@@ -251,33 +261,38 @@ def input_id(payload: BaseModel) -> str:
 
 def already_applied(records: CustomerRecords, payload: BaseModel) -> bool:
     """Was this input (same message / action / command / decision id) applied already?"""
-    return records.customer is not None and input_id(payload) in records.customer.recent_input_ids
+    return records.customer is not None and holds_digest(records.customer.recent_inputs, input_digest(input_id(payload)))
 
 
 def remember_applied(records: CustomerRecords, payload: BaseModel, at: datetime) -> None:
     """Remember an applied input (``at``: its time) among the customer's recent inputs."""
     customer = records.customer
     if customer is not None:
-        customer.recent_input_ids, customer.recent_input_times = recent_inputs(
-            customer.recent_input_ids, customer.recent_input_times, input_id(payload), at.timestamp()
+        customer.recent_inputs, customer.recent_input_at = recent_inputs(
+            customer.recent_inputs, customer.recent_input_at, input_digest(input_id(payload)), at.timestamp()
         )
 
 
-def recent_inputs(ids: list[str], times: list[float], new_id: str, at: float) -> tuple[list[str], list[float]]:
-    """The recent inputs after one more (ids with their times, oldest first): the latest
-    ``RECENT_INPUTS_ALWAYS``, and older ones within ``RECENT_INPUT_WINDOW`` of ``at``, at most
-    ``MAX_RECENT_INPUT_IDS``. Ids remembered before times were kept count as of ``at``."""
-    if len(times) < len(ids):
-        times = [at] * (len(ids) - len(times)) + times
-    elif len(times) > len(ids):
-        times = times[len(times) - len(ids) :]
-    ids, times = [*ids, new_id], [*times, at]
+def recent_inputs(digests: bytes, times: bytes, new: bytes, at: float) -> tuple[bytes, bytes]:
+    """The recent inputs after one more (``model.Customer.recent_inputs``: the ids' digests
+    and their times, packed, oldest first): the latest ``RECENT_INPUTS_ALWAYS``, and older ones
+    within ``RECENT_INPUT_WINDOW`` of ``at``, at most ``MAX_RECENT_INPUT_IDS``. Ids remembered
+    before times were kept count as of ``at``."""
+    count = len(digests) // INPUT_DIGEST_BYTES
+    had = len(times) // 8
+    if had < count:
+        times = pack_times([at] * (count - had)) + times
+    elif had > count:
+        times = times[(had - count) * 8 :]
+    digests, times, count = digests + new, times + pack_times([at]), count + 1
     oldest = at - RECENT_INPUT_WINDOW.total_seconds()
-    first = max(0, len(ids) - MAX_RECENT_INPUT_IDS)
-    always = len(ids) - RECENT_INPUTS_ALWAYS
-    while first < always and times[first] < oldest:
+    first = max(0, count - MAX_RECENT_INPUT_IDS)
+    always = count - RECENT_INPUTS_ALWAYS
+    while first < always and time_at(times, first) < oldest:
         first += 1
-    return ids[first:], times[first:]
+    if first == 0:
+        return digests, times
+    return digests[first * INPUT_DIGEST_BYTES :], times[first * 8 :]
 
 
 already_received = already_applied
@@ -334,7 +349,10 @@ def customer_message(records: CustomerRecords, msg: CustomerMessageReceived, rul
     elif conv.status is ConversationStatus.WAITING_ON_CUSTOMER:
         if conv.last_agent_message_at is not None:
             gap = (now - conv.last_agent_message_at).total_seconds()
-            customer.reply_gaps_s = [*customer.reply_gaps_s, max(gap, 0.0)][-MAX_REPLY_GAPS:]
+            gaps = array("d", customer.reply_gaps_s)
+            gaps.append(max(gap, 0.0))
+            del gaps[:-MAX_REPLY_GAPS]
+            customer.reply_gaps_s = gaps
         conv.waiting_since = now
         _status(conv, ConversationStatus.WAITING_ON_AGENT, now, fx)
         _reweigh(conv, WaitingOn.AGENT, now, fx)

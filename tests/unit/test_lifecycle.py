@@ -640,7 +640,7 @@ def test_customer_message_after_a_reply_puts_the_conversation_back_on_the_agent(
     conv = records.conversations[conv_id]
     assert records.customer is not None
     assert (conv.status, conv.waiting_since) == (ConversationStatus.WAITING_ON_AGENT, at)
-    assert records.customer.reply_gaps_s == [450.0]
+    assert list(records.customer.reply_gaps_s) == [450.0]
     assert routing_of(fx, RouteConversation) == []  # the assignee keeps it
     [(key, weight)] = routing_of(fx, ChangeConversationWeight)
     assert key == "pnw"

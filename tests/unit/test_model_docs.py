@@ -4,19 +4,21 @@ reach a document already captured for writing), and a lossless round trip."""
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import asdict
 from datetime import UTC, datetime
 
 import pytest
 
-from services.conversation_state.model import Conversation, Customer
+from services.conversation_state.model import Conversation, Customer, input_digest, pack_times, unpack_times
 from shared.contracts.common import Channel, ConversationStatus, PoolKind
 
 NOW = datetime(2026, 11, 23, 9, tzinfo=UTC)
 
 CUSTOMER = Customer(
     id="cus_1", home_team_id="pnw", home_team_source="area_code", created_at=NOW, addresses={"sms": "+12065550100"},
-    last_channel=Channel.SMS, reply_gaps_s=[30.0], recent_input_ids=["m1"], callbacks={"cb1": NOW}, applied={"messages.received.v1/0": 4}, rev=3,
+    last_channel=Channel.SMS, reply_gaps_s=[30.0], recent_inputs=input_digest("m1"),
+    recent_input_at=pack_times([1_800_000_000.0]), callbacks={"cb1": NOW}, applied={"messages.received.v1/0": 4}, rev=3,
 )  # fmt: skip
 CONVERSATION = Conversation(
     id="conv_1", customer_id="cus_1", home_team_id="pnw", status=ConversationStatus.WAITING_ON_AGENT, opened_at=NOW,
@@ -30,8 +32,10 @@ def asdict_doc(record: Customer | Conversation) -> dict:
     for key in ("status", "last_channel", "pool", "pool_reason", "routing_reason"):
         if key in doc and doc[key] is not None:
             doc[key] = getattr(record, key).value
-    if isinstance(record, Customer):
-        doc["applied"] = [{"key": k, "offset": v} for k, v in record.applied.items()]
+    if isinstance(record, Customer):  # (stored compact: see ``Customer.to_doc``)
+        del doc["applied"], doc["reply_gaps_s"]
+        doc["applied_offsets"] = dict(record.applied)
+        doc["reply_gaps"] = pack_times(record.reply_gaps_s)
     return doc
 
 
@@ -40,6 +44,7 @@ def test_documents_hold_what_asdict_would_and_round_trip(record) -> None:
     doc = record.to_doc()
     assert doc == asdict_doc(record)
     assert type(record).from_doc(doc) == record
+    assert all(type(v) is not array for v in doc.values())  # (BSON has no arrays of doubles)
 
 
 def test_a_captured_document_does_not_change_with_the_record() -> None:
@@ -48,7 +53,22 @@ def test_a_captured_document_does_not_change_with_the_record() -> None:
     customer.reply_gaps_s.append(60.0)
     customer.addresses["app"] = "user-1"
     customer.callbacks["cb2"] = NOW
-    assert (doc["reply_gaps_s"], doc["addresses"], list(doc["callbacks"])) == ([30.0], {"sms": "+12065550100"}, ["cb1"])
+    customer.applied["messages.received.v1/0"] = 5
+    assert (unpack_times(doc["reply_gaps"]), doc["addresses"], list(doc["callbacks"])) == ([30.0], {"sms": "+12065550100"}, ["cb1"])
+    assert doc["applied_offsets"] == {"messages.received.v1/0": 4}
+
+
+def test_a_customer_stored_before_2026_12_05_reads_the_same() -> None:
+    """Before 2026-12-05 a customer's document held ``applied`` as a list of ``{key, offset}``,
+    its reply gaps as a list and its recent inputs' ids themselves."""
+    doc = {k: v for k, v in CUSTOMER.to_doc().items() if k not in ("applied_offsets", "reply_gaps", "recent_inputs", "recent_input_at")}
+    doc |= {
+        "applied": [{"key": "messages.received.v1/0", "offset": 4}],
+        "reply_gaps_s": [30.0],
+        "recent_input_ids": ["m1"],
+        "recent_input_times": [1_800_000_000.0],
+    }
+    assert Customer.from_doc(doc) == CUSTOMER
 
 
 @pytest.mark.parametrize(("stored", "line_count"), [({"line_count": 7}, 7), ({"line_count": None}, None), ({}, None)])

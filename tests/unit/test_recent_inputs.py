@@ -1,14 +1,37 @@
 """Which applied inputs a customer remembers, to drop a repeat: the latest 64 whatever their
-age, older ones for 15 minutes, never more than 512."""
+age, older ones for 15 minutes, never more than 512; kept as 8-byte digests of their ids,
+packed, with their times (and read from documents that kept the ids themselves)."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 
-from services.conversation_state.lifecycle import MAX_RECENT_INPUT_IDS, RECENT_INPUTS_ALWAYS, recent_inputs
+from services.conversation_state.lifecycle import (
+    MAX_RECENT_INPUT_IDS,
+    RECENT_INPUTS_ALWAYS,
+    CustomerRecords,
+    already_applied,
+    recent_inputs,
+    remember_applied,
+)
+from services.conversation_state.model import (
+    INPUT_DIGEST_BYTES,
+    Customer,
+    holds_digest,
+    input_digest,
+    pack_times,
+    unpack_times,
+)
 
 MIN = 60.0
 T = 1_800_000_000.0
+NOW = datetime(2026, 12, 5, 13, tzinfo=UTC)
+
+
+def digests(ids: list[str]) -> bytes:
+    return b"".join(input_digest(i) for i in ids)
 
 
 def history(n: int, every_s: float, end: float = T) -> tuple[list[str], list[float]]:
@@ -29,16 +52,50 @@ def history(n: int, every_s: float, end: float = T) -> tuple[list[str], list[flo
 )
 def test_how_many_inputs_are_remembered(n: int, every_s: float, kept: int) -> None:
     ids, times = history(n, every_s)
-    kept_ids, kept_times = recent_inputs(ids, times, "new", T + every_s)
-    assert len(kept_ids) == len(kept_times) == min(kept, MAX_RECENT_INPUT_IDS)
-    assert kept_ids[-1] == "new" and kept_times[-1] == T + every_s
-    assert kept_ids[:-1] == ids[len(ids) - len(kept_ids) + 1 :]  # the latest, in order
+    kept_digests, kept_times = recent_inputs(digests(ids), pack_times(times), input_digest("new"), T + every_s)
+    count = min(kept, MAX_RECENT_INPUT_IDS)
+    assert len(kept_digests) == count * INPUT_DIGEST_BYTES and len(unpack_times(kept_times)) == count
+    assert kept_digests[-INPUT_DIGEST_BYTES:] == input_digest("new") and unpack_times(kept_times)[-1] == T + every_s
+    # the latest, in order, each with its own time
+    assert kept_digests[:-INPUT_DIGEST_BYTES] == digests(ids[len(ids) - count + 1 :])
+    assert unpack_times(kept_times)[:-1] == times[len(times) - count + 1 :]
 
 
 def test_ids_remembered_before_times_were_kept_count_as_now() -> None:
     ids = [f"old-{i}" for i in range(300)]
-    kept, times = recent_inputs(ids, [], "new", T)
-    assert kept == [*ids, "new"] and times == [T] * 301
+    kept, times = recent_inputs(digests(ids), b"", input_digest("new"), T)
+    assert kept == digests([*ids, "new"]) and unpack_times(times) == [T] * 301
     # 16 minutes later only the latest 64 are left of them.
-    later, _ = recent_inputs(kept, times, "newer", T + 16 * MIN)
-    assert later == [*kept[-(RECENT_INPUTS_ALWAYS - 1) :], "newer"]
+    later, _ = recent_inputs(kept, times, input_digest("newer"), T + 16 * MIN)
+    assert later == digests([*[*ids, "new"][-(RECENT_INPUTS_ALWAYS - 1) :], "newer"])
+
+
+def test_a_digest_counts_only_at_a_digest_boundary() -> None:
+    packed = digests(["a", "b"])
+    assert holds_digest(packed, input_digest("a")) and holds_digest(packed, input_digest("b"))
+    straddling = packed[4:12]  # the end of one digest and the start of the next
+    assert not holds_digest(packed, straddling)
+    assert not holds_digest(packed, input_digest("c")) and not holds_digest(b"", input_digest("a"))
+
+
+def message(message_id: str):  # type: ignore[no-untyped-def]
+    from types import SimpleNamespace
+
+    return SimpleNamespace(message_id=message_id)
+
+
+def test_a_document_that_kept_the_ids_themselves_is_read_as_digests() -> None:
+    """Customers stored before 2026-12-05 hold ``recent_input_ids`` (strings) and
+    ``recent_input_times`` (possibly fewer: the earliest ids had none)."""
+    doc = {
+        "_id": "cus_1", "home_team_id": "pnw", "home_team_source": "area_code", "created_at": NOW,
+        "recent_input_ids": ["message_id:m0", "message_id:m1", "decision_id:d1"], "recent_input_times": [T, T + 1],
+    }  # fmt: skip
+    customer = Customer.from_doc(doc)
+    records = CustomerRecords(customer)
+    assert already_applied(records, message("m1")) and not already_applied(records, message("m2"))
+    remember_applied(records, message("m2"), NOW)
+    assert already_applied(records, message("m2")) and already_applied(records, message("m0"))
+    # the id without a time counts as of the next input, the others keep theirs
+    assert unpack_times(customer.recent_input_at) == [NOW.timestamp(), T, T + 1, NOW.timestamp()]
+    assert "recent_input_ids" not in customer.to_doc() and Customer.from_doc(customer.to_doc()) == customer
