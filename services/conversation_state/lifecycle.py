@@ -35,13 +35,14 @@ from shared.teams import TeamDirectory, home_team_for
 from services.conversation_state.inactivity import InactivityPolicy, inactivity_timeout
 from services.conversation_state.model import (
     INPUT_DIGEST_BYTES,
+    INPUT_TIME_BYTES,
     Conversation,
     Customer,
     Line,
     holds_digest,
     input_digest,
-    pack_times,
-    time_at,
+    pack_seconds,
+    second_at,
 )
 
 MAX_REPLY_GAPS = 50
@@ -275,24 +276,24 @@ def remember_applied(records: CustomerRecords, payload: BaseModel, at: datetime)
 
 def recent_inputs(digests: bytes, times: bytes, new: bytes, at: float) -> tuple[bytes, bytes]:
     """The recent inputs after one more (``model.Customer.recent_inputs``: the ids' digests
-    and their times, packed, oldest first): the latest ``RECENT_INPUTS_ALWAYS``, and older ones
+    and their times in whole seconds, packed, oldest first): the latest ``RECENT_INPUTS_ALWAYS``, and older ones
     within ``RECENT_INPUT_WINDOW`` of ``at``, at most ``MAX_RECENT_INPUT_IDS``. Ids remembered
     before times were kept count as of ``at``."""
     count = len(digests) // INPUT_DIGEST_BYTES
-    had = len(times) // 8
+    had = len(times) // INPUT_TIME_BYTES
     if had < count:
-        times = pack_times([at] * (count - had)) + times
+        times = pack_seconds([at] * (count - had)) + times
     elif had > count:
-        times = times[(had - count) * 8 :]
-    digests, times, count = digests + new, times + pack_times([at]), count + 1
+        times = times[(had - count) * INPUT_TIME_BYTES :]
+    digests, times, count = digests + new, times + pack_seconds([at]), count + 1
     oldest = at - RECENT_INPUT_WINDOW.total_seconds()
     first = max(0, count - MAX_RECENT_INPUT_IDS)
     always = count - RECENT_INPUTS_ALWAYS
-    while first < always and time_at(times, first) < oldest:
+    while first < always and second_at(times, first) < oldest:
         first += 1
     if first == 0:
         return digests, times
-    return digests[first * INPUT_DIGEST_BYTES :], times[first * 8 :]
+    return digests[first * INPUT_DIGEST_BYTES :], times[first * INPUT_TIME_BYTES :]
 
 
 already_received = already_applied

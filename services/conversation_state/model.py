@@ -23,13 +23,15 @@ OPEN_STATUSES = frozenset({ConversationStatus.WAITING_ON_AGENT, ConversationStat
 _FIELD_NAMES: dict[type, tuple[str, ...]] = {}
 
 # A customer's recent inputs (``lifecycle.recent_inputs``) are kept as digests of their ids,
-# INPUT_DIGEST_BYTES each, one after the other in one ``bytes``, with their times as
-# little-endian float64s in another: a customer who wrote before carries 64 of them (3-4 KB of
-# id strings in every write of their document, ~9 KB of Python objects in memory; packed,
-# 512 + 512 bytes). An input taken for a repeat by mistake needs its digest to equal one of
-# the customer's at most 512 others: about 512 / 2**64 (3e-17) per input.
+# INPUT_DIGEST_BYTES each, one after the other in one ``bytes``, with their times (whole
+# seconds, little-endian uint32, ``pack_seconds``) in another: a customer who wrote before
+# carries 64 of them (3-4 KB of id strings in every write of their document, ~9 KB of Python
+# objects in memory; packed, 512 + 256 bytes). An input taken for a repeat by mistake needs its
+# digest to equal one of the customer's at most 512 others: about 512 / 2**64 (3e-17) per input.
 INPUT_DIGEST_BYTES = 8
-_TIME = struct.Struct("<d")
+INPUT_TIME_BYTES = 4
+_SECONDS = struct.Struct("<I")
+_DOUBLE = struct.Struct("<d")
 
 
 def input_digest(input_id: str) -> bytes:
@@ -47,17 +49,26 @@ def holds_digest(digests: bytes, digest: bytes) -> bool:
     return False
 
 
-def pack_times(times: Iterable[float]) -> bytes:
+def pack_seconds(times: Iterable[float]) -> bytes:
+    """Unix times as whole seconds, little-endian uint32s, one after the other."""
+    return b"".join(_SECONDS.pack(min(max(int(t), 0), 0xFFFFFFFF)) for t in times)
+
+
+def unpack_seconds(packed: bytes) -> list[int]:
+    return [t for (t,) in _SECONDS.iter_unpack(packed)]
+
+
+def second_at(packed: bytes, index: int) -> int:
+    return _SECONDS.unpack_from(packed, index * INPUT_TIME_BYTES)[0]  # type: ignore[no-any-return]
+
+
+def pack_doubles(values: Iterable[float]) -> bytes:
     """Numbers as little-endian float64s, one after the other."""
-    return b"".join(_TIME.pack(t) for t in times)
+    return b"".join(_DOUBLE.pack(v) for v in values)
 
 
-def unpack_times(packed: bytes) -> list[float]:
-    return [t for (t,) in _TIME.iter_unpack(packed)]
-
-
-def time_at(packed: bytes, index: int) -> float:
-    return _TIME.unpack_from(packed, index * _TIME.size)[0]
+def unpack_doubles(packed: bytes) -> list[float]:
+    return [v for (v,) in _DOUBLE.iter_unpack(packed)]
 
 
 def _shallow_doc(record: Any) -> dict[str, Any]:
@@ -94,10 +105,10 @@ class Customer:
     known_agent_served_at: datetime | None = None
     open_conversation_id: str | None = None
     last_conversation_id: str | None = None
-    # (an array of doubles: a third of a list's memory; stored packed, ``pack_times``)
+    # (an array of doubles: a third of a list's memory; stored packed, ``pack_doubles``)
     reply_gaps_s: array[float] = field(default_factory=lambda: array("d"))
     # The latest inputs applied (``lifecycle.recent_inputs``): their ids' digests, packed
-    # (``input_digest``), and when each was applied (its input's time, Unix, ``pack_times``).
+    # (``input_digest``), and when each was applied (its input's time, ``pack_seconds``).
     # Documents stored before 2026-12-05 hold ``recent_input_ids`` / ``recent_input_times``
     # (lists of ids and of times): ``from_doc`` reads them.
     recent_inputs: bytes = b""
@@ -120,7 +131,7 @@ class Customer:
         (``applied``: a list of ``{key, offset}``, ``reply_gaps_s``: a list), not as an error."""
         doc = _shallow_doc(self)
         del doc["reply_gaps_s"], doc["applied"]
-        doc["reply_gaps"] = pack_times(self.reply_gaps_s)
+        doc["reply_gaps"] = pack_doubles(self.reply_gaps_s)
         doc["applied_offsets"] = dict(self.applied)
         doc["last_channel"] = self.last_channel.value if self.last_channel else None
         return doc
@@ -137,13 +148,13 @@ class Customer:
         else:
             data["applied"] = {sys.intern(a["key"]): a["offset"] for a in doc.get("applied") or ()}
         if "reply_gaps" in doc:
-            data["reply_gaps_s"] = array("d", unpack_times(doc["reply_gaps"]))
+            data["reply_gaps_s"] = array("d", unpack_doubles(doc["reply_gaps"]))
         else:
             data["reply_gaps_s"] = array("d", doc.get("reply_gaps_s") or ())
         if "recent_inputs" not in doc and doc.get("recent_input_ids"):
             # (times may be fewer than ids, the earliest ids having none: ``recent_inputs``)
             data["recent_inputs"] = b"".join(input_digest(i) for i in doc["recent_input_ids"])
-            data["recent_input_at"] = pack_times(doc.get("recent_input_times") or [])
+            data["recent_input_at"] = pack_seconds(doc.get("recent_input_times") or [])
         return cls(**data)
 
 

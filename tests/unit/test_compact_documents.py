@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from services.conversation_state.model import Customer, input_digest, pack_times
+from services.conversation_state.model import Customer, input_digest, pack_seconds
 from services.conversation_state.store import JOURNAL_FORMAT, entry_contents, journal_entry
 from shared.runtime.compact import COMPACT_FORMAT, compact_document, expand_document
 
@@ -22,7 +22,7 @@ CUSTOMER = Customer(
     known_agent_served_at=AT,
     reply_gaps_s=[12.5, 300.0],
     recent_inputs=input_digest("e1") + input_digest("e2"),
-    recent_input_at=pack_times([1_800_000_000.0, 1_800_000_001.5]),
+    recent_input_at=pack_seconds([1_800_000_000.0, 1_800_000_001.5]),
     callbacks={"cb-1": AT},
     applied={"messages.received.v1/3": 41},
     seq=7,

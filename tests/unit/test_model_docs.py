@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from services.conversation_state.model import Conversation, Customer, input_digest, pack_times, unpack_times
+from services.conversation_state.model import Conversation, Customer, input_digest, pack_doubles, pack_seconds, unpack_doubles
 from shared.contracts.common import Channel, ConversationStatus, PoolKind
 
 NOW = datetime(2026, 11, 23, 9, tzinfo=UTC)
@@ -18,7 +18,7 @@ NOW = datetime(2026, 11, 23, 9, tzinfo=UTC)
 CUSTOMER = Customer(
     id="cus_1", home_team_id="pnw", home_team_source="area_code", created_at=NOW, addresses={"sms": "+12065550100"},
     last_channel=Channel.SMS, reply_gaps_s=[30.0], recent_inputs=input_digest("m1"),
-    recent_input_at=pack_times([1_800_000_000.0]), callbacks={"cb1": NOW}, applied={"messages.received.v1/0": 4}, rev=3,
+    recent_input_at=pack_seconds([1_800_000_000.0]), callbacks={"cb1": NOW}, applied={"messages.received.v1/0": 4}, rev=3,
 )  # fmt: skip
 CONVERSATION = Conversation(
     id="conv_1", customer_id="cus_1", home_team_id="pnw", status=ConversationStatus.WAITING_ON_AGENT, opened_at=NOW,
@@ -35,7 +35,7 @@ def asdict_doc(record: Customer | Conversation) -> dict:
     if isinstance(record, Customer):  # (stored compact: see ``Customer.to_doc``)
         del doc["applied"], doc["reply_gaps_s"]
         doc["applied_offsets"] = dict(record.applied)
-        doc["reply_gaps"] = pack_times(record.reply_gaps_s)
+        doc["reply_gaps"] = pack_doubles(record.reply_gaps_s)
     return doc
 
 
@@ -54,7 +54,7 @@ def test_a_captured_document_does_not_change_with_the_record() -> None:
     customer.addresses["app"] = "user-1"
     customer.callbacks["cb2"] = NOW
     customer.applied["messages.received.v1/0"] = 5
-    assert (unpack_times(doc["reply_gaps"]), doc["addresses"], list(doc["callbacks"])) == ([30.0], {"sms": "+12065550100"}, ["cb1"])
+    assert (unpack_doubles(doc["reply_gaps"]), doc["addresses"], list(doc["callbacks"])) == ([30.0], {"sms": "+12065550100"}, ["cb1"])
     assert doc["applied_offsets"] == {"messages.received.v1/0": 4}
 
 

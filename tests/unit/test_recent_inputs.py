@@ -1,6 +1,6 @@
 """Which applied inputs a customer remembers, to drop a repeat: the latest 64 whatever their
 age, older ones for 15 minutes, never more than 512; kept as 8-byte digests of their ids,
-packed, with their times (and read from documents that kept the ids themselves)."""
+packed, with their times in whole seconds (and read from documents that kept the ids themselves)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from services.conversation_state.model import (
     Customer,
     holds_digest,
     input_digest,
-    pack_times,
-    unpack_times,
+    pack_seconds,
+    unpack_seconds,
 )
 
 MIN = 60.0
@@ -52,19 +52,19 @@ def history(n: int, every_s: float, end: float = T) -> tuple[list[str], list[flo
 )
 def test_how_many_inputs_are_remembered(n: int, every_s: float, kept: int) -> None:
     ids, times = history(n, every_s)
-    kept_digests, kept_times = recent_inputs(digests(ids), pack_times(times), input_digest("new"), T + every_s)
+    kept_digests, kept_times = recent_inputs(digests(ids), pack_seconds(times), input_digest("new"), T + every_s)
     count = min(kept, MAX_RECENT_INPUT_IDS)
-    assert len(kept_digests) == count * INPUT_DIGEST_BYTES and len(unpack_times(kept_times)) == count
-    assert kept_digests[-INPUT_DIGEST_BYTES:] == input_digest("new") and unpack_times(kept_times)[-1] == T + every_s
-    # the latest, in order, each with its own time
+    assert len(kept_digests) == count * INPUT_DIGEST_BYTES and len(unpack_seconds(kept_times)) == count
+    assert kept_digests[-INPUT_DIGEST_BYTES:] == input_digest("new") and unpack_seconds(kept_times)[-1] == int(T + every_s)
+    # the latest, in order, each with its own time (whole seconds)
     assert kept_digests[:-INPUT_DIGEST_BYTES] == digests(ids[len(ids) - count + 1 :])
-    assert unpack_times(kept_times)[:-1] == times[len(times) - count + 1 :]
+    assert unpack_seconds(kept_times)[:-1] == [int(t) for t in times[len(times) - count + 1 :]]
 
 
 def test_ids_remembered_before_times_were_kept_count_as_now() -> None:
     ids = [f"old-{i}" for i in range(300)]
     kept, times = recent_inputs(digests(ids), b"", input_digest("new"), T)
-    assert kept == digests([*ids, "new"]) and unpack_times(times) == [T] * 301
+    assert kept == digests([*ids, "new"]) and unpack_seconds(times) == [T] * 301
     # 16 minutes later only the latest 64 are left of them.
     later, _ = recent_inputs(kept, times, input_digest("newer"), T + 16 * MIN)
     assert later == digests([*[*ids, "new"][-(RECENT_INPUTS_ALWAYS - 1) :], "newer"])
@@ -97,5 +97,5 @@ def test_a_document_that_kept_the_ids_themselves_is_read_as_digests() -> None:
     remember_applied(records, message("m2"), NOW)
     assert already_applied(records, message("m2")) and already_applied(records, message("m0"))
     # the id without a time counts as of the next input, the others keep theirs
-    assert unpack_times(customer.recent_input_at) == [NOW.timestamp(), T, T + 1, NOW.timestamp()]
+    assert unpack_seconds(customer.recent_input_at) == [NOW.timestamp(), T, T + 1, NOW.timestamp()]
     assert "recent_input_ids" not in customer.to_doc() and Customer.from_doc(customer.to_doc()) == customer
