@@ -99,3 +99,29 @@ def test_a_document_that_kept_the_ids_themselves_is_read_as_digests() -> None:
     # the id without a time counts as of the next input, the others keep theirs
     assert unpack_seconds(customer.recent_input_at) == [NOW.timestamp(), T, T + 1, NOW.timestamp()]
     assert "recent_input_ids" not in customer.to_doc() and Customer.from_doc(customer.to_doc()) == customer
+
+
+def test_a_returning_customer_held_in_memory_costs_under_1200_bytes() -> None:
+    """conversation-state holds up to 40,000 customers (cache and unstored); one who wrote
+    before carries 64 recent inputs and up to 50 reply gaps whatever its age. As lists of
+    strings and floats that was ~9 KB per customer (485 MB under ``bench.memory``)."""
+    import gc
+    import tracemalloc
+
+    base = Customer(id="cus_1", home_team_id="pnw", home_team_source="area_code", created_at=NOW)
+    records = CustomerRecords(base)
+    for i in range(RECENT_INPUTS_ALWAYS):
+        remember_applied(records, message(f"0f4c6a1e-1b7e-4d5e-9c1a-{i:012d}"), NOW)
+    base.reply_gaps_s = [float(i) for i in range(50)]  # type: ignore[assignment]
+    base.applied = {f"messages.received.v1/{i}": 10**7 + i for i in range(5)}
+    doc = base.to_doc()
+    gc.collect()
+    tracemalloc.start()
+    try:
+        held = [Customer.from_doc(dict(doc, _id=f"cus_{n}")) for n in range(500)]
+        gc.collect()
+        size, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held[0].recent_inputs == base.recent_inputs and list(held[0].reply_gaps_s) == list(range(50))
+    assert size / len(held) < 1_200, f"{size / len(held):.0f} bytes per customer"
