@@ -130,9 +130,9 @@ class Customer:
         of their own: a version before 2026-12-05 reads such a document as one without them
         (``applied``: a list of ``{key, offset}``, ``reply_gaps_s``: a list), not as an error."""
         doc = _shallow_doc(self)
-        del doc["reply_gaps_s"], doc["applied"]
+        del doc["reply_gaps_s"]
         doc["reply_gaps"] = pack_doubles(self.reply_gaps_s)
-        doc["applied_offsets"] = dict(self.applied)
+        doc["applied_offsets"] = doc.pop("applied")  # (a copy: ``_shallow_doc``)
         doc["last_channel"] = self.last_channel.value if self.last_channel else None
         return doc
 
