@@ -174,9 +174,10 @@ def read_routes(
         base = {"team_id": team_id, "status": {"$in": OPEN}}
         waiting_filter = {**base, "agent_id": None}
         if await queries_scan(store.conversations):
-            # One query (each is a scan there), split, sorted and paged here by the fields
-            # kept as fields; expanded only where shown.
-            open_docs = [d async for d in store.conversations.find(base)]
+            # One query of the open conversations (each query is a scan there: of
+            # ``open_conversations``, not of every conversation stored), split, sorted and
+            # paged here by the fields kept as fields; expanded only where shown.
+            open_docs = [d async for d in store.open_conversations.find(base)]
             queued = sorted((d for d in open_docs if d.get("agent_id") is None), key=lambda d: (_nulls_first(d.get("queued_at")), d["_id"]))
             page_docs, waiting_total = queued[(page - 1) * size : page * size], len(queued)
             taken = sorted((d for d in open_docs if d.get("agent_id") is not None), key=lambda d: _nulls_first(d.get("assigned_at")))
@@ -185,10 +186,14 @@ def read_routes(
             page_docs = [d async for d in cursor.skip((page - 1) * size).limit(size)]
             waiting_total = await store.conversations.count_documents(waiting_filter)
             taken = [d async for d in store.conversations.find({**base, "agent_id": {"$ne": None}}).sort([("assigned_at", ASCENDING)])]
-        waiting = await store.overlay_held([expand_document(d) for d in page_docs])
+        # (as their customers' documents hold them: one that a replica filling
+        # ``open_conversations`` put there after it closed is left out)
+        still = lambda d: d.get("status") in OPEN and d.get("team_id") == team_id  # noqa: E731
+        waiting = [d for d in await store.overlay_held([expand_document(d) for d in page_docs]) if still(d)]
         assigned: dict[str, list[dict[str, Any]]] = {}
         for doc in await store.overlay_held([expand_document(d) for d in taken]):
-            assigned.setdefault(doc["agent_id"], []).append(_conversation_json(doc))
+            if still(doc) and doc.get("agent_id") is not None:
+                assigned.setdefault(doc["agent_id"], []).append(_conversation_json(doc))
         return JSONResponse(
             {
                 "team_id": team_id,

@@ -19,7 +19,7 @@ from shared.runtime.compact import compact_document, expand_document
 
 from services.conversation_state.lifecycle import CustomerRecords
 from services.conversation_state.model import Conversation, Customer, Line
-from services.conversation_state.store import ConversationStore
+from services.conversation_state.store import CONVERSATION_QUERY_FIELDS, ConversationStore
 from shared.runtime.store import _point_reads, delete_then_insert_is_cheaper
 from services.conversation_state.write_behind import JournaledCustomers
 from tests.support import StoreWrites
@@ -392,12 +392,38 @@ async def test_a_team_queue_is_paged_oldest_first_in_one_query_where_queries_sca
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
         writes.finds.clear()
         first = (await http.get("/teams/pnw-seattle/queue?page_size=2")).json()
-        assert writes.finds.count("conversations") == (1 if scanning else 2)
+        # where queries scan, of the open conversations only, not of every one stored
+        assert writes.finds.count("conversations") == (0 if scanning else 2)
+        assert writes.finds.count("open_conversations") == (1 if scanning else 0)
         second = (await http.get("/teams/pnw-seattle/queue?page_size=2&page=2")).json()
+        # resolved, a conversation leaves the queue (and, where queries scan, open_conversations)
+        conv = batch["cus_0"].conversations["conv_0"]
+        conv.status, conv.resolved_at = ConversationStatus.RESOLVED, NOW + timedelta(hours=1)
+        await memory.append({"cus_0": batch["cus_0"]}, {"cus_0": 0})
+        await flushed(memory)
+        after = (await http.get("/teams/pnw-seattle/queue")).json()
     assert [c["conversation_id"] for c in first["waiting"]] == ["conv_1", "conv_2"]
     assert [c["conversation_id"] for c in second["waiting"]] == ["conv_0"]
     assert first["waiting_total"] == second["waiting_total"] == 3
     assert [c["conversation_id"] for c in first["assigned"]["ana"]] == ["conv_3"]
+    assert [c["conversation_id"] for c in after["waiting"]] == ["conv_1", "conv_2"] and after["waiting_total"] == 2
+    held = {d["_id"] async for d in store.open_conversations.find({"team_id": {"$ne": None}})}
+    assert held == ({"conv_1", "conv_2", "conv_3"} if scanning else set())
+
+
+async def test_open_conversations_are_filled_once_from_what_an_earlier_version_stored(store) -> None:
+    """A database written before ``open_conversations`` existed: at start-up (where queries
+    scan) its open conversations are put there once, so the team queue shows them."""
+    store, _ = store
+    _point_reads[id(store.conversations.database.client)] = True
+    waiting, resolved = opened("cus_1", "conv_1").conversations["conv_1"], opened("cus_2", "conv_2").conversations["conv_2"]
+    waiting.team_id = resolved.team_id = "pnw-seattle"
+    resolved.status = ConversationStatus.RESOLVED
+    await store.conversations.insert_many([compact_document(c.to_doc(), CONVERSATION_QUERY_FIELDS) for c in (waiting, resolved)])
+    await store.ensure_indexes()
+    assert {d["_id"] async for d in store.open_conversations.find({"team_id": "pnw-seattle"})} == {"conv_1"}
+    await store.open_conversations.delete_many({"_id": "conv_1"})
+    assert await store.fill_open_conversations() == 0  # once per database
 
 
 class Clock:

@@ -119,3 +119,32 @@ def test_summarized_an_unchanged_customer_holding_an_unchanged_conversation_is_n
     records.conversations["conv_1"] = counted(CONV)
     changes = changes_of([records])
     assert [d["_id"] for d, _ in changes.customers] == ["cus_1"] and [d["_id"] for _, d in changes.held_only] == ["conv_1"]
+
+
+RESOLVED = replace(CONV, status=ConversationStatus.RESOLVED, resolved_at=T)
+QUEUE_CASES = [
+    # (what, conversation now, what the store holds of it, current?, put in open_conversations as (there already?), taken out?)
+    ("new, open", CONV, None, True, False, False),
+    ("new, not open", RESOLVED, None, False, None, True),  # nothing known: make sure
+    ("a turn: open to open", replace(CONV, status=ConversationStatus.WAITING_ON_CUSTOMER), CONV.to_doc(), True, None, False),
+    ("agent", replace(CONV, agent_id="ben"), CONV.to_doc(), True, True, False),
+    ("team, queued", replace(CONV, team_id="std", agent_id=None, queued_at=T), CONV.to_doc(), True, True, False),
+    ("resolved", RESOLVED, CONV.to_doc(), True, None, True),
+    ("reopened", CONV, RESOLVED.to_doc(), True, False, False),
+    ("closed stays closed, no longer current", replace(RESOLVED, inbound_count=3), RESOLVED.to_doc(), False, None, False),
+    ("counters only, not current (written in full)", counted(CONV), CONV.to_doc(), False, None, False),
+]
+
+
+@pytest.mark.parametrize(("what", "conv", "stored", "current", "put", "taken_out"), QUEUE_CASES, ids=[c[0] for c in QUEUE_CASES])
+@pytest.mark.parametrize("summarized", [False, True], ids=["compared", "summarized"])
+def test_open_conversations_change_only_where_the_queue_shows_a_difference(what, conv, stored, current, put, taken_out, summarized) -> None:
+    """Where queries scan, a team's queue reads ``open_conversations``: a conversation goes in
+    when it opens or a field the queue shows it by changes (team, agent, times), and out once
+    it is not open; a turn between the two open statuses writes nothing there."""
+    records = records_with(conv, stored, current)
+    if summarized:
+        summarize_stored(records, ["cus_1"] + ([conv.id] if stored not in (None, conv.to_doc()) else []))
+    changes = changes_of([records])
+    assert [(d["_id"], there) for d, there in changes.opened] == ([] if put is None else [(conv.id, put)])
+    assert changes.closed == ([conv.id] if taken_out else [])
