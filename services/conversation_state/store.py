@@ -38,9 +38,9 @@ from shared.runtime.store import (
     bulk_write_chunked,
     create_query_index,
     delete_then_insert_is_cheaper,
-    queries_scan,
     find_by_ids,
     insert_absent,
+    queries_scan,
 )
 
 from services.conversation_state.lifecycle import CustomerRecords, StoredSummary
