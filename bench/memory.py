@@ -40,6 +40,7 @@ from array import array
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from bench.pipeline import (
@@ -99,31 +100,18 @@ def customer_history(customer: Any, now: datetime, rng: random.Random) -> None:
 def _make_history(customer: Any, now: datetime, rng: random.Random) -> None:
     from services.conversation_state.app import INPUTS
     from services.conversation_state.handlers import applied_key_of
-    from services.conversation_state.lifecycle import MAX_REPLY_GAPS, RECENT_INPUTS_ALWAYS, remember_applied
+    from services.conversation_state.lifecycle import MAX_REPLY_GAPS, RECENT_INPUTS_ALWAYS, CustomerRecords, remember_applied
 
     last = now - timedelta(days=1 + rng.random() * 24)
-    records = _Records(customer)
+    records = CustomerRecords(customer)
     for i in range(RECENT_INPUTS_ALWAYS):
         h = f"{rng.getrandbits(128):032x}"  # an id shaped like the uuids the services make
-        payload = _Input(HISTORY_KINDS[i % len(HISTORY_KINDS)], f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}")
+        # (an input with one id field, as ``lifecycle.input_id`` reads it)
+        payload = SimpleNamespace(**{HISTORY_KINDS[i % len(HISTORY_KINDS)]: f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"})
         remember_applied(records, payload, last - timedelta(minutes=(RECENT_INPUTS_ALWAYS - i) * 3))
     customer.reply_gaps_s = array("d", (round(rng.expovariate(1 / 120.0), 3) for _ in range(rng.randrange(MAX_REPLY_GAPS // 2, MAX_REPLY_GAPS + 1))))
     customer.applied = {applied_key_of(t.name, rng.randrange(12)): rng.randrange(10**7) for t in INPUTS}
     customer.seq = rng.randrange(50, 500)
-
-
-class _Input:
-    """An input with one id field (``message_id``, ``decision_id``, ...), as ``input_id`` reads it."""
-
-    def __init__(self, kind: str, value: str) -> None:
-        setattr(self, kind, value)
-
-
-class _Records:
-    """The one field of ``CustomerRecords`` that ``remember_applied`` reads."""
-
-    def __init__(self, customer: Any) -> None:
-        self.customer = customer
 
 
 def customer_docs(
