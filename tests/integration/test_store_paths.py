@@ -384,10 +384,20 @@ async def test_metrics_claims_new_buckets_insert_first_and_keeps_stored_counters
         )
         assert again["b-pnw"]["agents"] == {"ana": {"messages": 3}, "ben": {"messages": 1, "turns": 1}}
         assert again["b-pnw"]["applied_offset"] == 41 and again["b-sw"]["agents"] == {}
-        # A bucket stored per agent (before buckets were per team) is still read.
+        # Stored compact: the queried fields beside one blob (FerretDB re-encodes every field
+        # of a replaced document).
+        raw = await store.buckets.find_one({"_id": "b-pnw"})
+        assert set(raw) == {"_id", "hour", "team", "writer", "format", "blob"}
+        # A bucket stored per agent (before buckets were per team), and one per team stored as
+        # fields (before 2026-12-05), are still read.
         await store.buckets.insert_one({"_id": "old", "hour": hour, "team": "pnw", "agent": "cy", "writer": "w/2", "counters": {"messages": 2}, "applied_offset": 5})
+        fields = {"_id": "fields", "hour": hour, "team": "pnw", "writer": "w/3", "agents": [{"agent": "dee", "counters": {"turns": 4}}], "applied_offset": 9}
+        await store.buckets.insert_one(fields)
         stored = await store.buckets_between(hour, hour + timedelta(hours=1), "pnw")
-        assert sorted(a for d in stored for a, c in agent_counters(d) if c) == ["ana", "ben", "cy"]
+        assert sorted(a for d in stored for a, c in agent_counters(d) if c) == ["ana", "ben", "cy", "dee"]
+        loaded = await store.load_buckets(["fields", "b-pnw"])
+        assert loaded["fields"]["agents"] == {"dee": {"turns": 4}} and loaded["fields"]["applied_offset"] == 9
+        assert loaded["b-pnw"]["agents"] == again["b-pnw"]["agents"] and loaded["b-pnw"]["hour"] == hour
     finally:
         await client.close()
 

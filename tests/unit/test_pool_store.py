@@ -24,9 +24,11 @@ from services.team_routing.store import (
     stored_placements,
 )
 from shared.contracts.agents import Presence
+from shared.runtime.compact import expand_document
 from shared.contracts.common import Channel, RoutingReason, WaitingOn
 
 T = datetime(2026, 11, 23, 9, 30, 15, 123457, tzinfo=UTC)
+T_MS = T.replace(microsecond=123_000)  # a time as a store keeps it (BSON: milliseconds); placements' rows keep microseconds
 
 PLACEMENTS = [
     # assigned, every optional field set, microseconds that a float timestamp would round
@@ -86,7 +88,7 @@ class Stored:
 def test_pool_round_trips_through_its_documents() -> None:
     state = PoolState(
         pool_id="pnw",
-        agents={"a-1": AgentPresenceState(presence=Presence.ONLINE, idle_since=T)},
+        agents={"a-1": AgentPresenceState(presence=Presence.ONLINE, idle_since=T_MS)},
         placements={p.conversation_id: p for p in PLACEMENTS},
         applied={"routing.commands.v1/3": 41},
         surging=True,
@@ -94,7 +96,10 @@ def test_pool_round_trips_through_its_documents() -> None:
     store = Stored()
     log = store.save(state, PlacementLog())
     doc = store.pools["pnw"]
-    assert (doc["assigned"], doc["waiting"], doc["placements_from"], doc["placements_to"]) == (1, 1, 1, 1)
+    # Compact: the summary and the placements' format as fields, the rest in one blob.
+    assert set(doc) == {"_id", "assigned", "waiting", "placements_format", "placements", "format", "blob"}
+    expanded = expand_document(doc)
+    assert (doc["assigned"], doc["waiting"], expanded["placements_from"], expanded["placements_to"]) == (1, 1, 1, 1)
     assert doc["placements_format"] == "pool_placements/1"  # the placements are apart
     # The reader of the version that kept placements inside the pool document (still here
     # for those documents) refuses it rather than reading an empty pool.
@@ -104,6 +109,9 @@ def test_pool_round_trips_through_its_documents() -> None:
     back, back_log = store.load("pnw")
     assert back == state
     assert (back_log.start, back_log.to, back_log.rows) == (log.start, log.to, log.rows)
+    # The same document as fields (as stored before 2026-12-05) reads as the same pool.
+    store.pools["pnw"] = expanded
+    assert store.load("pnw")[0] == state
 
 
 def test_a_flush_stores_only_the_placements_that_changed_and_a_load_applies_them_in_order() -> None:
@@ -129,7 +137,7 @@ def test_a_flush_stores_only_the_placements_that_changed_and_a_load_applies_them
     placements["c-40"].priority = 5
     placements["c-2"] = replace(PLACEMENTS[1])  # back again
     log = store.save(state, log)
-    assert store.pools["pnw"]["placements_from"] == 1 and store.pools["pnw"]["placements_to"] == 3
+    assert expand_document(store.pools["pnw"])["placements_from"] == 1 and expand_document(store.pools["pnw"])["placements_to"] == 3
     back, back_log = store.load("pnw")
     assert back == state
     assert back_log.changed_since_start == log.changed_since_start == 5
@@ -197,7 +205,7 @@ def test_a_pool_stored_by_the_previous_version_is_read() -> None:
     """Before the blob, placements were an array of subdocuments (datetimes as BSON dates)."""
     old = {
         "_id": "pnw",
-        "agents": {"a-1": {"presence": "online", "idle_since": T}},
+        "agents": {"a-1": {"presence": "online", "idle_since": T_MS}},
         "placements": [
             {
                 "conversation_id": p.conversation_id,
