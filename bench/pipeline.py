@@ -585,6 +585,7 @@ async def bring_agents_online(bootstrap: str, ids: RunIds, agents: Sequence[str]
 
     from shared.contracts.agents import AgentPresenceChanged, Presence
     from shared.contracts.envelope import new_envelope
+    from shared.runtime.compact import expand_document
 
     started = time.monotonic()
     at = datetime.now(UTC) - timedelta(minutes=1)
@@ -606,8 +607,8 @@ async def bring_agents_online(bootstrap: str, ids: RunIds, agents: Sequence[str]
     deadline = time.monotonic() + timeout_s
     while True:
         online = 0
-        async for pool in db["pools"].find({}, {"agents": 1}):
-            online += sum(1 for a in pool.get("agents", {}).values() if a.get("presence") == "online")
+        async for pool in db["pools"].find({}):
+            online += sum(1 for a in expand_document(pool).get("agents", {}).values() if a.get("presence") == "online")
         if online >= len(agents):
             return time.monotonic() - started
         if time.monotonic() > deadline:

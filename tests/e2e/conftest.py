@@ -25,6 +25,7 @@ from services.team_routing.app import TeamRoutingSettings
 from services.team_routing.app import create_service as team_routing
 from shared.contracts.agents import AgentPresenceChanged, Presence
 from shared.contracts.channel import ChannelMessagePosted
+from shared.runtime.compact import expand_document
 from tests.support import KafkaProbe, eventually, isolated_run, running, service_settings
 
 EVERY_DAY = {d: ["08:00-20:00"] for d in ("mon", "tue", "wed", "thu", "fri", "sat", "sun")}
@@ -165,7 +166,7 @@ async def system(infra, tmp_path_factory) -> AsyncIterator[System]:
         async def all_online() -> bool:
             online = 0
             async for pool in db["pools"].find({}):
-                online += sum(1 for a in pool.get("agents", {}).values() if a["presence"] == "online")
+                online += sum(1 for a in expand_document(pool).get("agents", {}).values() if a["presence"] == "online")
             return online == len(AGENTS)
 
         await eventually(all_online, timeout_s=60, what="every agent online in team-routing")

@@ -207,7 +207,7 @@ async def test_kill_dash_nine_mid_stream_loses_and_duplicates_nothing(infra, tmp
             try:
                 placements = await eventually(pool_stored, timeout_s=30, what=f"{CUSTOMERS} placements stored in pool pnw")
             except AssertionError as exc:
-                pool_doc = await db["pools"].find_one({"_id": "pnw"}) or {}
+                pool_doc = expand_document(await db["pools"].find_one({"_id": "pnw"}) or {})
                 stored_ids = set((await PoolStore(db).load(["pnw"]))["pnw"][0].placements)
                 missing = [(c["_id"][:8], c.get("team_id"), c.get("agent_id")) for c in conversations if c["_id"] not in stored_ids]
                 marks = [d async for d in db["pool_checkpoints"].find({})]

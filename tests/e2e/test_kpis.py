@@ -27,6 +27,7 @@ from services.team_routing.app import TeamRoutingSettings
 from services.team_routing.app import create_service as team_routing
 from shared.contracts.agents import AgentPresenceChanged, Presence, ReplyToCustomer, ResolveConversation
 from shared.contracts.surveys import SurveyAnswered
+from shared.runtime.compact import expand_document
 from tests.e2e.conftest import DAY, System
 from tests.support import eventually, isolated_run, running, service_settings
 
@@ -91,7 +92,7 @@ async def play_the_day(day: Day) -> dict[str, Any]:
     async def online() -> bool:
         n = 0
         async for pool in day.db["pools"].find({}):
-            n += sum(1 for a in pool.get("agents", {}).values() if a["presence"] == "online")
+            n += sum(1 for a in expand_document(pool).get("agents", {}).values() if a["presence"] == "online")
         return n == 3
 
     await eventually(online, what="agents online")

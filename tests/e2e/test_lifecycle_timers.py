@@ -27,6 +27,7 @@ from services.timeout_sweeper.app import TimeoutSweeperSettings
 from services.timeout_sweeper.app import create_service as timeout_sweeper
 from shared.contracts.agents import AgentPresenceChanged, Presence, ReplyToCustomer, ResolveConversation
 from shared.contracts.customers import ScheduleCallback
+from shared.runtime.compact import expand_document
 from tests.e2e.conftest import DAY, EVERY_DAY, System
 from tests.support import eventually, isolated_run, running, service_settings
 
@@ -129,7 +130,7 @@ async def timers(infra, tmp_path) -> AsyncIterator[Timers]:
         async def online() -> bool:
             n = 0
             async for pool in system.db["pools"].find({}):
-                n += sum(1 for a in pool.get("agents", {}).values() if a["presence"] == "online")
+                n += sum(1 for a in expand_document(pool).get("agents", {}).values() if a["presence"] == "online")
             return n == 3
 
         await eventually(online, what="agents online")
