@@ -35,7 +35,15 @@ from shared.runtime.dead_letter import DeadLetters
 from shared.runtime.decoding import documented_payloads
 from shared.runtime.gc_tuning import GcPauses, tune
 from shared.runtime.http import ReadinessCheck, health_routes
-from shared.runtime.kafka import MissingTopics, broker_topics, build_broker, build_producer, topics_in_cluster, wait_for_topics
+from shared.runtime.kafka import (
+    MissingTopics,
+    RememberingPartitioner,
+    broker_topics,
+    build_broker,
+    build_producer,
+    topics_in_cluster,
+    wait_for_topics,
+)
 from shared.runtime.outbox import Outbox, Publisher
 from shared.runtime.logging import configure_logging, get_logger
 from shared.runtime.store import build_mongo_client, database, ping
@@ -106,7 +114,8 @@ def build_runtime(
     client = mongo or build_mongo_client(settings, registry)
     db = database(client, settings)
     tracer = tracer_provider.get_tracer("hometeam")
-    publisher = Publisher(lambda: build_producer(settings), tracer, registry)
+    partitioner = RememberingPartitioner()
+    publisher = Publisher(lambda: build_producer(settings, partitioner), tracer, registry, partitioner)
     runtime = Runtime(
         settings=settings,
         registry=registry,

@@ -73,8 +73,8 @@ DIRECTORY = parse_directory(
 class FailsOnce:
     """``target`` with its method ``name`` failing once, at its ``at``-th call (from 1)."""
 
-    def __init__(self, target: Any, name: str, at: int = 1, acknowledgement: bool = False) -> None:
-        self._target, self._name, self.at, self._acknowledgement = target, name, at, acknowledgement
+    def __init__(self, target: Any, name: str, at: int = 1) -> None:
+        self._target, self._name, self.at = target, name, at
         self.calls = 0
 
     def __getattr__(self, name: str) -> Any:
@@ -86,15 +86,34 @@ class FailsOnce:
             self.calls += 1
             if self.calls != self.at:
                 return await attr(*args, **kwargs)
-            if not self._acknowledgement:
-                raise ConnectionError(f"{name} failed (injected)")
-            # Sent, but Kafka's acknowledgement reports a failure (the record may be out).
-            await attr(*args, **kwargs)
-            failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            failed.set_exception(KafkaTimeoutError("acknowledgement failed (injected)"))
-            return failed
+            raise ConnectionError(f"{name} failed (injected)")
 
         return maybe_failing
+
+
+class FailingSender:
+    """The publisher, its ``at``-th ``send_batches`` (from 1) failing: after handing Kafka only
+    the first record (``acknowledgement`` False: the others never go), or all of them with
+    Kafka's acknowledgement reporting a failure (True: every record may be out)."""
+
+    def __init__(self, publisher: Publisher, acknowledgement: bool, at: int = 1) -> None:
+        self._publisher, self._acknowledgement, self.at = publisher, acknowledgement, at
+        self.calls = 0
+
+    def traced(self, topic: str, headers: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+        return self._publisher.traced(topic, headers)
+
+    async def send_batches(self, records: list[Any]) -> list[asyncio.Future[Any]]:
+        self.calls += 1
+        if self.calls != self.at:
+            return await self._publisher.send_batches(records)
+        if not self._acknowledgement:
+            await asyncio.gather(*await self._publisher.send_batches(records[:1]))
+            raise ConnectionError("send failed (injected)")
+        futures = await self._publisher.send_batches(records)
+        failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        failed.set_exception(KafkaTimeoutError("acknowledgement failed (injected)"))
+        return [*futures, failed]
 
 
 async def inputs(probe: KafkaProbe) -> dict[str, ConsumerRecord]:
@@ -165,15 +184,15 @@ async def test_a_batch_that_fails_at_any_step_leaves_the_customers_events_number
     failure), which knows nothing of what the first one published."""
     harness, records = harness
     store = harness.store
-    # The first batch's step that fails: the journal insert, the send of its second output
-    # (the first is out), Kafka's acknowledgement of its second output, the transcript lines.
+    # The first batch's step that fails: the journal insert, the sending of its outputs (the
+    # first is out), Kafka's acknowledgement of its outputs, the transcript lines.
     sender: Any = None
     if failing == "journal":
         store.journal = FailsOnce(store.journal, "insert_many")
     elif failing == "lines":
         store.messages = FailsOnce(store.messages, "insert_many")
     else:
-        sender = FailsOnce(harness.publisher, "send", at=2, acknowledgement=failing == "acknowledgement")
+        sender = FailingSender(harness.publisher, acknowledgement=failing == "acknowledgement")
 
     consumer = harness.process(sender)
     with pytest.raises(Exception, match="injected"):
@@ -217,7 +236,7 @@ async def test_outputs_kafka_acknowledged_are_not_published_again_by_the_process
     """A recovery publishes again only the entries whose outputs are not known to be out: after
     a failed batch, the process's earlier batches (journaled, not stored yet) are not sent twice."""
     harness, records = harness
-    sender = FailsOnce(harness.publisher, "send", at=0, acknowledgement=True)  # armed below
+    sender = FailingSender(harness.publisher, acknowledgement=True, at=0)  # armed below
     consumer = harness.process(sender)
     await consumer.handle([records["m1"]])
     sender.at = sender.calls + 1  # the opt-out's event: sent, its acknowledgement fails
