@@ -42,3 +42,27 @@ def test_with_a_span_processor_spans_are_recorded_as_children() -> None:
     out = passed_on(provider, PARENT)
     assert out is not None and out.split("-")[1] == PARENT.split("-")[1] and out != PARENT  # same trace, new span
     assert [s.name for s in exporter.get_finished_spans()] == ["process t"]
+
+
+class CountingNoOpTracer(trace.NoOpTracer):
+    """The tracer of a service that records nothing, counting the spans it is asked for."""
+
+    def __init__(self) -> None:
+        self.started = 0
+
+    def start_as_current_span(self, *args, **kwargs):  # type: ignore[no-untyped-def,override]
+        self.started += 1
+        return super().start_as_current_span(*args, **kwargs)
+
+
+def test_without_an_exporter_a_record_without_a_trace_costs_no_span() -> None:
+    """No trace to continue and none to start: the record's span is skipped (~5 µs each), and
+    a record with a trace still gets one, to pass its trace on."""
+    tracer = CountingNoOpTracer()
+    records = RecordTracer(tracer, "svc")
+    with records.span(received(None)) as span:
+        assert not span.is_recording() and dict(_with_trace([])).get("traceparent") is None
+    assert tracer.started == 0
+    with records.span(received(PARENT)):
+        assert dict(_with_trace([]))["traceparent"].decode() == PARENT
+    assert tracer.started == 1
