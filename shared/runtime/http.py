@@ -37,8 +37,13 @@ def health_routes(
             status_code=200 if ready else 503,
         )
 
-    async def metrics(_: Request) -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    async def metrics(request: Request) -> Response:
+        # ``?name[]=<sample name>`` (repeatable) serves only those, as prometheus_client's own
+        # handler does: a reader after one gauge (the bench, every second) does not pay for the
+        # whole exposition (~7 ms of the service's CPU for metrics under load).
+        names = request.query_params.getlist("name[]")
+        served = registry.restricted_registry(names) if names else registry
+        return Response(generate_latest(served), media_type=CONTENT_TYPE_LATEST)
 
     return [
         Route("/healthz", healthz, methods=["GET"]),
