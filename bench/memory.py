@@ -253,10 +253,22 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "skew": 1.0,  # uniform over the known customers
         }
         samples: list[dict[str, int | None]] = []
+        # conversation-state over time: seconds from the load's start, VmRSS (KB) and its
+        # customers not yet stored (where in the load its peak comes).
+        series: list[tuple[float, int | None, float | None]] = []
+        load_started = time.monotonic()
+
+        async def unstored_customers() -> float | None:
+            try:
+                families = await metric_families(processes["conversation_state"].port, 2.0, names=("hometeam_state_unstored_records",))
+            except Exception:  # a missed point, never fatal
+                return None
+            return next((s.value for f in families for s in f.samples if s.labels.get("state") == "conversations"), None)
 
         async def sample() -> None:
             while True:
                 samples.append({m: proc_memory_kb(p.pid).get("VmRSS") for m, p in processes.items()})
+                series.append((round(time.monotonic() - load_started, 1), samples[-1].get("conversation_state"), await unstored_customers()))
                 await asyncio.sleep(0.5)
 
         sampler = asyncio.create_task(sample())
@@ -275,6 +287,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "messages_through": done,
                 "rss_at_start_kb": rss_at_start,
                 "rss_max_sampled_kb": {m: max((s.get(m) or 0) for s in samples) for m in processes},
+                "conversation_state_series": [{"t": t, "rss_kb": rss, "unstored": unstored} for t, rss, unstored in series],
                 "peak_rss_kb": peaks,
                 "infra_peak_rss_kb": infra,
                 "backpressure_seconds": backpressure,

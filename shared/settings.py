@@ -57,6 +57,16 @@ class ServiceSettings(BaseSettings):
         default=65_536, ge=1, le=1_048_576, description="The broker answers a fetch once this much is there (or after the max wait)"
     )
     consumer_fetch_max_wait_ms: int = Field(default=40, ge=0, le=5_000, description="Longest the broker holds a fetch for the min bytes")
+    # aiokafka prefetches a fetch's worth of every assigned partition and holds it until the
+    # handler takes it; behind a backlog that was 1 MB per partition (aiokafka's default), 30 MB
+    # of records in conversation-state (five topics of six partitions). A fetch of a live topic
+    # brings a few KB per partition; a record larger than this still comes, alone.
+    consumer_max_partition_fetch_bytes: int = Field(
+        default=262_144,
+        ge=1_024,
+        le=16 * 1_048_576,
+        description="Most a fetch brings of one partition: what waits prefetched in memory, per partition, behind a backlog",
+    )
     # ingest and conversation-state, on the way to every routing decision: while their input
     # is light (records arriving, fewer than ``consumer_fetch_light_below_per_s`` a second over
     # the last 5 s) a fetch never fills its 64 KB, so it waits ``consumer_fetch_light_wait_ms``

@@ -165,6 +165,7 @@ def batch_subscriber_options(settings: ServiceSettings, *, group_suffix: str = "
         "batch_timeout_ms": settings.consumer_batch_timeout_ms,
         "fetch_min_bytes": settings.consumer_fetch_min_bytes,
         "fetch_max_wait_ms": settings.consumer_fetch_max_wait_ms,
+        "max_partition_fetch_bytes": settings.consumer_max_partition_fetch_bytes,
         "decoder": raw_body,
         "max_poll_interval_ms": 5 * 60 * 1000,
         # Range assignment gives one consumer the same partition numbers of every topic it

@@ -19,6 +19,19 @@ def test_team_routing_polls_its_routing_commands_sooner_than_presence() -> None:
     assert waits == {"routing.commands.v1": 10, "agent.presence.v1": 40}
 
 
+@pytest.mark.parametrize("module", ["ingest", "team_routing", "conversation_state", "timeout_sweeper", "metrics"])
+def test_every_consumer_prefetches_at_most_256_kb_per_partition(module: str) -> None:
+    """What a backlog leaves prefetched in memory is bounded per partition (aiokafka's default
+    is 1 MB: 30 MB in conversation-state, whose five topics have six partitions each)."""
+    import importlib
+
+    app = importlib.import_module(f"services.{module}.app")
+    settings_class = next(v for k, v in vars(app).items() if k.endswith("Settings") and k != "ServiceSettings" and isinstance(v, type))
+    service = app.create_service(settings_class())
+    limits = {s.topics[0].name: s._connection_args["max_partition_fetch_bytes"] for s in service.broker.subscribers}
+    assert limits and set(limits.values()) == {262_144}, limits
+
+
 @pytest.mark.parametrize(
     ("rate", "wait"),
     [
