@@ -119,6 +119,23 @@ def build_producer(settings: ServiceSettings, partitioner: RememberingPartitione
     )
 
 
+class _TopicsAlreadyChecked(logging.Filter):
+    """FastStream warns at every subscriber's start that it creates no topics
+    (``allow_auto_create_topics=False``); each service waits for its topics before its broker
+    starts (``wait_for_topics``, exit code 3 if they never come), so that line only alarms
+    whoever reads the logs. Every other FastStream line passes."""
+
+    MESSAGE = "Auto create topics is disabled. Make sure the topics exist."
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != self.MESSAGE
+
+
+FASTSTREAM_LOGGER = logging.getLogger("hometeam.faststream")
+if not any(isinstance(f, _TopicsAlreadyChecked) for f in FASTSTREAM_LOGGER.filters):
+    FASTSTREAM_LOGGER.addFilter(_TopicsAlreadyChecked())
+
+
 def build_broker(
     settings: ServiceSettings,
     *,
@@ -143,7 +160,7 @@ def build_broker(
         description=description,
         # FastStream's own messages go through the service's JSON logging (no extra handler),
         # and its per-batch "Received"/"Processed" lines only at DEBUG.
-        logger=logging.getLogger("hometeam.faststream"),
+        logger=FASTSTREAM_LOGGER,
         log_level=logging.DEBUG,
     )
 
