@@ -91,7 +91,8 @@ def bucket_doc(bucket: dict[str, Any]) -> dict[str, Any]:
 
 
 def bucket_from_doc(doc: dict[str, Any]) -> dict[str, Any]:
-    return {**expand_document(doc), "agents": {a: dict(c) for a, c in agent_counters(doc)}}
+    expanded = expand_document(doc)  # (once: ``agent_counters`` of the stored form would unpack it again)
+    return {**expanded, "agents": {a: dict(c) for a, c in agent_counters(expanded)}}
 
 
 def agent_counters(doc: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:
