@@ -15,6 +15,7 @@ from aiokafka import ConsumerRecord
 from prometheus_client import CollectorRegistry, Counter
 from pydantic import ValidationError
 
+from shared.contracts.envelope import TYPE_PREFIX
 from shared.runtime.outbox import Publisher
 
 HEADER_PREFIX = "x-hometeam-dlq-"
@@ -39,13 +40,21 @@ class PoisonMessage(Exception):
         self.detail = detail
 
 
+def _in_envelope(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
+    """A location as a path in the envelope (``data.agent_id``): a decoder's error starts with
+    the record's ``type`` (the variant of the topic's union it was read as)."""
+    if loc and isinstance(loc[0], str) and loc[0].startswith(TYPE_PREFIX):
+        return loc[1:]
+    return loc
+
+
 def describe_error(error: BaseException) -> str:
     """A description of why a record failed that carries no input values (no message text)."""
     if isinstance(error, PoisonMessage):
         return error.detail[:1000]
     if isinstance(error, ValidationError):
         problems = [
-            {"loc": ".".join(str(p) for p in e["loc"]), "type": e["type"], "msg": e["msg"]}
+            {"loc": ".".join(str(p) for p in _in_envelope(e["loc"])), "type": e["type"], "msg": e["msg"]}
             for e in error.errors(include_input=False, include_url=False, include_context=False)
         ]
         return json.dumps(problems)[:1000]

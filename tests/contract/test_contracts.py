@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from shared.contracts.envelope import RawEnvelope, type_name
 from shared.contracts.registry import MESSAGE_TYPES, TOPICS, all_topic_partitions
-from shared.runtime.dead_letter import PoisonMessage
+from shared.runtime.dead_letter import PoisonMessage, describe_error, error_type
 from shared.runtime.decoding import TopicDecoder
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,6 +40,15 @@ def test_example_validates_as_its_type_and_topic(path: Path):
 
     decoded = TopicDecoder(topics[0]).decode(Record())  # type: ignore[arg-type]
     assert type(decoded.payload).__name__ == path.stem
+    # One pass over the bytes reads what the envelope, then its payload, read apart.
+    model = MESSAGE_TYPES[envelope.type]
+    assert decoded.payload == model.model_validate(envelope.data)
+    assert (decoded.envelope.id, decoded.envelope.time, decoded.envelope.subject, decoded.envelope.sequence) == (
+        envelope.id,
+        envelope.time,
+        envelope.subject,
+        envelope.sequence,
+    )
     # Writing strictly: what we would publish reads back to the same payload.
     assert type(decoded.payload).model_validate_json(decoded.payload.model_dump_json()) == decoded.payload
 
@@ -81,20 +90,58 @@ def test_decoder_rejects_what_does_not_fit():
             self.value = value
             self.topic = topic.name
 
+    # case → (the dead letter's error type, where its detail says the problem is)
     cases = {
-        "not json": b"{not json",
-        "wrong type": json.dumps({**good, "type": type_name(MESSAGE_TYPES["hometeam.ConversationOpened"])}).encode(),
-        "object where a string belongs": json.dumps({**good, "data": {**good["data"], "customer_id": {"$ne": None}}}).encode(),
-        "store operator as id": json.dumps({**good, "data": {**good["data"], "conversation_id": "$where"}}).encode(),
-        "missing field": json.dumps({**good, "data": {k: v for k, v in good["data"].items() if k != "agent_id"}}).encode(),
-        "oversized": json.dumps({**good, "data": {**good["data"], "text": "x" * 70_000}}).encode(),
+        "not json": (b"{not json", "invalid_payload", ""),
+        "wrong type": (
+            json.dumps({**good, "type": type_name(MESSAGE_TYPES["hometeam.ConversationOpened"])}).encode(),
+            "unknown_type",
+            None,
+        ),
+        "wrong type, broken too": (json.dumps({**good, "type": "hometeam.Nope", "time": "x"}).encode(), "unknown_type", None),
+        "no type": (json.dumps({k: v for k, v in good.items() if k != "type"}).encode(), "invalid_payload", ""),
+        "object where a string belongs": (
+            json.dumps({**good, "data": {**good["data"], "customer_id": {"$ne": None}}}).encode(),
+            "invalid_payload",
+            "data.customer_id",
+        ),
+        "store operator as id": (
+            json.dumps({**good, "data": {**good["data"], "conversation_id": "$where"}}).encode(),
+            "invalid_payload",
+            "data.conversation_id",
+        ),
+        "missing field": (
+            json.dumps({**good, "data": {k: v for k, v in good["data"].items() if k != "agent_id"}}).encode(),
+            "invalid_payload",
+            "data.agent_id",
+        ),
+        "envelope time": (json.dumps({**good, "time": "yesterday"}).encode(), "invalid_payload", "time"),
+        "no specversion": (json.dumps({k: v for k, v in good.items() if k != "specversion"}).encode(), "invalid_payload", "specversion"),
+        "oversized": (json.dumps({**good, "data": {**good["data"], "text": "x" * 70_000}}).encode(), "oversized", None),
+        "no value": (None, "empty", None),
     }
-    for name, value in cases.items():
-        with pytest.raises((ValidationError, PoisonMessage)):
+    for name, (value, kind, where) in cases.items():
+        with pytest.raises((ValidationError, PoisonMessage)) as caught:
             decoder.decode(Record(value))  # type: ignore[arg-type]
             pytest.fail(f"accepted: {name}")
-    with pytest.raises(PoisonMessage):
-        decoder.decode(Record(None))  # type: ignore[arg-type]
+        assert error_type(caught.value) == kind, name
+        if where is not None:
+            assert [p["loc"] for p in json.loads(describe_error(caught.value))] == [where], name
+
+
+def test_decoder_of_a_one_type_topic_names_an_unknown_type():
+    topic = next(t for t in TOPICS if t.name == "channel.inbound.v1")
+    assert len(topic.payloads) == 1
+    good = json.loads((EXAMPLES / "ChannelMessagePosted.json").read_text())
+
+    class Record:
+        value = json.dumps({**good, "type": "hometeam.ReplyToCustomer"}).encode()
+        topic = "channel.inbound.v1"
+
+    with pytest.raises(PoisonMessage) as caught:
+        TopicDecoder(topic).decode(Record())  # type: ignore[arg-type]
+    assert caught.value.reason == "unknown_type"
+    assert "hometeam.ReplyToCustomer" in caught.value.detail
 
 
 def test_unknown_fields_are_tolerated_on_read():
