@@ -24,7 +24,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from prometheus_client import CollectorRegistry, Counter
 from pydantic import BaseModel
 
-from shared.contracts.envelope import new_envelope
+from shared.contracts.envelope import envelope_json, type_name
 from shared.runtime.kafka import RememberingPartitioner
 
 _PROPAGATOR = TraceContextTextMapPropagator()
@@ -194,8 +194,8 @@ class Outbox:
         sequence: int | None = None,
     ) -> OutputRecord:
         """The record ``send`` would queue, not sent."""
-        envelope = new_envelope(payload, subject=key, source=self._source, time=time, id=id, sequence=sequence)
-        return OutputRecord(self._prefix + topic, key.encode(), envelope.model_dump_json().encode(), envelope.type)
+        value = envelope_json(payload, subject=key, source=self._source, time=time, id=id, sequence=sequence)
+        return OutputRecord(self._prefix + topic, key.encode(), value, type_name(type(payload)))
 
     async def send_record(self, record: OutputRecord) -> None:
         headers = [("content-type", _CLOUDEVENTS), ("ce-type", record.type.encode())]
