@@ -262,9 +262,13 @@ def input_id(payload: BaseModel) -> str:
     """The id that makes an input unique: a message, action, command or decision id."""
     names = _ID_FIELDS_OF.get(type(payload))
     if names is None:
-        names = _ID_FIELDS_OF[type(payload)] = tuple(n for n in INPUT_ID_FIELDS if n in type(payload).model_fields)
+        fields = getattr(type(payload), "model_fields", None)
+        if fields is None:  # (not a model: asked as it is)
+            names = INPUT_ID_FIELDS
+        else:
+            names = _ID_FIELDS_OF[type(payload)] = tuple(n for n in INPUT_ID_FIELDS if n in fields)
     for name in names:
-        value = getattr(payload, name)
+        value = getattr(payload, name, None)
         if value is not None:
             return f"{name}:{value}"
     raise TypeError(f"{type(payload).__name__} carries no input id")
