@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 
-from faststream.kafka import KafkaMessage
 from opentelemetry.sdk.trace import SpanProcessor
 from pydantic import Field, SecretStr
 
@@ -25,7 +24,7 @@ from prometheus_client import Histogram
 
 from shared.runtime.decoding import BatchReader, documented_payloads
 from shared.runtime.http import LATENCY_BUCKETS
-from shared.runtime.kafka import batch_subscriber_options, fetch_wait_tuner, records_of
+from shared.runtime.kafka import batch_subscriber_options, current_records, fetch_wait_tuner
 from shared.runtime.checkpoints import CheckpointMetrics
 from shared.runtime.service import Service, assemble, build_runtime
 from shared.settings import ServiceSettings
@@ -152,8 +151,8 @@ def create_service(
     tuner = fetch_wait_tuner(settings, runtime.background, lambda: subscriber.consumer)
 
     @subscriber
-    async def on_customer_records(batch: documented_payloads(*INPUTS), message: KafkaMessage) -> None:  # type: ignore[valid-type]
-        records = records_of(message)
+    async def on_customer_records(batch: documented_payloads(*INPUTS)) -> None:  # type: ignore[valid-type]
+        records = current_records(broker)
         if tuner is not None:
             tuner.note(len(records))
         await consumer.handle(records)

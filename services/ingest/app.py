@@ -6,14 +6,13 @@ import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from faststream.kafka import KafkaMessage
 from opentelemetry.sdk.trace import SpanProcessor
 from pydantic import Field, SecretStr
 
 from shared.contracts.channel import ChannelMessagePosted
 from shared.contracts.registry import CHANNEL_INBOUND, MESSAGES_RECEIVED
 from shared.runtime.decoding import BatchReader, documented_payloads
-from shared.runtime.kafka import batch_subscriber_options, fetch_wait_tuner, records_of
+from shared.runtime.kafka import batch_subscriber_options, current_records, fetch_wait_tuner
 from shared.runtime.service import Service, assemble, build_runtime
 from shared.settings import ServiceSettings
 
@@ -82,8 +81,8 @@ def create_service(settings: IngestSettings | None = None, *, span_processors: S
     tuner = fetch_wait_tuner(settings, runtime.background, lambda: subscriber.consumer)
 
     @subscriber
-    async def on_channel_inbound(batch: documented_payloads(CHANNEL_INBOUND), message: KafkaMessage) -> None:  # type: ignore[valid-type]
-        records = records_of(message)
+    async def on_channel_inbound(batch: documented_payloads(CHANNEL_INBOUND)) -> None:  # type: ignore[valid-type]
+        records = current_records(broker)
         if tuner is not None:
             tuner.note(len(records))
         await consumer.handle(records)

@@ -7,14 +7,13 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from faststream.kafka import KafkaMessage
 from opentelemetry.sdk.trace import SpanProcessor
 from pydantic import Field
 
 from shared.contracts.registry import AGENT_PRESENCE, CONVERSATION_EVENTS, POOL_STATUS, SURVEY_RESPONSES
 from shared.runtime.checkpoints import checkpointed_subscriber
 from shared.runtime.decoding import BatchReader, documented_payloads
-from shared.runtime.kafka import batch_subscriber_options, client_security_options, records_of
+from shared.runtime.kafka import batch_subscriber_options, client_security_options, current_records
 from shared.runtime.service import Service, assemble, build_runtime
 from shared.settings import ServiceSettings
 from shared.teams import DirectoryWatcher
@@ -126,8 +125,8 @@ def create_service(
     )
 
     @events_subscriber
-    async def on_customer_records(batch: documented_payloads(*CUSTOMER_INPUTS), message: KafkaMessage) -> None:  # type: ignore[valid-type]
-        await event_checkpoints.run_batch(records_of(message), events.handle)
+    async def on_customer_records(batch: documented_payloads(*CUSTOMER_INPUTS)) -> None:  # type: ignore[valid-type]
+        await event_checkpoints.run_batch(current_records(broker), events.handle)
 
     @broker.subscriber(
         settings.topic(AGENT_PRESENCE.name),
@@ -135,8 +134,8 @@ def create_service(
         title="metrics:consume:agent.presence",
         description="Agents' presence, for staffed hours.",
     )
-    async def on_presence(batch: documented_payloads(AGENT_PRESENCE), message: KafkaMessage) -> None:  # type: ignore[valid-type]
-        await presence.handle(records_of(message))
+    async def on_presence(batch: documented_payloads(AGENT_PRESENCE)) -> None:  # type: ignore[valid-type]
+        await presence.handle(current_records(broker))
 
     pool_checkpoints, pools_subscriber = checkpointed_subscriber(
         runtime,
@@ -151,8 +150,8 @@ def create_service(
     )
 
     @pools_subscriber
-    async def on_pool_status(batch: documented_payloads(POOL_STATUS), message: KafkaMessage) -> None:  # type: ignore[valid-type]
-        await pool_checkpoints.run_batch(records_of(message), pools.handle)
+    async def on_pool_status(batch: documented_payloads(POOL_STATUS)) -> None:  # type: ignore[valid-type]
+        await pool_checkpoints.run_batch(current_records(broker), pools.handle)
 
     return assemble(
         runtime,

@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from faststream.kafka import KafkaMessage
 from opentelemetry.sdk.trace import SpanProcessor
 from pydantic import Field
 
@@ -15,7 +14,7 @@ from prometheus_client import Histogram
 
 from shared.runtime.decoding import BatchReader, documented_payloads
 from shared.runtime.http import LATENCY_BUCKETS
-from shared.runtime.kafka import batch_subscriber_options, records_of
+from shared.runtime.kafka import batch_subscriber_options, current_records
 from shared.runtime.checkpoints import checkpointed_subscriber
 from shared.runtime.service import Service, assemble, build_runtime
 from shared.settings import ServiceSettings
@@ -84,8 +83,8 @@ def create_service(settings: TeamRoutingSettings | None = None, *, span_processo
     )
 
     @commands_subscriber
-    async def on_routing_commands(batch: documented_payloads(ROUTING_COMMANDS), message: KafkaMessage) -> None:  # type: ignore[valid-type]
-        await checkpointed.run_batch(records_of(message), pools.handle, confirm_outputs=True)
+    async def on_routing_commands(batch: documented_payloads(ROUTING_COMMANDS)) -> None:  # type: ignore[valid-type]
+        await checkpointed.run_batch(current_records(broker), pools.handle, confirm_outputs=True)
 
     @broker.subscriber(
         settings.topic(AGENT_PRESENCE.name),
@@ -93,8 +92,8 @@ def create_service(settings: TeamRoutingSettings | None = None, *, span_processo
         title="team-routing:consume:agent.presence",
         description=AGENT_PRESENCE.description,
     )
-    async def on_agent_presence(batch: documented_payloads(AGENT_PRESENCE), message: KafkaMessage) -> None:  # type: ignore[valid-type]
-        await presence.handle(records_of(message))
+    async def on_agent_presence(batch: documented_payloads(AGENT_PRESENCE)) -> None:  # type: ignore[valid-type]
+        await presence.handle(current_records(broker))
 
     return assemble(
         runtime,

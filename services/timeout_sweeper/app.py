@@ -8,13 +8,12 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from faststream.kafka import KafkaMessage
 from opentelemetry.sdk.trace import SpanProcessor
 from pydantic import Field
 
 from shared.contracts.registry import CONVERSATION_EVENTS, LIFECYCLE_COMMANDS, ROUTING_COMMANDS
 from shared.runtime.decoding import BatchReader, documented_payloads
-from shared.runtime.kafka import batch_subscriber_options, records_of
+from shared.runtime.kafka import batch_subscriber_options, current_records
 from shared.runtime.owned_cache import OwnedStateCache, invalidate_on_rebalance
 from shared.runtime.service import Service, assemble, build_runtime
 from shared.settings import ServiceSettings
@@ -103,8 +102,8 @@ def create_service(
         title="timeout-sweeper:consume:conversations.events",
         description=CONVERSATION_EVENTS.description,
     )
-    async def on_conversation_events(batch: documented_payloads(CONVERSATION_EVENTS), message: KafkaMessage) -> None:  # type: ignore[valid-type]
-        await tracker.handle(records_of(message))
+    async def on_conversation_events(batch: documented_payloads(CONVERSATION_EVENTS)) -> None:  # type: ignore[valid-type]
+        await tracker.handle(current_records(broker))
 
     service = assemble(runtime, title="hometeam timeout-sweeper", description="Lifecycle deadlines and timers.")
     service.extras["sweeper"] = sweeper
