@@ -154,7 +154,10 @@ def build_broker(
         security=kafka_security(settings),
         middlewares=(
             KafkaPrometheusMiddleware(registry=metrics_registry, app_name=settings.service_name),
-            KeylessKafkaTelemetryMiddleware(tracer_provider=tracer_provider),
+            # With nothing to receive spans (no OTLP endpoint, ``build_tracer_provider``), no
+            # telemetry middleware: it still read every record's headers for baggage and made
+            # no-op spans, 2-6% of each service's CPU (a profile at 2,000 msg/s).
+            *(() if isinstance(tracer_provider, trace.NoOpTracerProvider) else (KeylessKafkaTelemetryMiddleware(tracer_provider=tracer_provider),)),
         ),
         graceful_timeout=15.0,
         description=description,

@@ -66,3 +66,21 @@ def test_without_an_exporter_a_record_without_a_trace_costs_no_span() -> None:
     with records.span(received(PARENT)):
         assert dict(_with_trace([]))["traceparent"].decode() == PARENT
     assert tracer.started == 1
+
+
+def test_the_broker_has_a_telemetry_middleware_only_when_spans_are_recorded() -> None:
+    """FastStream's telemetry middleware reads every record's headers and makes a span per
+    batch: with nothing to receive spans it is left out (2-6% of a service's CPU)."""
+    from prometheus_client import CollectorRegistry
+
+    from shared.runtime.kafka import build_broker
+    from shared.runtime.telemetry import KeylessKafkaTelemetryMiddleware
+
+    settings = ServiceSettings(service_name="svc")
+
+    def telemetry(provider: trace.TracerProvider) -> list[object]:
+        broker = build_broker(settings, metrics_registry=CollectorRegistry(), tracer_provider=provider)
+        return [m for m in broker.middlewares if isinstance(m, KeylessKafkaTelemetryMiddleware)]
+
+    assert telemetry(build_tracer_provider(settings)) == []
+    assert len(telemetry(build_tracer_provider(settings, [SimpleSpanProcessor(InMemorySpanExporter())]))) == 1
