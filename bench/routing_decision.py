@@ -20,6 +20,7 @@ Commands are built before timing; only the decisions are timed.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
 import sys
@@ -56,6 +57,15 @@ def team_directory(agents: int) -> Any:
     )
 
 
+def as_received(at: datetime) -> datetime:
+    """``at`` as team-routing holds an agent's idle time: parsed from a presence event's JSON,
+    so with pydantic's ``TzInfo``, one object per parsed time (aware datetimes of different
+    tzinfo objects compare through ``utcoffset`` calls: ``AgentView.idle_at``)."""
+    from pydantic import AwareDatetime, TypeAdapter
+
+    return TypeAdapter(AwareDatetime).validate_json(json.dumps(at.isoformat()))  # type: ignore[no-any-return]
+
+
 def timed(fn: Callable[[], int], repeats: int) -> dict[str, float]:
     rates = []
     for _ in range(repeats):
@@ -76,7 +86,7 @@ def bench_decision(agents: int, decisions: int, repeats: int, seed: int) -> dict
             online=rng.random() < 0.9,
             load=rng.choice((0, 0.5, 1, 1.5, 2, 3, 4, 5)),
             max_concurrency=(4, 6, 8)[n % 3],
-            idle_since=NOW - timedelta(seconds=rng.randrange(3600)),
+            idle_since=as_received(NOW - timedelta(seconds=rng.randrange(3600))),
         )
         for n, a in enumerate(ids)
     }
@@ -114,7 +124,7 @@ def bench_route(agents: int, decisions: int, repeats: int, seed: int, open_conve
     ids = [a.id for a in directory.team("home").agents]  # type: ignore[union-attr]
     state = PoolState(pool_id="home")
     for a in ids:
-        state.agents[a] = AgentPresenceState(presence=Presence.ONLINE, idle_since=NOW - timedelta(seconds=rng.randrange(3600)))
+        state.agents[a] = AgentPresenceState(presence=Presence.ONLINE, idle_since=as_received(NOW - timedelta(seconds=rng.randrange(3600))))
     # The pool already holds conversations: assigned ones spread over the agents, and a short queue.
     for n in range(open_conversations):
         agent = ids[n % len(ids)] if n < open_conversations - 5 else None

@@ -12,7 +12,7 @@ Order of the rules (product brief, rules 2-5 and 10):
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from shared.contracts.common import PoolKind, RoutingReason
@@ -27,6 +27,13 @@ class AgentView:
     load: float
     max_concurrency: int
     idle_since: datetime
+    # ``idle_since`` as a number, to compare: aware datetimes of different tzinfo objects
+    # (pydantic's ``TzInfo``, one per parsed time) compare through ``utcoffset`` calls on both,
+    # and a tie-break over a pool of 100 agents took 100 µs a decision instead of 13.
+    idle_at: float = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "idle_at", self.idle_since.timestamp())
 
     def has_room(self, weight: float) -> bool:
         return self.online and self.load + weight <= self.max_concurrency + 1e-9
@@ -114,12 +121,12 @@ def choose_agent(
         if load + weight > capacity + 1e-9 or (excluded and agent.agent_id in excluded):
             continue
         ratio = load / capacity
-        if (
-            best is None
-            or ratio < best_ratio - 1e-9
-            or (ratio <= best_ratio + 1e-9 and (agent.idle_since, agent.agent_id) < (best.idle_since, best.agent_id))
-        ):
+        if best is None or ratio < best_ratio - 1e-9:
             best, best_ratio = agent, ratio
+        elif ratio <= best_ratio + 1e-9:  # a tie: longest idle, then agent id (no tuples made)
+            idle, best_idle = agent.idle_at, best.idle_at
+            if idle < best_idle or (idle == best_idle and agent.agent_id < best.agent_id):
+                best, best_ratio = agent, ratio
     if best is None:
         return AgentChoice(None, RoutingReason.QUEUED)
     return AgentChoice(best.agent_id, RoutingReason.LEAST_LOADED)

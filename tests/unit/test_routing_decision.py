@@ -3,7 +3,7 @@ whether the known agent is still within the relationship window."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
@@ -290,6 +290,16 @@ def test_least_loaded_choice_matches_the_stated_order_on_random_pools(seed: int)
     load share, then longest idle, then agent id, among online agents with room."""
     import random
 
+    from pydantic import AwareDatetime, TypeAdapter
+
+    parsed = TypeAdapter(AwareDatetime)
+    # The same instants as the service may hold them: UTC, parsed from a record (pydantic's
+    # TzInfo), in another offset. ``choose_agent`` compares ``idle_at``, the instant.
+    forms = (
+        lambda t: t,
+        lambda t: parsed.validate_json(f'"{t.isoformat()}"'),
+        lambda t: t.astimezone(timezone(timedelta(hours=2))),
+    )
     rng = random.Random(seed)
     start = datetime(2026, 11, 23, 12, tzinfo=UTC)
     agents = {
@@ -298,7 +308,7 @@ def test_least_loaded_choice_matches_the_stated_order_on_random_pools(seed: int)
             online=rng.random() < 0.8,
             load=rng.choice((0, 0.5, 1, 2, 3, 4, 6)),
             max_concurrency=rng.choice((2, 4, 6, 8)),
-            idle_since=start - timedelta(minutes=rng.choice((0, 5, 10))),
+            idle_since=rng.choice(forms)(start - timedelta(minutes=rng.choice((0, 5, 10)), microseconds=rng.choice((0, 1)))),
         )
         for n in range(rng.randrange(0, 12))
     }
@@ -310,3 +320,10 @@ def test_least_loaded_choice_matches_the_stated_order_on_random_pools(seed: int)
         AgentChoice(eligible[0].agent_id, RoutingReason.LEAST_LOADED) if eligible else AgentChoice(None, RoutingReason.QUEUED)
     )
     assert choose_agent(agents, weight=weight, exclude=exclude) == expected
+
+
+def test_an_agent_view_compares_by_what_it_was_made_of() -> None:
+    """``idle_at`` is derived (the instant of ``idle_since``), not part of a view's identity."""
+    utc = view("a", 1.0)
+    other_offset = AgentView("a", True, 1.0, 4, utc.idle_since.astimezone(timezone(timedelta(hours=-5))))
+    assert utc == other_offset and utc.idle_at == other_offset.idle_at == utc.idle_since.timestamp()
