@@ -191,3 +191,21 @@ def test_a_step_reports_the_longest_time_the_broker_left_the_lag_sampler_unanswe
     from bench.pipeline import longest_silence
 
     assert longest_silence(times, 100.0, 120.0) == pytest.approx(silence)
+
+
+def test_every_step_of_a_run_has_new_customers_of_its_own() -> None:
+    """The warm-up (0), the sweep (1..rates), the half-rate step (rates + 2) and the refining
+    steps give their new customers disjoint ranges of numbers (the refining steps once shared
+    one, so the second one's "new" customers were returning ones)."""
+    from bench.pipeline import FRESH_PER_STEP, MAX_CUSTOMERS, fresh_base, parse_args, refining_step
+
+    args = parse_args([])
+    rates = len(args.rates)
+    steps = [0, *range(1, rates + 1), rates + 2, *(refining_step(rates, k) for k in range(args.refine))]
+    assert len(set(steps)) == len(steps)
+    starts = sorted(fresh_base(args.customers, s) for s in steps)
+    assert starts[0] >= args.customers
+    assert all(b - a >= FRESH_PER_STEP for a, b in zip(starts, starts[1:], strict=False))
+    assert starts[-1] + FRESH_PER_STEP <= MAX_CUSTOMERS
+    with pytest.raises(ValueError):
+        fresh_base(args.customers, (MAX_CUSTOMERS - args.customers) // FRESH_PER_STEP)
