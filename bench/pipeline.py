@@ -1167,6 +1167,49 @@ async def scrape_histogram(port: int, name: str) -> list[tuple[float, float]]:
     return []
 
 
+async def scrape_labelled_histogram(port: int, name: str, label: str) -> dict[str, dict[str, Any]]:
+    """Per value of ``label``: the cumulative buckets [(upper bound, count)] and the sum of a
+    labelled histogram on a service's /metrics (``shared.runtime.phases``)."""
+    out: dict[str, dict[str, Any]] = {}
+    for family in await metric_families(port):
+        if family.name != name:
+            continue
+        for sample in family.samples:
+            key = sample.labels.get(label)
+            if key is None:
+                continue
+            entry = out.setdefault(key, {"buckets": [], "sum": 0.0})
+            if sample.name == name + "_bucket":
+                entry["buckets"].append((float(sample.labels["le"]), sample.value))
+            elif sample.name == name + "_sum":
+                entry["sum"] = sample.value
+    for entry in out.values():
+        entry["buckets"].sort()
+    return out
+
+
+def phase_summary(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]], seconds: float) -> dict[str, dict[str, Any]]:
+    """Each phase between two scrapes: batches, mean and p50 / p99 (from the buckets), and its
+    share of the step's wall time (``seconds``; ``waited`` overlaps the others: no share)."""
+    out: dict[str, dict[str, Any]] = {}
+    for phase, a in after.items():
+        b = before.get(phase, {"buckets": [], "sum": 0.0})
+        q = histogram_quantiles(b["buckets"], a["buckets"], (0.5, 0.99))
+        total = a["sum"] - b["sum"]
+        n = q["count"]
+        out[phase] = {
+            "batches": n,
+            "mean": total / n if n else None,
+            "p50": q["p50"],
+            "p99": q["p99"],
+            "busy_share": total / seconds if seconds > 0 and phase != "waited" else None,
+        }
+    return out
+
+
+BATCH_PHASE_METRIC = "hometeam_batch_phase_seconds"
+
+
 STORE_COUNTERS = {
     "hometeam_store_documents_written_total": "written",
     "hometeam_store_commands_total": "commands",
@@ -1520,6 +1563,8 @@ async def run_step(ctx: Context, rate: float, step: int, label: str, duration: f
     stored0 = await scrape_histogram(cs_port, "hometeam_message_stored_latency_seconds")
     decided0 = await scrape_histogram(tr_port, "hometeam_routing_decision_latency_seconds")
     store0 = {m: await scrape_store_counters(p.port) for m, p in ctx.processes.items()}
+    phases0 = await scrape_labelled_histogram(cs_port, BATCH_PHASE_METRIC, "phase")
+    phases_t0 = time.monotonic()
     cpu0 = ctx.procs.snapshot()
     load0 = os.getloadavg()
     spec = {
@@ -1569,6 +1614,8 @@ async def run_step(ctx: Context, rate: float, step: int, label: str, duration: f
     stored1 = await scrape_histogram(cs_port, "hometeam_message_stored_latency_seconds")
     decided1 = await scrape_histogram(tr_port, "hometeam_routing_decision_latency_seconds")
     store1 = {m: await scrape_store_counters(p.port) for m, p in ctx.processes.items()}
+    phases1 = await scrape_labelled_histogram(cs_port, BATCH_PHASE_METRIC, "phase")
+    phases_s = time.monotonic() - phases_t0
     cpu1 = ctx.procs.snapshot()
     load1 = os.getloadavg()
 
@@ -1643,6 +1690,8 @@ async def run_step(ctx: Context, rate: float, step: int, label: str, duration: f
         "decision_hops_s": {hop: exact_quantiles(values) for hop, values in hops.items()},
         "stored_update_histogram_s": histogram_quantiles(stored0, stored1, QUANTILES),
         "decision_histogram_s": histogram_quantiles(decided0, decided1, QUANTILES),
+        # conversation-state's batches phase by phase (``hometeam_batch_phase_seconds``).
+        "conversation_state_phases_s": phase_summary(phases0, phases1, phases_s),
         "drained": drained,
         "drain_s": drain_end - t_end,
         # No loss, no double effects, each customer's order (message_path_audit), and the
@@ -1840,6 +1889,32 @@ def hop_table(result: dict[str, Any]) -> str:
         cells = "".join(f"{ms(h[n].get('p50')) + ' / ' + ms(h[n].get('p99')):<34}" for n in names)
         lines.append(f"{s['label']:<8}{s['rate']:>8g}{h['ingest'].get('count', 0):>11}  {cells}")
     return "\n".join(lines)
+
+
+def phase_table(result: dict[str, Any]) -> str:
+    """conversation-state's batches phase by phase, per step: p50 / p99 ms of each phase and
+    the share of the step's time the service spent in it (runs before phases were recorded
+    print nothing)."""
+    steps = [s for s in result["steps"] if s.get("conversation_state_phases_s")]
+    if not steps:
+        return ""
+    from services.conversation_state.handlers import BATCH_PHASES  # (the order a batch passes them)
+
+    names = ["waited", *BATCH_PHASES]
+    lines = ["conversation-state's batches phase by phase: p50 / p99 ms (share of the step's time); 'waited': the oldest record's age at the batch's start"]
+    for s in steps:
+        phases = s["conversation_state_phases_s"]
+        batches = max((p["batches"] for p in phases.values()), default=0)
+        cells = []
+        for name in names:
+            p = phases.get(name)
+            if not p or not p["batches"]:
+                continue
+            share = f" ({p['busy_share'] * 100:.0f}%)" if p.get("busy_share") is not None else ""
+            cells.append(f"{name} {ms(p['p50'])}/{ms(p['p99'])}{share}")
+        lines.append(f"{s['label']:<8}{s['rate']:>8g} {batches:>6} batches: " + ", ".join(cells))
+    return "\n".join(lines)
+
 
 
 def _rates(rates: list[float | None] | None) -> str:
@@ -2343,10 +2418,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(cost_table(result))
     print()
-    hops = hop_table(result)
-    if hops:
-        print(hops)
-        print()
+    for extra in (hop_table(result), phase_table(result)):
+        if extra:
+            print(extra)
+            print()
     for line in summary_lines(result):
         print(line)
     print()

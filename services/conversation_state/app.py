@@ -24,13 +24,14 @@ from prometheus_client import Histogram
 
 from shared.runtime.decoding import BatchReader, documented_payloads
 from shared.runtime.http import LATENCY_BUCKETS
+from shared.runtime.phases import BatchPhases
 from shared.runtime.kafka import batch_subscriber_options, current_records, fetch_wait_tuner
 from shared.runtime.checkpoints import CheckpointMetrics
 from shared.runtime.service import Service, assemble, build_runtime
 from shared.settings import ServiceSettings
 from shared.teams import DirectoryWatcher
 
-from services.conversation_state.handlers import ConversationConsumer
+from services.conversation_state.handlers import BATCH_PHASES, ConversationConsumer
 from services.conversation_state.inactivity import InactivityPolicy
 from services.conversation_state.lifecycle import Rules
 from services.conversation_state.read_api import command_routes, read_routes
@@ -119,6 +120,7 @@ def create_service(
         directory=directory,
         memory=memory,
         partition_ends=lambda partitions: subscriber.consumer.end_offsets(partitions),
+        phases=BatchPhases(runtime.registry, BATCH_PHASES),
         latency=Histogram(
             "hometeam_message_stored_latency_seconds",
             "From a customer message's publish on channel.inbound.v1 to its stored conversation update.",

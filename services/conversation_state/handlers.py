@@ -40,6 +40,7 @@ from shared.contracts.routing import ConversationRouted, TransferRefused
 from shared.runtime.checkpoints import MembershipLost, group_generation, membership_confirmed, membership_lost
 from shared.runtime.decoding import BatchReader, Incoming
 from shared.runtime.outbox import Outbox, OutputRecord
+from shared.runtime.phases import BatchPhases, NoPhases, PhaseClock
 from shared.runtime.tracing import RecordTracer
 from shared.teams import DirectoryWatcher
 
@@ -131,6 +132,16 @@ class FreshRecords:
         }
 
 
+# The phases a batch marks (``shared.runtime.phases``), in order: the memory's lock, decoding,
+# a recovery, waiting for the write in flight to release ``applying``, loading customers,
+# applying the records, the coordinator's confirmation, making the outputs, the journal
+# insert, handing the outputs to the producer, Kafka's acknowledgements with the lines'
+# insert, and the write behind's turn (with its backpressure).
+BATCH_PHASES = (
+    "lock", "read", "recover", "applying_wait", "load", "apply", "member", "outputs", "journal", "publish", "acknowledged", "finish",
+)
+
+
 class ConversationConsumer:
     def __init__(
         self,
@@ -144,7 +155,9 @@ class ConversationConsumer:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         memory: JournaledCustomers | None = None,
         partition_ends: PartitionEnds | None = None,
+        phases: BatchPhases | None = None,
     ) -> None:
+        self.phases: BatchPhases | NoPhases = phases if phases is not None else NoPhases()
         self.memory = memory if memory is not None else JournaledCustomers(store, interval_s=1.0)
         self.memory.republish = self.republish
         self.fresh = FreshRecords(partition_ends)
@@ -158,9 +171,11 @@ class ConversationConsumer:
         self.clock = clock
 
     async def handle(self, records: Sequence[ConsumerRecord]) -> None:
+        clock = self.phases.start(records)
         async with self.memory.lock:
+            clock.mark("lock")
             try:
-                await self._handle(records)
+                await self._handle(records, clock)
             except BaseException:
                 # The memory may hold changes no journal entry has: recover from the store
                 # and the journal before the batch comes again (which publishes again what
@@ -169,7 +184,7 @@ class ConversationConsumer:
                 self.outbox.abandon()
                 raise
 
-    async def _handle(self, records: Sequence[ConsumerRecord]) -> None:
+    async def _handle(self, records: Sequence[ConsumerRecord], clock: PhaseClock | NoPhases) -> None:
         if membership_lost(self.memory.consumer()):
             # Its partitions may be another member's by now: journal nothing, publish nothing.
             raise MembershipLost("group membership lost; the batch is left to the partitions' owner")
@@ -180,21 +195,25 @@ class ConversationConsumer:
         # from its next heartbeat); asked now, the round trip overlaps the batch's work.
         member = asyncio.ensure_future(membership_confirmed(self.memory.consumer()))
         incoming = await self.reader.read(records)
+        clock.mark("read")
         partition_of = {i.payload.customer_id: i.record.partition for i in incoming}
         partitions = set(partition_of.values())
         if partitions - self.memory.recovered and not await member:  # (a recovery publishes)
             raise MembershipLost("the group coordinator does not confirm this member; the batch is left to the partitions' owner")
         await self.memory.recover(partitions)
+        clock.mark("recover")
         # From taking the customers until they are journaled, the write in flight makes no
         # documents (``JournaledCustomers.applying``): a change stored before its entry is in
         # would be lost with its outputs if the batch failed (the retry finds its records
         # applied). Once the entry is in, the write may store it while the outputs go out.
         async with self.memory.applying:
-            lines, outputs, entries = await self._apply_and_journal(incoming, partition_of, member)
+            clock.mark("applying_wait")
+            lines, outputs, entries = await self._apply_and_journal(incoming, partition_of, member, clock)
         for item, made in outputs:
             with self.tracing.span(item.record, item.envelope.id):
                 for record in made:
                     await self.outbox.send_record(record)
+        clock.mark("publish")
         # The transcript lines are stored while the outputs are acknowledged, once the entry
         # is in: if either fails, the recovery redoes both from it (the batch that comes again
         # finds its records applied). Stored before the entry, a line of an attempt that
@@ -203,10 +222,12 @@ class ConversationConsumer:
         for outcome in await asyncio.gather(self._outputs_out(), self.store.save_line_docs(lines), return_exceptions=True):
             if isinstance(outcome, BaseException):
                 raise outcome
+        clock.mark("acknowledged")
         self.memory.finish(entries)
         if self.memory.due:  # (confirmed above, moments ago)
             self.memory.store_aged()
         await self.memory.catch_up()  # backpressure, if the store falls behind
+        clock.mark("finish")
         if self.latency is not None:
             # From the channel's publish (the inbound envelope's time) to the stored update.
             now = self.clock()
@@ -215,7 +236,7 @@ class ConversationConsumer:
                     self.latency.observe(max(0.0, (now - line["at"]).total_seconds()))
 
     async def _apply_and_journal(
-        self, incoming: list[Incoming[Any]], partition_of: dict[str, int], member: asyncio.Future[bool]
+        self, incoming: list[Incoming[Any]], partition_of: dict[str, int], member: asyncio.Future[bool], clock: PhaseClock | NoPhases = NoPhases()
     ) -> tuple[list[dict[str, Any]], list[tuple[Incoming[Any], list[OutputRecord]]], dict[str, int]]:
         """Apply a batch's records to its customers, and journal the customers with the outputs
         and the transcript lines; returns the lines' documents (with the group generation that
@@ -225,6 +246,7 @@ class ConversationConsumer:
         cached = self.memory.take(customer_ids)
         new = await self.fresh.new_customers(incoming, self.memory.epoch) - cached.keys()
         loaded = await self.store.load(customer_ids, conversation_ids, cached, new=new)
+        clock.mark("load")
 
         effects: list[tuple[CustomerRecords, Effects, Incoming[Any]]] = []
         lines: list[Line] = []
@@ -235,9 +257,10 @@ class ConversationConsumer:
                 self._apply_record(loaded[item.payload.customer_id], item, effects, lines)
         for item in openings_first.held:
             self._apply_record(loaded[item.payload.customer_id], item, effects, lines)
-
+        clock.mark("apply")
         if not await member:
             raise MembershipLost("the group coordinator does not confirm this member; the batch is left to the partitions' owner")
+        clock.mark("member")
         outputs = [(item, self._outputs(records, fx, item)) for records, fx, item in effects]
         by_partition: dict[int, list[OutputRecord]] = {}
         for item, made in outputs:
@@ -246,9 +269,11 @@ class ConversationConsumer:
         line_docs: dict[int, list[dict[str, Any]]] = {}
         for line in lines:
             line_docs.setdefault(partition_of[line.customer_id], []).append({**line.to_doc(), "gen": generation})
+        clock.mark("outputs")
         # Durable once journaled, outputs and lines included (the customers and conversations
         # are written behind).
         entries = await self.memory.append(loaded, partition_of, by_partition, line_docs)
+        clock.mark("journal")
         return [d for docs in line_docs.values() for d in docs], outputs, entries
 
     def _apply_record(
