@@ -1712,6 +1712,20 @@ async def run_step(ctx: Context, rate: float, step: int, label: str, duration: f
     return result
 
 
+async def stored_line_count(messages: Any, expected: int, timeout_s: float = 15.0) -> int:
+    """conversation-state's transcript lines, counted once there are ``expected`` of them or
+    after ``timeout_s``: the lines are stored by its write behind, up to one and a half
+    ``STATE_FLUSH_INTERVAL_S`` after their batch (more stored than expected is answered at
+    once). The count command without a filter: FerretDB 1.24 answers count_documents (an
+    aggregation) by holding every document in memory (+550 MB for 120,000 lines)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stored = int(await messages.estimated_document_count())
+        if stored >= expected or time.monotonic() >= deadline:
+            return stored
+        await asyncio.sleep(0.5)
+
+
 async def wait_for_no_lag(lag: LagSampler, timeout_s: float) -> bool:
     """Wait until a fresh lag sample shows every group of the run caught up."""
     deadline = time.monotonic() + max(0.0, timeout_s)
@@ -2279,12 +2293,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         # store's side of "none lost, none doubled" (a line's _id is its position in its
         # conversation, so a message applied twice would be a second line).
         audited = _audited(result)
+        sent = sum(s["messages"] - s["send_errors"] for s in audited)
         result["stored_lines"] = {
-            "messages": sum(s["messages"] - s["send_errors"] for s in audited),
+            "messages": sent,
             "failed_sends": sum(s["send_errors"] for s in audited),
-            # The count command without a filter: FerretDB 1.24 answers count_documents (an
-            # aggregation) by holding every document in memory (+550 MB for 120,000 lines).
-            "stored": await mongo[ids.database_of("conversation_state")]["messages"].estimated_document_count(),
+            "stored": await stored_line_count(mongo[ids.database_of("conversation_state")]["messages"], sent),
             "caught_up": lag_caught_up(ctx.lag.samples, time.time()),
         }
         # The conversation events read outside every step's window (between steps, after the

@@ -3,12 +3,12 @@ owns, so each customer's records have a single writer.
 
 decode → load the batch's customers → apply each record (skipping any already applied) →
 journal the changed customers with the batch's outputs (their records as they go to Kafka) and
-transcript lines → publish the outputs while the lines are stored → return, and the batch is
-committed.
+transcript lines → publish the outputs → return, and the batch is committed. The lines are
+stored by the next write behind (``JournaledCustomers._store``), with the customers.
 
 Journaling first (a transactional outbox) means what was published is always what the journal
-holds: if publishing or storing the lines fails, or the process dies before the outputs are
-acknowledged, whoever recovers the partition publishes the journaled records again (same ids,
+holds: if publishing fails, or the process dies before the outputs are acknowledged or the
+lines stored, whoever recovers the partition publishes the journaled records again (same ids,
 same sequence numbers) and stores the lines before applying anything, and the batch that
 comes again finds its records applied.
 Had the outputs gone out first and the journal failed, the batch would be applied again from
@@ -135,8 +135,8 @@ class FreshRecords:
 # The phases a batch marks (``shared.runtime.phases``), in order: the memory's lock, decoding,
 # a recovery, waiting for the write in flight to release ``applying``, loading customers,
 # applying the records, the coordinator's confirmation, making the outputs, the journal
-# insert, handing the outputs to the producer, Kafka's acknowledgements with the lines'
-# insert, and the write behind's turn (with its backpressure).
+# insert, handing the outputs to the producer, Kafka's acknowledgements, and the write
+# behind's turn (with its backpressure).
 BATCH_PHASES = (
     "lock", "read", "recover", "applying_wait", "load", "apply", "member", "outputs", "journal", "publish", "acknowledged", "finish",
 )
@@ -214,16 +214,16 @@ class ConversationConsumer:
                 for record in made:
                     await self.outbox.send_record(record)
         clock.mark("publish")
-        # The transcript lines are stored while the outputs are acknowledged, once the entry
-        # is in: if either fails, the recovery redoes both from it (the batch that comes again
-        # finds its records applied). Stored before the entry, a line of an attempt that
-        # failed to journal could stay at a position the retry, applying another order, fills
-        # with nothing.
-        for outcome in await asyncio.gather(self._outputs_out(), self.store.save_line_docs(lines), return_exceptions=True):
-            if isinstance(outcome, BaseException):
-                raise outcome
+        # If the acknowledgement fails, the recovery publishes again from the entry (the batch
+        # that comes again finds its records applied).
+        await self._outputs_out()
         clock.mark("acknowledged")
-        self.memory.finish(entries)
+        # The transcript lines are stored by the next write behind, first (one insert command
+        # for the batches of half an interval, off the batch's path); the read API shows them
+        # meanwhile, and the entry holding them stays until they are stored. Stored before the
+        # entry, a line of an attempt that failed to journal could stay at a position the
+        # retry, applying another order, fills with nothing.
+        self.memory.finish(entries, lines)
         if self.memory.due:  # (confirmed above, moments ago)
             self.memory.store_aged()
         await self.memory.catch_up()  # backpressure, if the store falls behind

@@ -7,6 +7,7 @@ import hmac
 import json
 import uuid
 from datetime import UTC, datetime
+from collections.abc import Mapping
 from typing import Any
 
 from pymongo import ASCENDING, DESCENDING
@@ -75,10 +76,11 @@ def _jsonable(value: Any) -> Any:
 def read_routes(
     store: ConversationStore, directory: DirectoryWatcher, token: str | None, memory: JournaledCustomers | None = None
 ) -> list[Route]:
-    """The read API. Customers and conversations are written behind (``write_behind``): this
-    replica answers from its memory for the customers it owns, so what it has applied shows
-    at once; another replica's customers and the team queue may trail by one and a half
-    ``STATE_FLUSH_INTERVAL_S``."""
+    """The read API. Customers and conversations are written behind (``write_behind``), and
+    their transcript lines with them: this replica answers from its memory for the customers
+    it owns, so what it has applied shows at once; another replica's customers, their lines
+    and the team queue may trail by one and a half ``STATE_FLUSH_INTERVAL_S``."""
+    unstored_lines: Mapping[str, dict[str, Any]] = memory.unstored_lines if memory is not None else {}
 
     def latest(doc_id: str, customer_id: str | None = None) -> dict[str, Any] | None:
         return memory.latest(doc_id, customer_id) if memory is not None else None
@@ -122,7 +124,7 @@ def read_routes(
             page_docs = [expand_document(d) async for d in cursor.skip((page - 1) * size).limit(size)]
             total_earlier = await store.conversations.count_documents(others)
         shown = ([current] if current is not None else []) + page_docs
-        lines = await store.read_transcripts(shown, trailing={current["_id"]} if current is not None else ())
+        lines = await store.read_transcripts(shown, trailing={current["_id"]} if current is not None else (), unstored=unstored_lines)
         earlier = [{**_conversation_json(doc), "transcript": [_line_json(d) for d in lines[doc["_id"]]]} for doc in page_docs]
         return JSONResponse(
             {
@@ -155,7 +157,7 @@ def read_routes(
             doc = latest(conversation_id, doc["customer_id"]) or doc
         if doc is None:
             return problem(404, "unknown conversation", conversation_id=conversation_id)
-        lines, total = await store.read_page(doc, (page - 1) * size, size)
+        lines, total = await store.read_page(doc, (page - 1) * size, size, unstored_lines)
         transcript = [_line_json(d) for d in lines]
         return JSONResponse({**_conversation_json(doc), "transcript": transcript, "page": page, "page_size": size, "transcript_total": total})
 

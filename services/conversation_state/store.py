@@ -48,6 +48,7 @@ from services.conversation_state.model import OPEN_STATUSES, Conversation, Custo
 
 # What the read API queries and sorts conversations by; the rest of a conversation is compact.
 CONVERSATION_QUERY_FIELDS = ("customer_id", "opened_at", "team_id", "status", "agent_id", "assigned_at", "queued_at")
+_NONE: Mapping[str, dict[str, Any]] = {}  # no lines waiting to be stored
 OPEN_STATUS_VALUES = frozenset(s.value for s in OPEN_STATUSES)
 # Where every query but by ``_id`` scans (FerretDB), the team queue reads ``open_conversations``:
 # each open conversation's document as ``conversations`` holds it, written with it whenever a
@@ -349,24 +350,51 @@ class ConversationStore:
             if again:
                 await bulk_write_chunked(self.messages, again)
 
-    async def read_page(self, conversation: Mapping[str, Any], start: int, limit: int) -> tuple[list[dict[str, Any]], int]:
+    async def read_page(
+        self, conversation: Mapping[str, Any], start: int, limit: int, unstored: Mapping[str, dict[str, Any]] = _NONE
+    ) -> tuple[list[dict[str, Any]], int]:
         """Lines ``start`` to ``start + limit`` (0-based) of a conversation (its document, as
         current as the reader has it; ``read_transcripts``) and how many it has: past its
         ``line_count``, positions are read ``LINES_PROBED`` at a time until one is missing. A
-        conversation stored before lines had positions: one query for both."""
+        conversation stored before lines had positions: one query for both. ``unstored``: lines
+        not stored yet, by ``_id`` (``JournaledCustomers.unstored_lines``)."""
         count = conversation.get("line_count")
         if count is None:
-            cursor = self.messages.find({"conversation_id": conversation["_id"]}).sort([("at", ASCENDING), ("_id", ASCENDING)])
-            every = [d async for d in cursor]
-            return every[start : start + limit], len(every)
+            every = await self._lines_by_query([conversation["_id"]], unstored)
+            return every[conversation["_id"]][start : start + limit], len(every[conversation["_id"]])
         conv_id = conversation["_id"]
-        lines = (await self.read_transcripts([conversation], start, limit, trailing={conv_id}))[conv_id]
+        lines = (await self.read_transcripts([conversation], start, limit, trailing={conv_id}, unstored=unstored))[conv_id]
         if lines and len(lines) < limit and start + len(lines) >= count:
             return lines, start + len(lines)  # the page ends where the positions past the count did
         known = max(count, start + len(lines))
         # The positions past what is known to exist, read until one is missing.
-        past = await self.read_transcripts([{"_id": conv_id, "line_count": known}], known, sys.maxsize - known, trailing={conv_id})
+        past = await self.read_transcripts(
+            [{"_id": conv_id, "line_count": known}], known, sys.maxsize - known, trailing={conv_id}, unstored=unstored
+        )
         return lines, known + len(past[conv_id])
+
+    async def _lines_by_query(self, conversation_ids: list[str], unstored: Mapping[str, dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+        """Every line of these conversations (stored before lines had positions: by message id),
+        in time order, those not stored yet included."""
+        out: dict[str, list[dict[str, Any]]] = {c: [] for c in conversation_ids}
+        seen: set[str] = set()
+        cursor = self.messages.find({"conversation_id": {"$in": conversation_ids}}).sort([("at", ASCENDING), ("_id", ASCENDING)])
+        async for d in cursor:
+            out[d["conversation_id"]].append(d)
+            seen.add(d["_id"])
+        late = [d for d in unstored.values() if d.get("conversation_id") in out and d["_id"] not in seen]
+        for d in late:
+            out[d["conversation_id"]].append(d)
+        if late:
+            for lines in out.values():
+                lines.sort(key=lambda d: (d["at"], d["_id"]))
+        return out
+
+    async def _lines_by_id(self, ids: list[str], unstored: Mapping[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """The lines of these ``_id``s that exist, those not stored yet from ``unstored``."""
+        found = {i: unstored[i] for i in ids if i in unstored} if unstored else {}
+        rest = [i for i in ids if i not in found] if found else ids
+        return (await find_by_ids(self.messages, rest) if rest else {}) | found
 
     async def read_transcripts(
         self,
@@ -374,6 +402,7 @@ class ConversationStore:
         start: int = 0,
         limit: int = LINES_PER_READ,
         trailing: Collection[str] = (),
+        unstored: Mapping[str, dict[str, Any]] = _NONE,
     ) -> dict[str, list[dict[str, Any]]]:
         """Lines ``start`` to ``start + limit`` (0-based) of each of these conversations (their
         documents, as current as the reader has them), by id, in the order they were added:
@@ -383,7 +412,8 @@ class ConversationStore:
         ``trailing``: conversations whose documents may trail their lines (a current one: it
         is written behind, its lines with each batch): positions past their ``line_count``
         are read too, ``LINES_PROBED`` at a time, until one is missing. (A conversation stops
-        being current with its final lines counted.)"""
+        being current with its final lines counted.) ``unstored``: lines not stored yet, by
+        ``_id``, read as if they were."""
         out: dict[str, list[dict[str, Any]]] = {}
         counted: dict[str, int] = {}
         by_query: list[str] = []
@@ -394,15 +424,10 @@ class ConversationStore:
             else:
                 counted[conv["_id"]] = conv["line_count"]
         if by_query:
-            cursor = self.messages.find({"conversation_id": {"$in": by_query}}).sort([("at", ASCENDING), ("_id", ASCENDING)])
-            seen = dict.fromkeys(by_query, 0)
-            async for d in cursor:
-                n = seen[d["conversation_id"]]
-                seen[d["conversation_id"]] = n + 1
-                if start <= n < start + limit:
-                    out[d["conversation_id"]].append(d)
+            for conv_id, every in (await self._lines_by_query(by_query, unstored)).items():
+                out[conv_id] = every[start : start + limit]
         wanted = {conv_id: range(start + 1, min(start + limit, count) + 1) for conv_id, count in counted.items()}
-        found = await find_by_ids(self.messages, [line_id(c, seq) for c, seqs in wanted.items() for seq in seqs])
+        found = await self._lines_by_id([line_id(c, seq) for c, seqs in wanted.items() for seq in seqs], unstored)
         beyond: dict[str, int] = {}
         for conv_id, seqs in wanted.items():
             out[conv_id] = [found[i] for i in (line_id(conv_id, seq) for seq in seqs) if i in found]
@@ -410,7 +435,7 @@ class ConversationStore:
                 beyond[conv_id] = max(start, counted[conv_id])
         while beyond:  # LINES_PROBED positions at a time, while all are there
             ids = {conv_id: [line_id(conv_id, after + k) for k in range(1, LINES_PROBED + 1)] for conv_id, after in beyond.items()}
-            found = await find_by_ids(self.messages, [i for probe in ids.values() for i in probe])
+            found = await self._lines_by_id([i for probe in ids.values() for i in probe], unstored)
             for conv_id, probe in ids.items():
                 present = list(itertools.takewhile(lambda i: i in found, probe))
                 out[conv_id] += [found[i] for i in present][: start + limit - beyond[conv_id]]

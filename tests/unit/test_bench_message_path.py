@@ -166,3 +166,35 @@ def test_a_fault_is_named_in_the_summary_and_a_clean_run_says_what_it_checked() 
 )
 def test_the_lines_stored_at_the_end_match_the_messages_sent(lines: dict[str, Any] | None, fault: str | None) -> None:
     assert stored_lines_fault(lines) == fault
+
+
+class GrowingCount:
+    """A collection whose line count grows by ``step`` each time it is asked."""
+
+    def __init__(self, start: int, step: int) -> None:
+        self.count, self.step, self.asked = start, step, 0
+
+    async def estimated_document_count(self) -> int:
+        self.asked += 1
+        value = self.count
+        self.count += self.step
+        return value
+
+
+async def test_the_stored_lines_are_counted_once_the_write_behind_stored_them() -> None:
+    from bench.pipeline import stored_line_count
+
+    lines = GrowingCount(start=8, step=1)
+    assert await stored_line_count(lines, expected=10, timeout_s=5) == 10
+    assert lines.asked == 3
+
+
+async def test_more_lines_than_messages_are_answered_at_once_and_too_few_after_the_timeout() -> None:
+    from bench.pipeline import stored_line_count
+
+    doubled = GrowingCount(start=12, step=0)
+    assert await stored_line_count(doubled, expected=10, timeout_s=5) == 12
+    assert doubled.asked == 1
+    short = GrowingCount(start=9, step=0)
+    assert await stored_line_count(short, expected=10, timeout_s=0.6) == 9
+    assert short.asked >= 2
