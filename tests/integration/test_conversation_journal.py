@@ -1054,3 +1054,19 @@ async def test_a_write_in_slices_that_fails_half_way_stores_everything_on_the_re
         assert doc["agent_id"] == f"agent_{n}" and customer is not None
         assert Customer.from_doc(customer).applied["decisions/0"] == 7  # the offsets written with it
     assert memory.entries == {} and await store.journal.find_one({"_id": entry}) is None
+
+
+async def test_lines_not_stored_yet_are_read_with_the_stored_ones(store) -> None:
+    """The owner's read API passes the lines its write behind has not stored yet
+    (``JournaledCustomers.unstored_lines``): read at their positions, past the count, and in
+    time order among a conversation's lines stored by message id."""
+    store, _ = store
+    await store.save_lines([said("conv_1", 1, seq=1), said("conv_0", 1), said("conv_0", 3)])
+    unstored = {d["_id"]: d for d in (said("conv_1", 2, seq=2).to_doc(), said("conv_0", 2).to_doc())}
+    lines, total = await store.read_page({"_id": "conv_1", "line_count": 1}, 0, 10, unstored)
+    assert ([d["text"] for d in lines], total) == (["conv_1 1", "conv_1 2"], 2)
+    lines, total = await store.read_page({"_id": "conv_0"}, 0, 10, unstored)
+    assert ([d["text"] for d in lines], total) == (["conv_0 1", "conv_0 2", "conv_0 3"], 3)
+    both = await store.read_transcripts([{"_id": "conv_1", "line_count": 2}, {"_id": "conv_0"}], unstored=unstored)
+    assert {k: [d["text"] for d in v] for k, v in both.items()} == {"conv_1": ["conv_1 1", "conv_1 2"], "conv_0": ["conv_0 1", "conv_0 2", "conv_0 3"]}
+    assert (await store.read_page({"_id": "conv_1", "line_count": 1}, 0, 10))[1] == 1  # (without them: stored only)
