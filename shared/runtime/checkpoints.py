@@ -55,14 +55,27 @@ def membership_lost(consumer: AIOKafkaConsumer | None) -> bool:
     return coordinator is not None and coordinator.generation == OffsetCommitRequest.DEFAULT_GENERATION_ID
 
 
-async def membership_confirmed(consumer: AIOKafkaConsumer | None) -> bool:
+# How long a confirmation holds, from when its heartbeat was sent: a quarter of a second, and at
+# most a tenth of the session timeout. Measured on CLOCK_BOOTTIME, which counts the time a
+# suspended machine slept (the broker's session clock went on meanwhile).
+CONFIRMATION_HOLDS_S = 0.25
+
+
+def _boottime() -> float:
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+async def membership_confirmed(consumer: AIOKafkaConsumer | None, clock: Callable[[], float] = _boottime) -> bool:
     """Whether the group coordinator confirms, now, that this consumer is a member of the
     generation it holds its partitions in: a heartbeat, answered. ``membership_lost`` learns
     of a lapse only from the next heartbeat of the consumer's own routine (up to its interval
     after a stall ends); a write-behind store asks first. A confirmed member keeps its
-    partitions for at least a session timeout from now (no other member is assigned them
-    before its session expires, and a rebalance revokes them from it first), so a write
-    started at once lands while they are its own. False if the coordinator cannot be reached
+    partitions for at least a session timeout from when the coordinator got the heartbeat (no
+    other member is assigned them before its session expires, and a rebalance revokes them
+    from it first, or waits its rebalance timeout), so a write started at once lands while
+    they are its own; and a confirmation answers for ``CONFIRMATION_HOLDS_S`` after its
+    heartbeat was sent, in the same generation (conversation-state asks for every batch: at
+    20 batches a second, one heartbeat in five). False if the coordinator cannot be reached
     (the write waits for the next flush; the journal or the checkpoints keep the state).
     True for a consumer that is not in a group (no coordinator)."""
     coordinator = getattr(consumer, "_coordinator", None)
@@ -71,12 +84,21 @@ async def membership_confirmed(consumer: AIOKafkaConsumer | None) -> bool:
     heartbeat = getattr(coordinator, "_do_heartbeat", None)
     if membership_lost(consumer) or heartbeat is None:
         return not membership_lost(consumer)
+    generation = coordinator.generation
+    session_s = (getattr(coordinator, "_session_timeout_ms", None) or 10_000) / 1000
+    held = getattr(coordinator, "_hometeam_confirmed", None)  # (heartbeat sent at, generation)
+    sent = clock()
+    if held is not None and held[1] == generation and sent - held[0] < min(CONFIRMATION_HOLDS_S, session_s / 10):
+        return True
     try:
         answered = await heartbeat()
     except Exception:  # (an authorisation failure: not a member either)
         log.warning("could not confirm the group membership before storing", exc_info=True)
         return False
-    return bool(answered) and not membership_lost(consumer)
+    confirmed = bool(answered) and not membership_lost(consumer)
+    if confirmed and coordinator.generation == generation and (held is None or held[0] < sent):
+        coordinator._hometeam_confirmed = (sent, generation)
+    return confirmed
 
 
 def confirming(consumer: AIOKafkaConsumer | None, due: bool) -> asyncio.Future[bool] | None:

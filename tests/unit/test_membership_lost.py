@@ -72,6 +72,53 @@ async def test_membership_is_confirmed_by_a_heartbeat_before_a_store(consumer, c
     assert getattr(coordinator, "sent", 0) == sent
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_a_confirmation_answers_for_a_quarter_second_after_its_heartbeat_was_sent() -> None:
+    consumer, clock = asking(7, "ok"), Clock()
+    assert await membership_confirmed(consumer, clock)
+    clock.now += 0.2
+    assert await membership_confirmed(consumer, clock)
+    assert consumer._coordinator.sent == 1
+    clock.now += 0.06  # 0.26 s after the heartbeat
+    assert await membership_confirmed(consumer, clock)
+    assert consumer._coordinator.sent == 2
+
+
+async def test_a_confirmation_answers_within_its_generation_only_and_never_once_lapsed() -> None:
+    consumer, clock = asking(7, "ok"), Clock()
+    assert await membership_confirmed(consumer, clock)
+    consumer._coordinator.generation = 8  # a rebalance since
+    assert await membership_confirmed(consumer, clock)
+    assert consumer._coordinator.sent == 2
+    consumer._coordinator.generation = -1  # lapsed
+    assert not await membership_confirmed(consumer, clock)
+
+
+@pytest.mark.parametrize("answer", ["unreachable", "unknown", "raises"])
+async def test_a_refusal_is_not_remembered(answer: str) -> None:
+    consumer, clock = asking(7, answer), Clock()
+    assert not await membership_confirmed(consumer, clock)
+    consumer._coordinator.generation = 7
+    assert not await membership_confirmed(consumer, clock)
+    assert consumer._coordinator.sent == 2
+
+
+async def test_a_short_session_holds_a_confirmation_a_tenth_of_it() -> None:
+    consumer, clock = asking(7, "ok"), Clock()
+    consumer._coordinator._session_timeout_ms = 1_000
+    assert await membership_confirmed(consumer, clock)
+    clock.now += 0.15
+    assert await membership_confirmed(consumer, clock)
+    assert consumer._coordinator.sent == 2
+
+
 @pytest.mark.parametrize(("consumer", "generation"), [(None, 0), (member(None), 0), (member(7), 7), (member(-1), -1)])
 def test_writes_carry_the_generation_the_consumer_joined_in(consumer, generation) -> None:
     assert group_generation(consumer) == generation
