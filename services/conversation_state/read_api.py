@@ -80,7 +80,7 @@ def read_routes(
     their transcript lines with them: this replica answers from its memory for the customers
     it owns, so what it has applied shows at once; another replica's customers, their lines
     and the team queue may trail by one and a half ``STATE_FLUSH_INTERVAL_S``."""
-    unstored_lines: Mapping[str, dict[str, Any]] = memory.unstored_lines if memory is not None else {}
+    unstored_lines: Mapping[str, Mapping[str, Any]] = memory.unstored_lines if memory is not None else {}
 
     def latest(doc_id: str, customer_id: str | None = None) -> dict[str, Any] | None:
         return memory.latest(doc_id, customer_id) if memory is not None else None

@@ -26,9 +26,12 @@ import itertools
 import sys
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
+import bson
+from bson.codec_options import CodecOptions
+from bson.raw_bson import RawBSONDocument
 from pymongo import ASCENDING, DESCENDING, DeleteOne, ReplaceOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
@@ -48,7 +51,7 @@ from services.conversation_state.model import OPEN_STATUSES, Conversation, Custo
 
 # What the read API queries and sorts conversations by; the rest of a conversation is compact.
 CONVERSATION_QUERY_FIELDS = ("customer_id", "opened_at", "team_id", "status", "agent_id", "assigned_at", "queued_at")
-_NONE: Mapping[str, dict[str, Any]] = {}  # no lines waiting to be stored
+_NONE: Mapping[str, Mapping[str, Any]] = {}  # no lines waiting to be stored
 OPEN_STATUS_VALUES = frozenset(s.value for s in OPEN_STATUSES)
 # Where every query but by ``_id`` scans (FerretDB), the team queue reads ``open_conversations``:
 # each open conversation's document as ``conversations`` holds it, written with it whenever a
@@ -139,6 +142,24 @@ def entry_contents(entry: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     if entry.get("format") not in JOURNAL_FORMATS:
         raise ValueError(f"journal entry {entry['_id']}: unknown format {entry.get('format')!r}")
     return unpack(entry["blob"])  # type: ignore[return-value]
+
+
+_LINE_CODEC = CodecOptions(document_class=dict, tz_aware=True, tzinfo=UTC)
+_RAW_LINE_CODEC = CodecOptions(document_class=RawBSONDocument, tz_aware=True, tzinfo=UTC)
+
+
+def unstored_line(doc: dict[str, Any]) -> Mapping[str, Any]:
+    """A transcript line waiting for the next write: at a position, as its BSON (read with
+    ``line_doc``); by message id (a conversation stored before lines had positions, which the
+    read API finds by a query over every line in memory), as it is."""
+    return doc if doc.get("seq") is None else RawBSONDocument(bson.encode(doc), _RAW_LINE_CODEC)
+
+
+def line_doc(line: Mapping[str, Any]) -> dict[str, Any]:
+    """A waiting line as a document (decoded afresh: the waiting BSON keeps no decoded copy)."""
+    if isinstance(line, RawBSONDocument):
+        return bson.decode(line.raw, _LINE_CODEC)
+    return dict(line)
 
 
 def _but_gen(line: Mapping[str, Any]) -> dict[str, Any]:
@@ -329,13 +350,15 @@ class ConversationStore:
         owner: the owner's line stays)."""
         await self.save_line_docs([{**line.to_doc(), "gen": generation} for line in lines])
 
-    async def save_line_docs(self, docs: list[dict[str, Any]]) -> None:
+    async def save_line_docs(self, docs: list[Mapping[str, Any]]) -> None:
         """``save_lines`` of the lines' documents (``Line.to_doc`` with the ``gen`` that applied
         each: as a journal entry holds them). A line already stored as it is (a recovery
         storing an entry's lines again) is not rewritten."""
         if not docs:
             return
         existed = await insert_absent(self.messages, docs)
+        if not existed:
+            return
         at_positions = [d for d in docs if d["_id"] in existed and d["seq"] is not None]
         if at_positions:
             # Read, then replace by ``_id`` alone: on FerretDB a filter naming any other field
@@ -351,7 +374,7 @@ class ConversationStore:
                 await bulk_write_chunked(self.messages, again)
 
     async def read_page(
-        self, conversation: Mapping[str, Any], start: int, limit: int, unstored: Mapping[str, dict[str, Any]] = _NONE
+        self, conversation: Mapping[str, Any], start: int, limit: int, unstored: Mapping[str, Mapping[str, Any]] = _NONE
     ) -> tuple[list[dict[str, Any]], int]:
         """Lines ``start`` to ``start + limit`` (0-based) of a conversation (its document, as
         current as the reader has it; ``read_transcripts``) and how many it has: past its
@@ -373,7 +396,7 @@ class ConversationStore:
         )
         return lines, known + len(past[conv_id])
 
-    async def _lines_by_query(self, conversation_ids: list[str], unstored: Mapping[str, dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    async def _lines_by_query(self, conversation_ids: list[str], unstored: Mapping[str, Mapping[str, Any]]) -> dict[str, list[dict[str, Any]]]:
         """Every line of these conversations (stored before lines had positions: by message id),
         in time order, those not stored yet included."""
         out: dict[str, list[dict[str, Any]]] = {c: [] for c in conversation_ids}
@@ -382,7 +405,8 @@ class ConversationStore:
         async for d in cursor:
             out[d["conversation_id"]].append(d)
             seen.add(d["_id"])
-        late = [d for d in unstored.values() if d.get("conversation_id") in out and d["_id"] not in seen]
+        # (only lines by message id: those at positions, waiting as BSON, are never of these)
+        late = [d for d in unstored.values() if type(d) is dict and d.get("conversation_id") in out and d["_id"] not in seen]
         for d in late:
             out[d["conversation_id"]].append(d)
         if late:
@@ -390,9 +414,9 @@ class ConversationStore:
                 lines.sort(key=lambda d: (d["at"], d["_id"]))
         return out
 
-    async def _lines_by_id(self, ids: list[str], unstored: Mapping[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    async def _lines_by_id(self, ids: list[str], unstored: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
         """The lines of these ``_id``s that exist, those not stored yet from ``unstored``."""
-        found = {i: unstored[i] for i in ids if i in unstored} if unstored else {}
+        found = {i: line_doc(unstored[i]) for i in ids if i in unstored} if unstored else {}
         rest = [i for i in ids if i not in found] if found else ids
         return (await find_by_ids(self.messages, rest) if rest else {}) | found
 
@@ -402,7 +426,7 @@ class ConversationStore:
         start: int = 0,
         limit: int = LINES_PER_READ,
         trailing: Collection[str] = (),
-        unstored: Mapping[str, dict[str, Any]] = _NONE,
+        unstored: Mapping[str, Mapping[str, Any]] = _NONE,
     ) -> dict[str, list[dict[str, Any]]]:
         """Lines ``start`` to ``start + limit`` (0-based) of each of these conversations (their
         documents, as current as the reader has them), by id, in the order they were added:

@@ -8,13 +8,14 @@ it appends one ``conversation_journal`` entry per partition it touched, holding 
 customer and conversation documents, each changed customer's current conversations even
 when unchanged, the batch's outputs as they go to Kafka and its transcript lines (one insert
 command). The outputs are published once the entry is in, and the input offsets committed
-after that. The lines wait in memory (``unstored_lines``, which the read API shows) for the
-next write, which stores every line waiting in one insert command before anything else (at
-1,000 msg/s the batches' own line inserts took ~8 ms of each ~20 ms batch, on its path). A
+after that. The lines are stored by a line writer of their own, off the batch's path (at
+1,000 msg/s the batches' own line inserts took ~8 ms of each ~20 ms batch): one insert
+command at a time, of every line that waits then (``unstored_lines``, which the read API
+shows meanwhile), so under load the inserts of several batches are one. A
 customer is written to its collections (inserted if new, replaced otherwise) once its oldest
 unstored change is ``interval_s`` old (checked every half interval), so the message and the
 routing decision that follows it are usually one write; a journal entry is deleted once
-every customer it holds is stored (its lines were, first). As a customer's newest entry holds all that its document
+every customer it holds is stored and the lines journaled before the write began are. As a customer's newest entry holds all that its document
 holds, a flush may rewrite a stored customer by deleting and inserting it (on FerretDB half
 the cost of a replace: ``ConversationStore.write_changes``), except one overlaid from entries
 another process wrote (an earlier version's entries held only what changed).
@@ -79,6 +80,7 @@ from services.conversation_state.store import (
     stored_unknown,
     summarize_stored,
     take_held,
+    unstored_line,
 )
 
 log = logging.getLogger(__name__)
@@ -149,10 +151,19 @@ class JournaledCustomers:
         # Journal entry → partition, for this process's entries whose outputs Kafka acknowledged
         # (``finish``): a recovery does not publish them again.
         self.finished: dict[str, int] = {}
-        # The transcript lines of the batches whose outputs are out, not stored yet: the next
-        # write stores them first (``_store``), before it deletes any journal entry; by
-        # ``_id``, so the read API shows them meanwhile (``ConversationStore.read_transcripts``).
-        self.unstored_lines: dict[str, dict[str, Any]] = {}
+        # The transcript lines of the batches whose outputs are out, not stored yet (waiting or
+        # in the line write in flight), by ``_id``: the read API shows them meanwhile
+        # (``ConversationStore.read_transcripts``). Each as its BSON (``unstored_line``): a
+        # fifth of a dict's memory, and inserted as it is. ``_lines_queued`` counts the lines
+        # ``finish`` was given, ``_lines_stored`` how many of the first of them are stored (or
+        # dropped: the journal has them): a write deletes journal entries only once the lines
+        # given before it began are stored.
+        self.unstored_lines: dict[str, Mapping[str, Any]] = {}
+        self._lines_waiting: list[tuple[str, Mapping[str, Any]]] = []
+        self._lines_queued = 0
+        self._lines_stored = 0
+        self._lines_failed = False
+        self._line_writer: asyncio.Task[None] | None = None
 
     def _unstored(self, customer_id: str) -> CustomerRecords | None:
         """The records of a customer not stored as they are yet (changed since, or in the write
@@ -348,10 +359,52 @@ class JournaledCustomers:
     def finish(self, entries: Mapping[str, int], lines: Iterable[dict[str, Any]] = ()) -> None:
         """The outputs of these journal entries (id → partition, as ``append`` returned them)
         are acknowledged by Kafka: a recovery by this process does not publish them again. Their
-        transcript ``lines`` (documents) are stored by the next write, first."""
+        transcript ``lines`` (documents) go to the line writer."""
         self.finished.update(entries)
         for doc in lines:
-            self.unstored_lines[doc["_id"]] = doc
+            kept = self.unstored_lines[doc["_id"]] = unstored_line(doc)
+            self._lines_waiting.append((doc["_id"], kept))
+            self._lines_queued += 1
+        self.store_lines()
+
+    def store_lines(self) -> None:
+        """Start storing the waiting lines, unless a line write is in flight (it starts the
+        next when it lands)."""
+        if self._lines_waiting and (self._line_writer is None or self._line_writer.done()):
+            lines, self._lines_waiting = self._lines_waiting, []
+            self._line_writer = asyncio.create_task(self._write_lines(lines, self._lines_queued, self.epoch))
+
+    async def _write_lines(self, lines: list[tuple[str, Mapping[str, Any]]], upto: int, epoch: int) -> None:
+        try:
+            await self.store.save_line_docs([doc for _, doc in lines])
+        except Exception:
+            log.exception("storing transcript lines failed; retrying")
+            self._lines_failed = True
+            if self.metrics is not None:
+                self.metrics.failures.inc()
+            if epoch == self.epoch:
+                self._lines_waiting[:0] = lines  # (first, again: the next round takes them)
+            return
+        self._lines_failed = False
+        if epoch == self.epoch:
+            self._lines_stored = max(self._lines_stored, upto)
+            for line_id, doc in lines:
+                if self.unstored_lines.get(line_id) is doc:
+                    del self.unstored_lines[line_id]
+        self.store_lines()
+
+    async def _lines_stored_through(self, count: int, epoch: int) -> bool:
+        """Wait until the first ``count`` lines given to ``finish`` are stored; False if a line
+        write fails meanwhile (or the memory is dropped: its entries are gone anyway)."""
+        while self._lines_stored < count and epoch == self.epoch:
+            self.store_lines()
+            writer = self._line_writer
+            if writer is None or writer.done():  # (nothing in flight, nothing waiting: not to be had)
+                return self._lines_stored >= count
+            await asyncio.gather(writer, return_exceptions=True)
+            if self._lines_failed:
+                return False
+        return True
 
     async def _redo(self, entries: list[tuple[dict[str, Any], dict[str, Any]]], partitions: Collection[int]) -> None:
         """Publish again the outputs of these journal entries (of ``partitions``) not known to
@@ -415,8 +468,8 @@ class JournaledCustomers:
         self._evict_clean()
         ready = {cid for cid, since in self.dirty.items() if now - since >= min_age_s}
         done = {e for e, customers in self.entries.items() if customers <= ready}
-        lines = list(self.unstored_lines.values())  # (every entry in ``entries`` has its lines stored or here)
-        if not ready and not done and not lines:
+        lines_before = self._lines_queued  # (every entry in ``entries`` has its lines among them, or recovered)
+        if not ready and not done:
             if self.metrics is not None:
                 self.metrics.stored_at.set(stored_until)
             return
@@ -429,30 +482,26 @@ class JournaledCustomers:
         dirty = {cid: self.dirty.pop(cid) for cid in [c for c in self.dirty if c in ready]}  # (in the order journaled: oldest first)
         self.writing_customers = set(dirty)
         self.dirty_and_writing = 0  # (the customers left dirty are not in this write)
-        self.writing = asyncio.create_task(self._store(dirty, sorted(done), before, stored_until, self.epoch, lines))
+        self.writing = asyncio.create_task(self._store(dirty, sorted(done), before, stored_until, self.epoch, lines_before))
 
     async def _store(
-        self, dirty: dict[str, float], done: list[str], before: dict[str, set[str]], stored_until: float, epoch: int, lines: list[dict[str, Any]]
+        self,
+        dirty: dict[str, float],
+        done: list[str],
+        before: dict[str, set[str]],
+        stored_until: float,
+        epoch: int,
+        lines_before: int,
     ) -> None:
-        """Store the transcript ``lines`` of the batches whose outputs are out (one insert
-        command, not one per batch; if it fails, nothing of the write is done). Then write the
-        customers ``flush`` handed over (``dirty``: each with when its oldest change
+        """Write the customers ``flush`` handed over (``dirty``: each with when its oldest change
         was journaled) under the memory of ``epoch``, ``write_slice`` at a time: each slice's
         documents are made when its turn comes (between batches: ``applying``), written, and
         its customers count as stored as soon as it lands, so a write in flight holds one
         slice's documents, not every customer's, and the unstored count falls as it goes.
-        Then the journal entries that hold nothing unstored are deleted. If a slice fails, it
+        Then the journal entries that hold nothing unstored are deleted, once the lines given
+        to ``finish`` before the write began (``lines_before``) are stored. If a slice fails, it
         and the slices after it are stored next time (``_put_back``); after a ``drop`` the
         write stops (the journal keeps what it did not store)."""
-        if lines:
-            try:
-                await self.store.save_line_docs(lines)
-            except Exception:
-                self._put_back(list(dirty), dirty, before, epoch, [])
-                return
-            for doc in lines:
-                if self.unstored_lines.get(doc["_id"]) is doc:
-                    del self.unstored_lines[doc["_id"]]
         order = list(dirty)
         for start in range(0, len(order), self.write_slice):
             part = order[start : start + self.write_slice]
@@ -477,6 +526,9 @@ class JournaledCustomers:
             del changes
             if epoch == self.epoch:
                 self._landed_slice(part)
+        if done and not await self._lines_stored_through(lines_before, epoch):
+            self._put_back([], dirty, before, epoch, [])
+            return
         try:
             if done:
                 await bulk_write_chunked(self.store.journal, [DeleteOne({"_id": e}) for e in done])
@@ -556,6 +608,12 @@ class JournaledCustomers:
         if customer_id not in self.dirty and customer_id in self.writing_customers:
             self.dirty_and_writing += 1
 
+    @property
+    def over_limit(self) -> bool:
+        """More customers not stored as they are than ``max_unstored``, or as many transcript
+        lines waiting for a write."""
+        return self.unstored > self.max_unstored or len(self.unstored_lines) > self.max_unstored
+
     async def catch_up(self, retry_after_s: float = 0.5) -> None:
         """Backpressure: while more than ``max_unstored`` customers are not stored as they are
         (``unstored``: the store is slower than the input), wait while the write in flight
@@ -563,14 +621,19 @@ class JournaledCustomers:
         next when it ends (of the customers whose changes have aged, or else of all), and so
         on until within the limit, before the consumer takes more input. The backlog then stays
         in Kafka (consumer lag), not in this process's memory, which holds at most about
-        ``max_unstored`` customers besides its cache. A failed write is retried every
+        ``max_unstored`` customers besides its cache (and as many transcript lines, which the
+        next write stores first: the same wait). A failed write is retried every
         ``retry_after_s``; a lapsed membership ends the wait (the next batch stops on it). Call
         under ``lock``, after a batch is journaled."""
-        if self.unstored <= self.max_unstored:
+        if not self.over_limit:
             return
         started = self.clock()
         try:
-            while self.unstored > self.max_unstored:
+            while self.over_limit:
+                if len(self.unstored_lines) > self.max_unstored:  # (the line writer behind: a slow or failing store)
+                    if not await self._lines_stored_through(self._lines_queued, self.epoch):
+                        await asyncio.sleep(retry_after_s)
+                    continue
                 if self.dirty and (self.writing is None or self.writing.done()):
                     # The aged ones first (a customer changed a moment ago usually changes
                     # again soon: its routing decision), all of them if none is.
@@ -601,6 +664,8 @@ class JournaledCustomers:
     async def settle(self) -> None:
         if self.writing is not None:
             await asyncio.gather(self.writing, return_exceptions=True)
+        if self._line_writer is not None:
+            await asyncio.gather(self._line_writer, return_exceptions=True)
 
     def drop(self) -> None:
         """Forget everything in memory (the journal keeps what was not stored)."""
@@ -609,6 +674,8 @@ class JournaledCustomers:
         self.dirty.clear()
         self.entries.clear()
         self.unstored_lines.clear()  # (in the journal entries the recovery reads)
+        self._lines_waiting = []
+        self._lines_stored = self._lines_queued  # (no entry is left to wait for them)
         self.overlaid.clear()
         self.settled.clear()
         self.writing_customers = set()
@@ -625,6 +692,7 @@ class JournaledCustomers:
         what is due; both only while the group coordinator confirms this member."""
         while True:
             await asyncio.sleep(min(self.interval_s / 2, 1.0))
+            self.store_lines()  # (again after a failed line write)
             recovering = bool(self.assigned - self.recovered)
             try:
                 # (asked before waiting for the lock)

@@ -307,22 +307,45 @@ async def _stored_lines(store: ConversationStore) -> list[str]:
     return sorted([d["message_id"] async for d in store.messages.find({"customer_id": CUSTOMER})])
 
 
-async def test_lines_are_stored_by_the_write_behind_and_shown_until_then(harness) -> None:
-    """A batch's transcript lines are not stored on its path: the owner's read API shows them
-    from memory; a write that fails to store them keeps them there, and keeps the journal
-    entries holding them, until a write stores them."""
+class FailsTimes(FailsOnce):
+    """``target`` with its method ``name`` failing at its first ``times`` calls."""
+
+    def __init__(self, target: Any, name: str, times: int) -> None:
+        super().__init__(target, name)
+        self.times = times
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._target, name)
+        if name != self._name:
+            return attr
+
+        async def maybe_failing(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            if self.calls > self.times:
+                return await attr(*args, **kwargs)
+            raise ConnectionError(f"{name} failed (injected)")
+
+        return maybe_failing
+
+
+async def test_lines_are_stored_off_the_batch_and_shown_until_then(harness) -> None:
+    """A batch's transcript lines are stored by the line writer, not on the batch's path: a
+    line insert that fails does not fail the batch; the owner's read API shows the lines from
+    memory; the journal entries holding them stay until they are stored (a write that cannot
+    store them keeps them), and a later try stores them."""
     harness, records = harness
     store = harness.store
+    store.messages = FailsTimes(store.messages, "insert_many", times=2)
     consumer = harness.process()
-    await consumer.handle([records["m1"], records["m2"]])
+    await consumer.handle([records["m1"], records["m2"]])  # (its line write fails: the first)
+    await consumer.memory.settle()
     assert await _stored_lines(store) == []
     assert await _transcript(consumer, store) == ["msg-1", "msg-2"]
 
-    store.messages = FailsOnce(store.messages, "insert_many")
-    consumer.memory.flush()
+    consumer.memory.flush()  # the customers land; the lines fail again (the second): entries kept
     await consumer.memory.settle()
     assert await _stored_lines(store) == []
-    assert await store.journal.count_documents({}) > 0  # (the entries hold the lines)
+    assert await store.journal.count_documents({}) > 0
     assert await _transcript(consumer, store) == ["msg-1", "msg-2"]
 
     consumer.memory.flush()
@@ -333,19 +356,23 @@ async def test_lines_are_stored_by_the_write_behind_and_shown_until_then(harness
     assert await _transcript(consumer, store) == ["msg-1", "msg-2"]
 
 
-async def test_the_lines_of_a_process_that_stopped_before_its_write_are_stored_by_the_next_owner(harness) -> None:
+async def test_the_lines_of_a_process_that_stopped_before_storing_them_are_stored_by_the_next_owner(harness) -> None:
     harness, records = harness
     store = harness.store
+    lines = store.messages
+    store.messages = FailsTimes(lines, "insert_many", times=1)
     first = harness.process()
-    await first.handle([records["m1"]])  # (and the process stops: no write)
+    await first.handle([records["m1"]])  # (its line write fails, and the process stops)
+    await first.memory.settle()
     assert await _stored_lines(store) == []
+    store.messages = lines
     second = harness.process()
     await second.handle([records["m2"]])  # the recovery stores the journaled line first
-    assert await _stored_lines(store) == ["msg-1"]
+    await second.memory.settle()
+    assert await _stored_lines(store) == ["msg-1", "msg-2"]
     assert await _transcript(second, store) == ["msg-1", "msg-2"]
     second.memory.flush()
     await second.memory.settle()
-    assert await _stored_lines(store) == ["msg-1", "msg-2"]
     assert await store.journal.count_documents({}) == 0
 
 
@@ -357,7 +384,10 @@ async def test_the_lines_a_dropped_memory_held_are_stored_by_its_recovery(harnes
     store = harness.store
     sender = FailingSender(harness.publisher, acknowledgement=False, at=2)
     consumer = harness.process(sender)
+    store.messages = FailsTimes(store.messages, "insert_many", times=1)
     await consumer.handle([records["m1"]])
+    await consumer.memory.settle()  # (its line write failed: msg-1 waits in memory)
+    assert "msg-1" not in await _stored_lines(store) and consumer.memory.unstored_lines
     with pytest.raises(Exception, match="injected"):
         await consumer.handle([records["m2"]])
     assert consumer.memory.unstored_lines == {}

@@ -148,3 +148,79 @@ async def test_the_customers_whose_changes_have_aged_are_stored_first(registry) 
     await memory.settle()
     assert store.written == [{"cus_1", "cus_2"}]
     assert set(memory.dirty) == {"cus_3", "cus_4"}
+
+
+class SlowLines(SlowStore):
+    """Also stores transcript lines, once the test lets it (``lines_gate``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines_gate = asyncio.Event()
+        self.lines: list[str] = []
+
+    async def save_line_docs(self, docs: list[Any]) -> None:
+        await self.lines_gate.wait()
+        self.lines += [d["_id"] for d in docs]
+
+
+def line(n: int) -> dict[str, Any]:
+    return {"_id": f"conv_1|{n}", "conversation_id": "conv_1", "customer_id": "cus_1", "seq": n, "text": f"line {n}", "at": NOW, "gen": 1}
+
+
+async def test_more_lines_than_the_limit_waiting_for_the_line_writer_hold_the_batch(registry) -> None:
+    """Lines go to a line writer of their own, one insert at a time; while the store is slow
+    they wait in memory, and more of them than ``max_unstored`` hold the batch like unstored
+    customers do."""
+    store = SlowLines()
+    store.gate.set()
+    memory = JournaledCustomers(store, interval_s=60, metrics=CheckpointMetrics(registry, "conversations", backpressure=True), max_unstored=3)  # type: ignore[arg-type]
+    await journaled(memory, "cus_1")
+    memory.finish({}, [line(1)])  # a line write starts (and waits for the store)
+    memory.finish({}, [line(2), line(3)])  # behind it
+    await asyncio.wait_for(memory.catch_up(), timeout=1)  # three lines: at the limit
+    memory.finish({}, [line(4)])
+    waiting = asyncio.ensure_future(memory.catch_up())
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    store.lines_gate.set()
+    await asyncio.wait_for(waiting, timeout=1)
+    await memory.settle()
+    assert store.lines == [f"conv_1|{n}" for n in range(1, 5)] and memory.unstored_lines == {}
+
+
+class Deletes(Journal):
+    def __init__(self) -> None:
+        super().__init__()
+        self.deleted = 0
+
+    async def bulk_write(self, ops: list[Any], ordered: bool = True) -> None:
+        self.deleted += len(ops)
+
+
+async def test_a_journal_entry_is_deleted_only_once_the_lines_given_before_the_write_are_stored() -> None:
+    store = SlowLines()
+    store.journal = Deletes()
+    store.gate.set()
+    memory = JournaledCustomers(store, interval_s=60)  # type: ignore[arg-type]
+    await journaled(memory, "cus_1")
+    memory.finish({}, [line(1)])
+    memory.flush()
+    await asyncio.sleep(0.05)
+    assert store.written == [{"cus_1"}] and memory.writing is not None and not memory.writing.done()
+    assert store.journal.deleted == 0  # the customer is stored, its line not yet
+    store.lines_gate.set()
+    await memory.settle()
+    assert store.journal.deleted == 1 and store.lines == ["conv_1|1"]
+
+
+def test_a_waiting_line_at_a_position_is_kept_as_bson_and_read_back_as_it_was() -> None:
+    from bson.raw_bson import RawBSONDocument
+
+    from services.conversation_state.store import line_doc, unstored_line
+
+    doc = {**line(1), "at": datetime(2026, 12, 5, 9, 0, 0, 123000, tzinfo=UTC)}
+    kept = unstored_line(doc)
+    assert isinstance(kept, RawBSONDocument)
+    assert line_doc(kept) == doc and line_doc(kept)["at"].tzinfo is not None
+    legacy = {**doc, "_id": "msg-1", "seq": None}
+    assert unstored_line(legacy) is legacy  # by message id: as it is (found by a query in memory)
