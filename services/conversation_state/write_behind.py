@@ -10,8 +10,9 @@ when unchanged, the batch's outputs as they go to Kafka and its transcript lines
 command). The outputs are published once the entry is in, and the input offsets committed
 after that. The lines are stored by a line writer of their own, off the batch's path (at
 1,000 msg/s the batches' own line inserts took ~8 ms of each ~20 ms batch): one insert
-command at a time, of every line that waits then (``unstored_lines``, which the read API
-shows meanwhile), so under load the inserts of several batches are one. A
+command at a time, a quarter second after the first line waiting, of every line waiting then
+(``unstored_lines``, which the read API shows meanwhile), so the inserts of the batches of a
+quarter second are one. A
 customer is written to its collections (inserted if new, replaced otherwise) once its oldest
 unstored change is ``interval_s`` old (checked every half interval), so the message and the
 routing decision that follows it are usually one write; a journal entry is deleted once
@@ -105,12 +106,14 @@ class JournaledCustomers:
         clock: Callable[[], float] = time.monotonic,
         max_unstored: int = 20_000,
         write_slice: int = WRITE_SLICE,
+        lines_delay_s: float = 0.25,
     ) -> None:
         self.store = store
         self.interval_s = interval_s
         self.max_clean = max_clean  # stored customers kept in memory (least recently used go first)
         self.max_unstored = max_unstored  # customers with unstored changes before batches wait (``catch_up``)
         self.write_slice = write_slice  # customers a write makes documents for and stores at a time (``_store``)
+        self.lines_delay_s = lines_delay_s  # how long a line write waits for more lines to join
         self.metrics = metrics
         self.clock = clock
         self.instance = uuid.uuid4().hex[:12]  # names this process's journal entries
@@ -368,13 +371,22 @@ class JournaledCustomers:
         self.store_lines()
 
     def store_lines(self) -> None:
-        """Start storing the waiting lines, unless a line write is in flight (it starts the
-        next when it lands)."""
+        """Start a line write, unless one is in flight (it starts the next when it lands): it
+        waits ``lines_delay_s``, then stores every line waiting by then in one insert."""
         if self._lines_waiting and (self._line_writer is None or self._line_writer.done()):
-            lines, self._lines_waiting = self._lines_waiting, []
-            self._line_writer = asyncio.create_task(self._write_lines(lines, self._lines_queued, self.epoch))
+            self._line_writer = asyncio.create_task(self._write_lines(self.epoch))
 
-    async def _write_lines(self, lines: list[tuple[str, Mapping[str, Any]]], upto: int, epoch: int) -> None:
+    async def _write_lines(self, epoch: int) -> None:
+        # The batches of the delay share one insert: each insert command is a FerretDB
+        # transaction on the database the batches' journal inserts use too (one per batch, in
+        # flight beside them, slowed those down under load).
+        await asyncio.sleep(self.lines_delay_s)
+        if epoch != self.epoch:
+            return
+        lines, self._lines_waiting = self._lines_waiting, []
+        upto = self._lines_queued
+        if not lines:
+            return
         try:
             await self.store.save_line_docs([doc for _, doc in lines])
         except Exception:
