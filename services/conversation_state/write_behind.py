@@ -471,6 +471,7 @@ class JournaledCustomers:
         writing them, then delete the journal entries no longer holding anything unstored
         (unless a write is still in flight). Call under ``lock``."""
         self._shed_settled()  # (while a write is in flight too: none of its customers is settled)
+        self.store_lines()  # (again, after a failed line write)
         if self.writing is not None and not self.writing.done():
             return
         if membership_lost(self.consumer()):
@@ -494,7 +495,9 @@ class JournaledCustomers:
         dirty = {cid: self.dirty.pop(cid) for cid in [c for c in self.dirty if c in ready]}  # (in the order journaled: oldest first)
         self.writing_customers = set(dirty)
         self.dirty_and_writing = 0  # (the customers left dirty are not in this write)
-        self.writing = asyncio.create_task(self._store(dirty, sorted(done), before, stored_until, self.epoch, lines_before))
+        self.writing = asyncio.create_task(
+            self._store(dirty, sorted(done), before, stored_until, self.epoch, lines_before, wait_for_lines=min_age_s <= 0)
+        )
 
     async def _store(
         self,
@@ -504,14 +507,17 @@ class JournaledCustomers:
         stored_until: float,
         epoch: int,
         lines_before: int,
+        wait_for_lines: bool = False,
     ) -> None:
         """Write the customers ``flush`` handed over (``dirty``: each with when its oldest change
         was journaled) under the memory of ``epoch``, ``write_slice`` at a time: each slice's
         documents are made when its turn comes (between batches: ``applying``), written, and
         its customers count as stored as soon as it lands, so a write in flight holds one
         slice's documents, not every customer's, and the unstored count falls as it goes.
-        Then the journal entries that hold nothing unstored are deleted, once the lines given
-        to ``finish`` before the write began (``lines_before``) are stored. If a slice fails, it
+        Then the journal entries that hold nothing unstored are deleted if the lines given to
+        ``finish`` before the write began (``lines_before``) are stored, or once they are if
+        ``wait_for_lines`` (a write of everything: before giving partitions up, so the next
+        owner finds no entries), else the next write deletes them. If a slice fails, it
         and the slices after it are stored next time (``_put_back``); after a ``drop`` the
         write stops (the journal keeps what it did not store)."""
         order = list(dirty)
@@ -538,9 +544,15 @@ class JournaledCustomers:
             del changes
             if epoch == self.epoch:
                 self._landed_slice(part)
-        if done and not await self._lines_stored_through(lines_before, epoch):
-            self._put_back([], dirty, before, epoch, [])
-            return
+        if done and self._lines_stored < lines_before and not (wait_for_lines and await self._lines_stored_through(lines_before, epoch)):
+            # Lines journaled before the write are not all stored yet: the entries stay, for
+            # the next write to delete (an aged write does not wait: waiting kept it in flight
+            # and the next one from starting, and under load the unstored customers grew, and
+            # backpressure with them).
+            if epoch == self.epoch:
+                for e in done:
+                    self.entries.setdefault(e, set())
+            done = []
         try:
             if done:
                 await bulk_write_chunked(self.store.journal, [DeleteOne({"_id": e}) for e in done])

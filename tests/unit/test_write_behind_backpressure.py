@@ -197,7 +197,37 @@ class Deletes(Journal):
         self.deleted += len(ops)
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_an_aged_write_leaves_the_entries_whose_lines_are_not_stored_yet_to_the_next() -> None:
+    """A write of aged customers does not wait for the line writer (it would hold the next
+    write back): the entries whose lines are not stored yet stay for the next write."""
+    store, clock = SlowLines(), Clock()
+    store.journal = Deletes()
+    store.gate.set()
+    memory = JournaledCustomers(store, interval_s=1, clock=clock)  # type: ignore[arg-type]
+    await journaled(memory, "cus_1")
+    memory.finish({}, [line(1)])
+    clock.now = 5.0
+    memory.store_aged()
+    await asyncio.wait_for(memory.writing, timeout=1)  # (not waiting for the line)
+    assert store.written == [{"cus_1"}] and store.journal.deleted == 0
+    store.lines_gate.set()
+    await memory.settle()
+    assert store.lines == ["conv_1|1"] and store.journal.deleted == 0
+    memory.store_aged()  # the next write deletes it
+    await memory.settle()
+    assert store.journal.deleted == 1
+
+
 async def test_a_journal_entry_is_deleted_only_once_the_lines_given_before_the_write_are_stored() -> None:
+    """A write of everything (before giving partitions up) waits for them."""
     store = SlowLines()
     store.journal = Deletes()
     store.gate.set()
