@@ -231,3 +231,13 @@ async def isolated_run(stack: AsyncExitStack, infra: Any, tag: str, kind: str, t
     config.write_text(yaml.safe_dump(teams))
     probe = await stack.enter_async_context(KafkaProbe(infra.kafka, prefix))
     return IsolatedRun(prefix, f"hometeam_{kind}_{run}", config, probe)
+
+
+class ManualClock:
+    """A clock the test moves (``now``), for code that takes a ``clock`` callable."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now

@@ -13,14 +13,9 @@ from prometheus_client import CollectorRegistry
 from shared.runtime.phases import BatchPhases, NoPhases
 
 from services.conversation_state import handlers
+from tests.support import ManualClock
 
 
-class Clock:
-    def __init__(self, now: float = 0.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def observed(registry: CollectorRegistry, phase: str) -> tuple[float, float]:
@@ -30,7 +25,7 @@ def observed(registry: CollectorRegistry, phase: str) -> tuple[float, float]:
 
 
 def test_each_mark_observes_the_time_since_the_previous_one() -> None:
-    registry, clock = CollectorRegistry(), Clock(10.0)
+    registry, clock = CollectorRegistry(), ManualClock(10.0)
     phases = BatchPhases(registry, ["read", "apply"], clock=clock, wall=lambda: 0.0)
     batch = phases.start()
     clock.now = 10.25
@@ -44,7 +39,7 @@ def test_each_mark_observes_the_time_since_the_previous_one() -> None:
 
 def test_waited_is_the_age_of_the_oldest_record_when_the_batch_starts() -> None:
     registry = CollectorRegistry()
-    phases = BatchPhases(registry, ["read"], clock=Clock(), wall=lambda: 1_000.5)
+    phases = BatchPhases(registry, ["read"], clock=ManualClock(), wall=lambda: 1_000.5)
     records = [SimpleNamespace(timestamp=1_000_400), SimpleNamespace(timestamp=1_000_100), SimpleNamespace(timestamp=None)]
     phases.start(records)
     assert observed(registry, "waited") == (1.0, pytest.approx(0.4))
@@ -52,12 +47,12 @@ def test_waited_is_the_age_of_the_oldest_record_when_the_batch_starts() -> None:
 
 def test_a_record_from_the_future_waited_nothing() -> None:
     registry = CollectorRegistry()
-    BatchPhases(registry, ["read"], clock=Clock(), wall=lambda: 5.0).start([SimpleNamespace(timestamp=9_000)])
+    BatchPhases(registry, ["read"], clock=ManualClock(), wall=lambda: 5.0).start([SimpleNamespace(timestamp=9_000)])
     assert observed(registry, "waited") == (1.0, 0.0)
 
 
 def test_a_phase_not_declared_is_refused() -> None:
-    batch = BatchPhases(CollectorRegistry(), ["read"], clock=Clock()).start()
+    batch = BatchPhases(CollectorRegistry(), ["read"], clock=ManualClock()).start()
     with pytest.raises(KeyError):
         batch.mark("reed")
 

@@ -13,6 +13,7 @@ import pytest
 from shared.runtime.checkpoints import Checkpointed, MembershipLost, group_generation, membership_confirmed, membership_lost
 
 from services.conversation_state.write_behind import JournaledCustomers
+from tests.support import ManualClock
 
 
 def member(generation: int | None) -> Any:
@@ -72,16 +73,10 @@ async def test_membership_is_confirmed_by_a_heartbeat_before_a_store(consumer, c
     assert getattr(coordinator, "sent", 0) == sent
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def test_a_confirmation_answers_for_a_quarter_second_after_its_heartbeat_was_sent() -> None:
-    consumer, clock = asking(7, "ok"), Clock()
+    consumer, clock = asking(7, "ok"), ManualClock(100.0)
     assert await membership_confirmed(consumer, clock)
     clock.now += 0.2
     assert await membership_confirmed(consumer, clock)
@@ -92,7 +87,7 @@ async def test_a_confirmation_answers_for_a_quarter_second_after_its_heartbeat_w
 
 
 async def test_a_confirmation_answers_within_its_generation_only_and_never_once_lapsed() -> None:
-    consumer, clock = asking(7, "ok"), Clock()
+    consumer, clock = asking(7, "ok"), ManualClock(100.0)
     assert await membership_confirmed(consumer, clock)
     consumer._coordinator.generation = 8  # a rebalance since
     assert await membership_confirmed(consumer, clock)
@@ -103,7 +98,7 @@ async def test_a_confirmation_answers_within_its_generation_only_and_never_once_
 
 @pytest.mark.parametrize("answer", ["unreachable", "unknown", "raises"])
 async def test_a_refusal_is_not_remembered(answer: str) -> None:
-    consumer, clock = asking(7, answer), Clock()
+    consumer, clock = asking(7, answer), ManualClock(100.0)
     assert not await membership_confirmed(consumer, clock)
     consumer._coordinator.generation = 7
     assert not await membership_confirmed(consumer, clock)
@@ -111,7 +106,7 @@ async def test_a_refusal_is_not_remembered(answer: str) -> None:
 
 
 async def test_a_short_session_holds_a_confirmation_a_tenth_of_it() -> None:
-    consumer, clock = asking(7, "ok"), Clock()
+    consumer, clock = asking(7, "ok"), ManualClock(100.0)
     consumer._coordinator._session_timeout_ms = 1_000
     assert await membership_confirmed(consumer, clock)
     clock.now += 0.15

@@ -17,6 +17,7 @@ from services.conversation_state.lifecycle import CustomerRecords
 from services.conversation_state.model import Customer
 from services.conversation_state.write_behind import JournaledCustomers
 from shared.runtime.checkpoints import CheckpointMetrics
+from tests.support import ManualClock
 
 NOW = datetime(2026, 12, 5, 9, tzinfo=UTC)
 
@@ -197,18 +198,12 @@ class Deletes(Journal):
         self.deleted += len(ops)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def test_an_aged_write_leaves_the_entries_whose_lines_are_not_stored_yet_to_the_next() -> None:
     """A write of aged customers does not wait for the line writer (it would hold the next
     write back): the entries whose lines are not stored yet stay for the next write."""
-    store, clock = SlowLines(), Clock()
+    store, clock = SlowLines(), ManualClock()
     store.journal = Deletes()
     store.gate.set()
     memory = JournaledCustomers(store, interval_s=1, clock=clock)  # type: ignore[arg-type]
