@@ -422,8 +422,8 @@ class JournaledCustomers:
         """Publish again the outputs of these journal entries (of ``partitions``) not known to
         be finished (their batch failed after journaling, or another process wrote them and
         stopped), and store the transcript lines of every one of them (an entry stays until its
-        lines are stored, and those of this process's batches wait in memory for the next
-        write, which a drop forgets). Outputs oldest entry first, and Kafka's acknowledgement
+        lines are stored, and those of this process's batches wait in memory for the line
+        writer, which a drop forgets). Outputs oldest entry first, and Kafka's acknowledgement
         awaited, before anything else is applied: each customer's outputs keep their order.
         Consumers drop what they already have by id (the records are the same bytes, sequence
         numbers included); a line stored again at its position is the same, and not rewritten."""
