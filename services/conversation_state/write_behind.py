@@ -382,6 +382,8 @@ class JournaledCustomers:
         # flight beside them, slowed those down under load).
         await asyncio.sleep(self.lines_delay_s)
         if epoch != self.epoch:
+            # (lines of the new memory may be waiting behind this one: start them once it ends)
+            asyncio.get_running_loop().call_soon(self.store_lines)
             return
         lines, self._lines_waiting = self._lines_waiting, []
         upto = self._lines_queued
