@@ -6,8 +6,8 @@ from __future__ import annotations
 import hmac
 import json
 import uuid
-from datetime import UTC, datetime
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from pymongo import ASCENDING, DESCENDING
