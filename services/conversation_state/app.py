@@ -20,7 +20,7 @@ from shared.contracts.registry import (
     ROUTING_COMMANDS,
     ROUTING_DECISIONS,
 )
-from prometheus_client import Histogram
+from prometheus_client import Counter, Histogram
 
 from shared.runtime.decoding import BatchReader, documented_payloads
 from shared.runtime.http import LATENCY_BUCKETS
@@ -121,6 +121,13 @@ def create_service(
         memory=memory,
         partition_ends=lambda partitions: subscriber.consumer.end_offsets(partitions),
         phases=BatchPhases(runtime.registry, BATCH_PHASES),
+        loaded=Counter(
+            "hometeam_state_customers_loaded_total",
+            "Customers conversation-state's batches took, by where their state came from: memory (kept since stored or "
+            "changed, STATE_CACHE_CUSTOMERS), store (read), new (known to have nothing stored).",
+            ["source"],
+            registry=runtime.registry,
+        ),
         latency=Histogram(
             "hometeam_message_stored_latency_seconds",
             "From a customer message's publish on channel.inbound.v1 to its stored conversation update.",

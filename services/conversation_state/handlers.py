@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiokafka import ConsumerRecord, TopicPartition
-from prometheus_client import Histogram
+from prometheus_client import Counter, Histogram
 
 from shared.contracts.agents import ReplyToCustomer, ResolveConversation, TransferConversation
 from shared.contracts.common import Direction
@@ -142,6 +142,17 @@ BATCH_PHASES = (
 )
 
 
+# Where a batch's customers' state comes from: kept in memory (since stored, or with changes
+# not stored yet), read from the store, or nothing to read (a customer known to be new).
+LOAD_SOURCES = ("memory", "store", "new")
+
+
+def count_loads(counter: Counter, customers: int, memory: int, new: int) -> None:
+    for source, n in zip(LOAD_SOURCES, (memory, customers - memory - new, new), strict=True):
+        if n:
+            counter.labels(source).inc(n)
+
+
 class ConversationConsumer:
     def __init__(
         self,
@@ -156,8 +167,10 @@ class ConversationConsumer:
         memory: JournaledCustomers | None = None,
         partition_ends: PartitionEnds | None = None,
         phases: BatchPhases | None = None,
+        loaded: Counter | None = None,
     ) -> None:
         self.phases: BatchPhases | NoPhases = phases if phases is not None else NoPhases()
+        self.loaded = loaded  # customers taken per batch, by where their state came from (``LOAD_SOURCES``)
         self.memory = memory if memory is not None else JournaledCustomers(store, interval_s=1.0)
         self.memory.republish = self.republish
         self.fresh = FreshRecords(partition_ends)
@@ -247,6 +260,8 @@ class ConversationConsumer:
         new = await self.fresh.new_customers(incoming, self.memory.epoch) - cached.keys()
         loaded = await self.store.load(customer_ids, conversation_ids, cached, new=new)
         clock.mark("load")
+        if self.loaded is not None:
+            count_loads(self.loaded, len(loaded), len(cached), len(new))
 
         effects: list[tuple[CustomerRecords, Effects, Incoming[Any]]] = []
         lines: list[Line] = []

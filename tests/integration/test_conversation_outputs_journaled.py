@@ -24,10 +24,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from aiokafka import ConsumerRecord
+from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaTimeoutError
 from opentelemetry.trace import NoOpTracer
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 from pymongo import AsyncMongoClient
 
 from services.conversation_state.app import INPUTS
@@ -147,14 +147,18 @@ class Harness:
         self.mongodb_url = self.db_name = ""  # (set by the fixture)
         self.dead_letters = DeadLetters(publisher, "conversation-state", registry)
 
-    def process(self, sender: Any = None) -> ConversationConsumer:
+    def process(
+        self, sender: Any = None, loaded: Counter | None = None, max_clean: int = 20_000, partition_ends: Any = None
+    ) -> ConversationConsumer:
         return ConversationConsumer(
             reader=BatchReader(INPUTS, self.dead_letters, self.topic_prefix),
             store=self.store,
             outbox=Outbox(sender or self.publisher, "/hometeam/conversation-state", self.topic_prefix),
             rules=Rules(DIRECTORY),
             tracing=RecordTracer(NoOpTracer(), "conversation-state"),
-            memory=JournaledCustomers(self.store, interval_s=60.0),
+            memory=JournaledCustomers(self.store, interval_s=60.0, max_clean=max_clean),
+            loaded=loaded,
+            partition_ends=partition_ends,
         )
 
     async def events(self) -> list[dict[str, Any]]:
@@ -392,3 +396,29 @@ async def test_the_lines_a_dropped_memory_held_are_stored_by_its_recovery(harnes
             added[envelope["data"]["message_id"]] += 1
     assert added["msg-1"] == 1  # its batch's outputs were out: not published again
     assert added["msg-2"] >= 1
+
+
+async def test_each_batch_counts_where_its_customers_state_came_from(harness) -> None:
+    """``hometeam_state_customers_loaded_total{source}``: new (known to have nothing stored),
+    store (its records left memory once stored: read), memory (kept since)."""
+    harness, records = harness
+    registry = CollectorRegistry()
+    loaded = Counter("hometeam_state_customers_loaded_total", "", ["source"], registry=registry)
+
+    def counts() -> tuple[float, ...]:
+        """(new, store, memory)"""
+        sample = registry.get_sample_value
+        return tuple(sample("hometeam_state_customers_loaded_total", {"source": s}) or 0.0 for s in ("new", "store", "memory"))
+
+    async def from_the_start(partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return dict.fromkeys(partitions, 0)  # (every record is past the end: ``new_customer`` counts)
+
+    consumer = harness.process(loaded=loaded, max_clean=0, partition_ends=from_the_start)
+    await consumer.handle([records["m1"]])
+    assert counts() == (1, 0, 0)
+    await consumer.handle([records["opt_out"]])  # (not stored yet: in memory whatever the cache)
+    assert counts() == (1, 0, 1)
+    consumer.memory.flush()
+    await consumer.memory.settle()  # stored; with no cache its records leave memory
+    await consumer.handle([records["m2"]])
+    assert counts() == (1, 1, 1)
