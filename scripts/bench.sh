@@ -8,8 +8,11 @@
 #   2. the pipeline benchmark with its defaults (python -m bench.pipeline: open-loop sweep of
 #      arrival rates through the five services, the raw Kafka pass-through baseline in the same
 #      run, JSON + PNG in bench-results/),
-#   3. the timeout-sweeper benchmark (python -m bench.sweeper),
-#   4. the store's cost per operation (python -m bench.store_ops).
+#   3. the skeleton: the pipeline's Kafka traffic alone, five bare processes moving records in
+#      the shape step 2 measures, bytes as they are and then each record parsed (python -m
+#      bench.skeleton): the ceiling of the ratio pipeline / baseline on this machine,
+#   4. the timeout-sweeper benchmark (python -m bench.sweeper),
+#   5. the store's cost per operation (python -m bench.store_ops).
 # The memory benchmark with a million known customers is separate: python -m bench.memory.
 # Extra arguments go to bench.pipeline (e.g. scripts/bench.sh --rates 100,200 --duration 10).
 # See docs/benchmarks.md for what each number means.
@@ -25,20 +28,23 @@ source scripts/lib/use_stack.sh
 started=$(date +%s)
 echo "bench: machine: $(nproc) CPUs, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), load average $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
-echo "== 1/4 routing decision micro-benchmark (python -m bench.routing_decision)"
+echo "== 1/5 routing decision micro-benchmark (python -m bench.routing_decision)"
 .venv/bin/python -m bench.routing_decision
 echo
-echo "== 2/4 pipeline: open-loop sweep and raw Kafka pass-through baseline (python -m bench.pipeline)"
+echo "== 2/5 pipeline: open-loop sweep and raw Kafka pass-through baseline (python -m bench.pipeline)"
 # (a failure, e.g. exit status 3: the message path lost, doubled or reordered a message, does
 # not stop the other benchmarks; this script exits with the pipeline's status at the end)
 pipeline_status=0
 .venv/bin/python -m bench.pipeline --out bench-results "$@" || pipeline_status=$?
 [ "$pipeline_status" -eq 130 ] && exit 130  # interrupted
 echo
-echo "== 3/4 timeout-sweeper: due deadlines per minute (python -m bench.sweeper)"
+echo "== 3/5 skeleton: the pipeline's Kafka traffic with no service work (python -m bench.skeleton)"
+.venv/bin/python -m bench.skeleton
+echo
+echo "== 4/5 timeout-sweeper: due deadlines per minute (python -m bench.sweeper)"
 .venv/bin/python -m bench.sweeper
 echo
-echo "== 4/4 store: cost per operation (python -m bench.store_ops)"
+echo "== 5/5 store: cost per operation (python -m bench.store_ops)"
 .venv/bin/python -m bench.store_ops
 echo
 echo "bench: done in $(($(date +%s) - started)) s; load average now $(cut -d' ' -f1-3 /proc/loadavg)"
