@@ -3,7 +3,8 @@
     python -m bench.skeleton --messages 60000 --passes 2 --modes bytes,parsed --out bench-results/skeleton
 
 Five bare aiokafka processes stand in for the five services and move records between the
-services' topics in the shape ``make bench`` measures per inbound message (``Shape``): ingest
+services' topics in the shape ``make bench`` measures per inbound message (``Shape``; ``make
+bench`` passes its own pipeline run's with ``--shape-from``): ingest
 turns each inbound record into a ``messages.received.v1`` record; conversation-state turns each
 of those into 1 ``conversations.events.v1`` record, plus a second event for
 ``extra_event_share`` of them and a ``routing.commands.v1`` record for ``opened_share``;
@@ -91,12 +92,28 @@ BUCKETS = 10_000
 
 @dataclass(frozen=True)
 class Shape:
-    """Records per inbound message, as ``make bench`` measured them (2,500 msg/s offered,
-    2026-12-06: produced 1.00 received, 1.55 events, 0.24 commands, 0.24 decisions; consumed
-    5.59 over the five services' groups)."""
+    """Records per inbound message. The defaults are what ``make bench`` measured at its highest
+    bounded rate (2026-12-06 01:06 UTC, 2,500 msg/s offered, late in the sweep, when most
+    customers already have a conversation: produced 1.00 received, 1.11 events, 0.045 commands
+    and 0.045 decisions; consumed 4.30). A step of new customers opens more conversations (a
+    40 s step at 2,500 msg/s alone: 0.24 commands, 1.55 events; ``--opened-share 0.24
+    --extra-event-share 0.31``). ``from_pipeline_result`` takes a run's own."""
 
-    opened_share: float = 0.24  # messages that open a conversation: a command, a decision, an event
-    extra_event_share: float = 0.31  # messages that make a second event
+    opened_share: float = 0.045  # messages that open a conversation: a command, a decision, an event
+    extra_event_share: float = 0.065  # messages that make a second event
+
+    @classmethod
+    def from_pipeline_result(cls, result: dict[str, Any]) -> Shape:
+        """The shape of a ``bench.pipeline`` result's step at its highest bounded rate (else
+        its last step)."""
+        steps = [s for s in result["steps"] if s.get("per_message")]
+        if not steps:
+            raise ValueError("the result has no step with per-message figures")
+        top = result.get("summary", {}).get("highest_bounded_rate")
+        step = next((s for s in steps if s["rate"] == top and s.get("bounded")), steps[-1])
+        produced = step["per_message"]["records_produced"]
+        opened = produced.get(COMMANDS, 0.0)
+        return cls(opened_share=round(opened, 4), extra_event_share=round(max(0.0, produced.get(EVENTS, 1.0) - 1.0 - opened), 4))
 
     def bucket(self, value: bytes) -> int:
         return zlib.crc32(value) % BUCKETS
@@ -346,7 +363,11 @@ MODE_TEXT = {"bytes": "records' bytes as they are", "parsed": "each record parse
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     bootstrap, _ = endpoints()
     ids = RunIds.new("skel")
-    shape = Shape(args.opened_share, args.extra_event_share)
+    if args.shape_from:
+        shape = Shape.from_pipeline_result(json.loads(Path(args.shape_from).read_text()))
+        print(f"skeleton: the shape of {args.shape_from}: {asdict(shape)}", file=sys.stderr, flush=True)
+    else:
+        shape = Shape(args.opened_share, args.extra_event_share)
     batch = args.batch_max_records or default_batch_max_records()
     plan = make_plan(args.messages, args.seed, ids.run)
     now = stamp(time.time())
@@ -355,7 +376,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "started_at": datetime.now(UTC).isoformat(),
         "run": ids.run,
         "machine": machine_info(),
-        "settings": {"messages": len(bodies), "passes": args.passes, "shape": asdict(shape), "batch_max_records": batch, "modes": args.modes},
+        "settings": {
+            "messages": len(bodies),
+            "passes": args.passes,
+            "shape": asdict(shape),
+            "shape_from": args.shape_from,
+            "batch_max_records": batch,
+            "modes": args.modes,
+        },
         "modes": {},
     }
     try:
@@ -423,6 +451,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--passes", type=int, default=2, help="timed passes of the skeleton; the fastest counts")
     p.add_argument("--opened-share", type=float, default=Shape.opened_share)
     p.add_argument("--extra-event-share", type=float, default=Shape.extra_event_share)
+    p.add_argument(
+        "--shape-from",
+        metavar="RESULT_JSON",
+        help="take the shape from a bench.pipeline result: its step at the highest bounded rate (make bench passes its own run's)",
+    )
     p.add_argument("--batch-max-records", type=int, default=None, help="records per batch (default: the services')")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a stage waits for its records at most")
     p.add_argument(

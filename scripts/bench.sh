@@ -9,8 +9,8 @@
 #      arrival rates through the five services, the raw Kafka pass-through baseline in the same
 #      run, JSON + PNG in bench-results/),
 #   3. the skeleton: the pipeline's Kafka traffic alone, five bare processes moving records in
-#      the shape step 2 measures, bytes as they are and then each record parsed (python -m
-#      bench.skeleton): the ceiling of the ratio pipeline / baseline on this machine,
+#      the shape step 2 measured at its highest bounded rate, bytes as they are and then each
+#      record parsed (python -m bench.skeleton): the ceiling of the ratio pipeline / baseline,
 #   4. the timeout-sweeper benchmark (python -m bench.sweeper),
 #   5. the store's cost per operation (python -m bench.store_ops).
 # The memory benchmark with a million known customers is separate: python -m bench.memory.
@@ -35,11 +35,16 @@ echo "== 2/5 pipeline: open-loop sweep and raw Kafka pass-through baseline (pyth
 # (a failure, e.g. exit status 3: the message path lost, doubled or reordered a message, does
 # not stop the other benchmarks; this script exits with the pipeline's status at the end)
 pipeline_status=0
+mkdir -p bench-results
+marker=$(mktemp)  # (no trap of its own: use_stack.sh's EXIT trap stops the stack)
 .venv/bin/python -m bench.pipeline --out bench-results "$@" || pipeline_status=$?
 [ "$pipeline_status" -eq 130 ] && exit 130  # interrupted
 echo
 echo "== 3/5 skeleton: the pipeline's Kafka traffic with no service work (python -m bench.skeleton)"
-.venv/bin/python -m bench.skeleton
+# (in the shape this run's pipeline step at its highest bounded rate measured, if it wrote a result)
+pipeline_result=$(find bench-results -maxdepth 1 -name '*.json' -newer "$marker" | sort | tail -n 1)
+rm -f "$marker"
+.venv/bin/python -m bench.skeleton ${pipeline_result:+--shape-from "$pipeline_result"} || echo "bench: the skeleton did not complete (exit status $?)"
 echo
 echo "== 4/5 timeout-sweeper: due deadlines per minute (python -m bench.sweeper)"
 .venv/bin/python -m bench.sweeper

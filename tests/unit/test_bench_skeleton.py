@@ -53,10 +53,44 @@ def test_the_expected_counts_follow_the_records_own_buckets() -> None:
     assert set(expected["read"]) == set(STAGES)
 
 
-def test_on_the_benchmarks_messages_the_shape_is_the_measured_one() -> None:
+def test_on_the_benchmarks_messages_the_records_follow_the_shapes_shares() -> None:
     plan = plan_messages(make_population(2_000, 4, 7), rate=20_000, duration=1.0, seed=7, tag="t")
     n = len(plan.bodies)
     written = SHAPE.expected(plan.bodies)["written"]
     assert written[COMMANDS] / n == pytest.approx(0.24, abs=0.015)
     assert written[EVENTS] / n == pytest.approx(1.55, abs=0.02)
     assert Shape(opened_share=0.0, extra_event_share=0.0).expected(plan.bodies)["written"][EVENTS] == n
+
+
+def _result(steps: list[tuple[float, bool, float, float]], top: float | None) -> dict:
+    """A bench.pipeline result: (rate, bounded, commands per message, events per message) per step."""
+    return {
+        "summary": {"highest_bounded_rate": top},
+        "steps": [
+            {"rate": r, "bounded": b, "per_message": {"records_produced": {"messages.received.v1": 1.0, COMMANDS: c, EVENTS: e}}}
+            for r, b, c, e in steps
+        ],
+    }
+
+
+@pytest.mark.parametrize(
+    ("result", "shape"),
+    [
+        # the step at the highest bounded rate, wherever it ran in the sweep
+        (_result([(2000, True, 0.05, 1.12), (4000, False, 0.03, 1.05), (2500, True, 0.045, 1.11)], 2500), Shape(0.045, 0.065)),
+        (_result([(2000, True, 0.24, 1.55), (2500, False, 0.2, 1.4)], 2000), Shape(0.24, 0.31)),
+        # nothing bounded: the last step
+        (_result([(100, False, 0.1, 1.3), (200, False, 0.05, 1.2)], None), Shape(0.05, 0.15)),
+        # fewer events than received records and commands account for: no second events
+        (_result([(100, True, 0.1, 1.0)], 100), Shape(0.1, 0.0)),
+    ],
+)
+def test_the_shape_of_a_pipeline_run_is_its_highest_bounded_steps(result: dict, shape: Shape) -> None:
+    got = Shape.from_pipeline_result(result)
+    assert got.opened_share == pytest.approx(shape.opened_share)
+    assert got.extra_event_share == pytest.approx(shape.extra_event_share)
+
+
+def test_a_pipeline_result_without_steps_has_no_shape() -> None:
+    with pytest.raises(ValueError, match="no step"):
+        Shape.from_pipeline_result({"summary": {}, "steps": [{"rate": 5, "per_message": {}}]})
