@@ -1347,8 +1347,6 @@ async def baseline(bootstrap: str, ids: RunIds, plan: Plan, batch_max_records: i
     re-produces each to a sink topic with the services' producer settings, awaiting the
     batch's acks and committing per batch: the work one hop of the pipeline must do at least.
     The loop runs ``BASELINE_PASSES`` times over the same records; the fastest pass counts."""
-    from aiokafka import AIOKafkaProducer
-
     partitions = topic_partitions("")["channel.inbound.v1"]
     source, sink = ids.prefix + "baseline.source", ids.prefix + "baseline.sink"
     await create_topics(bootstrap, {source: partitions, sink: partitions})
@@ -1356,16 +1354,7 @@ async def baseline(bootstrap: str, ids: RunIds, plan: Plan, batch_max_records: i
     bodies = [b.replace(SENTINEL, now) for b in plan.bodies]
     n = len(bodies)
 
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, client_id="bench-baseline", **PRODUCER_SETTINGS)
-    await producer.start()
-    try:
-        await producer.partitions_for(source)
-        started = time.monotonic()
-        futures = [await producer.send(source, body, key=key) for body, key in zip(bodies, plan.keys, strict=True)]
-        await asyncio.gather(*futures)
-        preload_s = time.monotonic() - started
-    finally:
-        await producer.stop()
+    preload_s = await preload(bootstrap, source, bodies, plan.keys, "bench-baseline")
 
     # Timed BASELINE_PASSES times over the same records, each pass a consumer group of its
     # own; the fastest counts (a broker that had just started ran a single pass at 37,000
@@ -1392,6 +1381,23 @@ async def baseline(bootstrap: str, ids: RunIds, plan: Plan, batch_max_records: i
 
 
 BASELINE_PASSES = 3
+
+
+async def preload(bootstrap: str, topic: str, bodies: Sequence[bytes], keys: Sequence[bytes], client_id: str) -> float:
+    """Produce ``bodies`` to ``topic`` as fast as one producer can (the services' producer
+    settings); seconds from the first send to the last acknowledgement."""
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, client_id=client_id, **PRODUCER_SETTINGS)
+    await producer.start()
+    try:
+        await producer.partitions_for(topic)
+        started = time.monotonic()
+        futures = [await producer.send(topic, body, key=key) for body, key in zip(bodies, keys, strict=True)]
+        await asyncio.gather(*futures)
+        return time.monotonic() - started
+    finally:
+        await producer.stop()
 
 
 async def _pass_through(

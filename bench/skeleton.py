@@ -58,6 +58,7 @@ from bench.pipeline import (
     machine_info,
     make_population,
     plan_messages,
+    preload,
     proc_cpu_seconds,
     stack_pids,
     stamp,
@@ -232,21 +233,6 @@ def consumer_settings() -> dict[str, Any]:
     }
 
 
-async def preload(bootstrap: str, topic: str, bodies: Sequence[bytes], keys: Sequence[bytes]) -> float:
-    from aiokafka import AIOKafkaProducer
-
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, client_id="skeleton-preload", **PRODUCER_SETTINGS)
-    await producer.start()
-    try:
-        await producer.partitions_for(topic)
-        started = time.monotonic()
-        futures = [await producer.send(topic, body, key=key) for body, key in zip(bodies, keys, strict=True)]
-        await asyncio.gather(*futures)
-        return time.monotonic() - started
-    finally:
-        await producer.stop()
-
-
 async def end_offsets(bootstrap: str, topics: Sequence[str], partitions: dict[str, int]) -> dict[str, int]:
     """Records in each topic (the sum of its partitions' end offsets)."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -280,7 +266,7 @@ async def run_pass(
     prefix = f"{ids.prefix}p{k}."
     partitions = {t: topic_partitions("")[t] for t in TOPICS}
     await create_topics(bootstrap, {prefix + t: n for t, n in partitions.items()})
-    preload_s = await preload(bootstrap, prefix + INBOUND, bodies, keys)
+    preload_s = await preload(bootstrap, prefix + INBOUND, bodies, keys, "skeleton-preload")
     expected = shape.expected(bodies)
     ctx = multiprocessing.get_context("spawn")
     children: dict[str, tuple[Any, Any]] = {}
